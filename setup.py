@@ -1,0 +1,34 @@
+"""Install the `alignment` and `kernels` packages."""
+import setuptools
+
+setuptools.setup(
+    name="alignment",
+    version="0.1.0",
+    description="JAX/TPU-native LLM alignment: PAS, SFT, RM, DPO, GRPO, merging, evaluation.",
+    packages=setuptools.find_packages(include=["alignment", "alignment.*", "kernels", "kernels.*"]),
+    package_data={"alignment": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "tensorflow-datasets>=4.9.8",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Parity tests against the peer implementation run on CPU torch.
+        "hf": ["torch>=2.4", "transformers>=4.45"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
