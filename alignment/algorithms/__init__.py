@@ -1,0 +1,1 @@
+"""Pure loss functions: loss(params, batch, rng) -> (sum, (count, metrics))."""

@@ -1,0 +1,162 @@
+"""Orbax checkpoints of the full train state plus the data-iterator position.
+
+Layout: `<directory>/<step>/state` holds the TrainState pytree (params, optimizer state, step, rng) and
+`<directory>/<step>/data` the iterator state as JSON. Restores are driven by an abstract target carrying
+the wanted shardings, so a checkpoint written on one mesh loads onto any other mesh shape. Before any
+tensor is read, the checkpoint's metadata is checked against the target and every mismatch is reported
+at once, instead of orbax failing (or silently casting) on the first one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger(__name__)
+
+STATE = "state"
+DATA = "data"
+
+
+def _log(message: str, *args: Any) -> None:
+    """Log on process 0 only, so multi-host runs print each event once."""
+    if jax.process_index() == 0:
+        logger.info(message, *args)
+
+
+def _key_name(key: Any) -> str:
+    """One path component as a string: orbax metadata uses dict keys where the live tree has attributes."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """{'params/embed': leaf, ...} for every leaf, with paths comparable between live trees and metadata."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _describe(leaf: Any) -> str:
+    return f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
+
+
+def check_compatible(expected: Any, found: Any, where: str) -> None:
+    """Raise one ValueError listing every tensor missing, unexpected or differently shaped/typed in `found`.
+
+    `expected` is the abstract target, `found` the checkpoint's metadata tree (same paths after flattening).
+    """
+    want, have = _flat(expected), _flat(found)
+    problems = []
+    for path in sorted(want.keys() | have.keys()):
+        if path not in have:
+            problems.append(f"  {path}: expected {_describe(want[path])}, missing from checkpoint")
+        elif path not in want:
+            problems.append(f"  {path}: not expected, checkpoint has {_describe(have[path])}")
+        elif (tuple(want[path].shape) != tuple(have[path].shape)
+              or np.dtype(want[path].dtype) != np.dtype(have[path].dtype)):
+            problems.append(f"  {path}: expected {_describe(want[path])}, found {_describe(have[path])}")
+    if problems:
+        raise ValueError(f"checkpoint {where} does not match the model ({len(problems)} tensors differ); "
+                         "nothing was loaded:\n" + "\n".join(problems))
+
+
+def _targets(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the shardings to restore onto; this is what makes restores mesh-agnostic."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class Checkpointer:
+    """Saves and restores TrainState + data-iterator state under one directory, keeping the last `max_to_keep`."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, save_interval_steps: int = 1,
+                 async_save: bool = True):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                               enable_async_checkpointing=async_save)
+        # Handlers are registered up front so metadata can be read before the first save or restore.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()})
+
+    def save(self, step: int, state: Any, data_state: dict | None = None, force: bool = False) -> bool:
+        """Save `state` (and `data_state`) at `step`; False when the save interval skipped it."""
+        # None is stored as JSON null so every checkpoint has both items and restores need no probing.
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state)})
+        saved = self._manager.save(step, args=args, force=force)
+        if saved:
+            _log("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any, shardings: Any, step: int | None = None) -> tuple[Any, dict | None]:
+        """(state laid out by `shardings`, data_state or None) from `step` (default: the latest)."""
+        step = self._resolve_step(step)
+        check_compatible(abstract_state, self._manager.item_metadata(step)[STATE], f"{self.directory} step {step}")
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(_targets(abstract_state, shardings)),
+                                     DATA: ocp.args.JsonRestore()})
+        restored = self._manager.restore(step, args=args)
+        _log("checkpoint: restored step %d from %s", step, self.directory)
+        return restored[STATE], restored[DATA]
+
+    def _resolve_step(self, step: int | None) -> int:
+        """The requested step, or the latest; a missing checkpoint is a FileNotFoundError naming the directory."""
+        steps = self._manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {sorted(steps)}")
+        return step
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _locate(path: epath.Path) -> tuple[epath.Path, int]:
+    """(checkpoint root, step) for either a step directory or a root (its latest step)."""
+    if (path / STATE).is_dir():
+        return path.parent, ocp.step.step_from_checkpoint_name(path.name)
+    steps = ocp.step.checkpoint_steps(path) if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {path}")
+    return path, max(steps)
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any, shardings: Any) -> Any:
+    """Only the params of a checkpoint (step directory, or root for its latest step), laid out by `shardings`.
+
+    Used to start a policy from an SFT checkpoint and by the merge stage; optimizer state is never read.
+    """
+    root, step = _locate(epath.Path(path))
+    # PyTree (not Standard) handler: the on-disk format is the same, and it supports partial restore.
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers=handlers) as manager:
+        stored = manager.item_metadata(step)[STATE]
+        check_compatible({"params": abstract_params}, {"params": stored["params"]}, f"{root} step {step}")
+        target = {"params": _targets(abstract_params, shardings)}
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))
+    _log("checkpoint: loaded params of step %d from %s", step, root)
+    return restored[STATE]["params"]

@@ -1,0 +1,50 @@
+"""Attention implementations selectable by `ModelConfig.attention_impl`.
+
+Every implementation takes
+  q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim],
+  q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len] (0 = padding),
+  q_positions [batch, q_len], kv_positions [batch, kv_len]
+and returns [batch, q_len, heads, head_dim]. A query attends to keys of its own non-zero segment at
+positions <= its own, so packed samples never see each other. Query rows that are padding return 0.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> jax.Array:
+    """[batch, q_len, kv_len] bool: same non-padding segment and causal by position."""
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    real = (q_segment_ids != 0)[:, :, None]
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return same & real & causal
+
+
+def xla_dense(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> jax.Array:
+    """The reference: materialises [batch, heads, q_len, kv_len] scores; softmax in float32."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask, probs, 0.0)  # fully masked (padding) rows give 0, not a uniform average
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_dense, "xla_dense": xla_dense}
+
+
+def get_attention(name: str) -> AttentionFn:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl {name!r} is not available; choose from {sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[name]

@@ -1,0 +1,202 @@
+"""The decoder: Llama-2, Llama-3/3.1 and Qwen2 in one Flax module.
+
+Flax declares the parameters (with logical axis names for sharding); the forward pass is plain
+functions of those arrays, so the layer stack is one `lax.scan` over layer groups with
+`jax.checkpoint` around each group of `remat_group_size` layers. Layer parameters are stacked with a
+leading `[num_layers]` axis whatever the grouping, so checkpoints do not depend on it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from alignment.models.attention import get_attention
+from alignment.models.config import ModelConfig
+from alignment.sharding import constrain
+
+Params = Any
+
+# name -> (shape from config, logical axes); every layer parameter gets a leading 'layers' axis.
+def _layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    d, h, kv, dh, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ((d,), ("norm",)),
+        "q_proj": ((d, h, dh), ("embed", "heads", "head_dim")),
+        "k_proj": ((d, kv, dh), ("embed", "kv_heads", "head_dim")),
+        "v_proj": ((d, kv, dh), ("embed", "kv_heads", "head_dim")),
+        "o_proj": ((h, dh, d), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((d,), ("norm",)),
+        "gate_proj": ((d, f), ("embed", "mlp")),
+        "up_proj": ((d, f), ("embed", "mlp")),
+        "down_proj": ((f, d), ("mlp", "embed")),
+    }
+    if c.qkv_bias:
+        specs.update(
+            q_bias=((h, dh), ("heads", "head_dim")),
+            k_bias=((kv, dh), ("kv_heads", "head_dim")),
+            v_bias=((kv, dh), ("kv_heads", "head_dim")),
+        )
+    return specs
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(c: ModelConfig) -> jax.Array:
+    """[head_dim // 2] float32 inverse frequencies, with linear or Llama-3.1 scaling."""
+    inv = 1.0 / (c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim))
+    s = c.rope_scaling
+    if s is None:
+        return inv
+    if s.type == "linear":
+        return inv / s.factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    interpolated = (1 - smooth) * inv / s.factor + smooth * inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    in_band = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(in_band, interpolated, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF convention). x [batch, seq, heads, head_dim], positions [batch, seq]."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [b, s, dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq) -> jax.Array:
+    """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
+    dtype = jnp.dtype(c.dtype)
+    w = lambda name: p[name].astype(dtype)
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("bsd,dhk->bshk", h, w("q_proj"))
+    k = jnp.einsum("bsd,dhk->bshk", h, w("k_proj"))
+    v = jnp.einsum("bsd,dhk->bshk", h, w("v_proj"))
+    if c.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    q = constrain(apply_rope(q, positions, inv_freq), "batch", "seq", "act_heads", None)
+    k = constrain(apply_rope(k, positions, inv_freq), "batch", "seq", "act_kv_heads", None)
+    v = constrain(v, "batch", "seq", "act_kv_heads", None)
+    attn = get_attention(c.attention_impl)(q, k, v, segment_ids, segment_ids, positions, positions)
+    x = x + jnp.einsum("bshk,hkd->bsd", attn, w("o_proj"))
+    x = constrain(x, "batch", "seq", "act_embed")
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    gate = jnp.einsum("bsd,df->bsf", h, w("gate_proj"))
+    up = jnp.einsum("bsd,df->bsf", h, w("up_proj"))
+    mlp = constrain(jax.nn.silu(gate) * up, "batch", "seq", "act_mlp")
+    x = x + jnp.einsum("bsf,fd->bsd", mlp, w("down_proj"))
+    return constrain(x, "batch", "seq", "act_embed")
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: ModelConfig) -> jax.Array:
+    """All layers: a scan over groups of `remat_group_size` layers, each group rematerialised as one unit."""
+    inv_freq = rope_inverse_frequencies(c)
+    k = c.remat_group_size
+    grouped = jax.tree.map(lambda a: a.reshape(c.num_layers // k, k, *a.shape[1:]), layers)
+
+    def group(x, group_params):
+        def layer(x, p):
+            return decoder_layer(p, x, positions, segment_ids, c, inv_freq), None
+
+        return jax.lax.scan(layer, x, group_params)[0]
+
+    if c.remat_policy != "none":
+        group = jax.checkpoint(group, policy=_REMAT_POLICIES[c.remat_policy])
+    return jax.lax.scan(lambda x, p: (group(x, p), None), x, grouped)[0]
+
+
+def _declare(module: nn.Module, name, shape, axes, initializer, dtype) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(initializer, axes), shape, jnp.dtype(dtype))
+
+
+class StackedLayers(nn.Module):
+    """Declares the parameters of all layers, each with a leading [num_layers] axis; returns them as a dict."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        return {
+            name: _declare(self, name, (c.num_layers, *shape), ("layers", *axes),
+                           nn.initializers.ones if name.endswith("norm") else init, c.param_dtype)
+            for name, (shape, axes) in _layer_param_specs(c).items()
+        }
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `__call__` gives final-normed hidden states; `logits` and `values` are the heads."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        ones = nn.initializers.ones
+
+        def param(name, shape, axes, initializer):
+            return _declare(self, name, shape, axes, initializer, c.param_dtype)
+
+        self.embed = param("embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), init)
+        self.layers = StackedLayers(c, name="layers")
+        self.final_norm = param("final_norm", (c.hidden_size,), ("norm",), ones)
+        if not c.tie_embeddings:
+            self.lm_head = param("lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), init)
+        if c.value_head:
+            self.value_kernel = param("value_kernel", (c.hidden_size,), ("embed",), init)
+            self.value_bias = param("value_bias", (), (), nn.initializers.zeros)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """tokens, positions, segment_ids [batch, seq] int -> hidden [batch, seq, hidden] (compute dtype)."""
+        c = self.config
+        x = jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(c.dtype))
+        x = constrain(x, "batch", "seq", "act_embed")
+        x = decoder_stack(self.layers(), x, positions, segment_ids, c)
+        return rms_norm(x, self.final_norm, c.rms_norm_eps)
+
+    def unembedding(self) -> jax.Array:
+        """[hidden, vocab] output-head matrix (the transposed embedding when tied)."""
+        return self.embed.T if self.config.tie_embeddings else self.lm_head
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [batch, seq, hidden] -> logits [batch, seq, vocab] in float32."""
+        logits = jnp.einsum("bsd,dv->bsv", hidden, self.unembedding().astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, "batch", "seq", "act_vocab")
+
+    def values(self, hidden: jax.Array) -> jax.Array:
+        """hidden [batch, seq, hidden] -> scalar values [batch, seq] in float32."""
+        if not self.config.value_head:
+            raise ValueError("this model has no value head; set model.value_head=True")
+        v = jnp.einsum("bsd,d->bs", hidden.astype(jnp.float32), self.value_kernel.astype(jnp.float32))
+        return v + self.value_bias.astype(jnp.float32)
+
+
+def dummy_inputs(batch: int = 1, seq: int = 8) -> tuple[jax.Array, jax.Array, jax.Array]:
+    tokens = jnp.zeros((batch, seq), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    return tokens, positions, jnp.ones((batch, seq), jnp.int32)

@@ -1,0 +1,1 @@
+"""The training machinery shared by every stage: state, optimizer, jitted step, loop, metrics."""

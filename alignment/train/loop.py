@@ -1,0 +1,96 @@
+"""The one training loop every stage uses: steps, metrics, evaluation, checkpoints, profiler trace."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from alignment.train.metrics import MetricsWriter
+
+
+class Profiler:
+    """Captures an XLA trace for steps [start_step, start_step + num_steps) into workdir/profile."""
+
+    def __init__(self, config: Any, workdir: str):
+        self.enabled = bool(config.enabled)
+        self.start, self.stop = config.start_step, config.start_step + config.num_steps
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if self.enabled and step == self.start and not self.active:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after_step(self, step: int, state: Any) -> None:
+        if self.active and step + 1 >= self.stop:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profiler trace written to %s", self.directory)
+
+
+def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps: int, workdir: str,
+               config: Any, flops_per_token: float, peak_flops: float, checkpointer: Any = None,
+               data_state: Callable[[], dict] | None = None, eval_fn: Callable[[Any], dict] | None = None,
+               tokens_key: str = "tokens") -> tuple[Any, dict]:
+    """Run until `state.step == num_steps`; returns the final state and its held-out metrics.
+
+    `batches` yields host batches already laid out for `train_step`; `data_state()` gives the
+    iterator state saved with each checkpoint; `eval_fn(state)` returns held-out metrics.
+    """
+    writer = MetricsWriter(workdir)
+    profiler = Profiler(config.profile, workdir)
+    start_step = int(state.step)
+    accumulated: dict[str, list] = {}
+    timing = {"data_wait_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
+    window_start = time.perf_counter()
+    bar = tqdm(total=num_steps, initial=start_step, disable=jax.process_index() != 0, dynamic_ncols=True)
+    for step in range(start_step, num_steps):
+        profiler.before_step(step)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        profiler.after_step(step, state)
+        for key, value in metrics.items():
+            accumulated.setdefault(key, []).append(value)
+        timing["data_wait_s"] += t1 - t0
+        done = step + 1
+        if done % config.log_every == 0 or done == num_steps:
+            values = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}  # waits for the step
+            elapsed = time.perf_counter() - window_start
+            timing["step_s"] = elapsed - timing["data_wait_s"] - timing["checkpoint_s"]
+            steps_in_window = len(values[tokens_key])
+            record = {k: float(np.mean(v)) for k, v in values.items()}
+            tokens_per_s = float(np.sum(values[tokens_key])) / elapsed
+            record["tokens_per_s"] = tokens_per_s
+            record["mfu"] = tokens_per_s * flops_per_token / peak_flops
+            record.update({k: v / steps_in_window for k, v in timing.items()})
+            writer.write(done, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            accumulated = {}
+            timing = dict.fromkeys(timing, 0.0)
+            window_start = time.perf_counter()
+        bar.update(1)
+        if eval_fn is not None and config.eval_every and done % config.eval_every == 0 and done != num_steps:
+            writer.write(done, eval_fn(state), prefix="eval")
+        if checkpointer is not None and config.checkpoint.every and done % config.checkpoint.every == 0:
+            t2 = time.perf_counter()
+            checkpointer.save(done, state, data_state() if data_state else None)
+            timing["checkpoint_s"] += time.perf_counter() - t2
+    bar.close()
+    final_eval = eval_fn(state) if eval_fn is not None else {}
+    if final_eval:
+        writer.write(num_steps, final_eval, prefix="eval")
+    if checkpointer is not None and checkpointer.latest_step() != num_steps:
+        checkpointer.save(num_steps, state, data_state() if data_state else None, force=True)
+    if checkpointer is not None:
+        checkpointer.wait()
+    writer.close()
+    return state, final_eval

@@ -1,0 +1,74 @@
+"""Setup shared by the training stages: model config, initial weights, mesh, state, batch placement."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from alignment import sharding
+from alignment.models import ModelConfig, from_hf_config
+
+# Fields of config.model that describe how to run a model rather than its architecture; they apply on
+# top of an imported checkpoint's own config.
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "remat_group_size", "value_head")
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture from `config.init_from` when it is a HF checkpoint, else from `config.model`."""
+    fields = config.model.to_dict()
+    if config.init_from and is_hf_checkpoint(config.init_from):
+        runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
+        return from_hf_config(config.init_from, **runtime)
+    return ModelConfig.from_dict(fields)
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, dict]:
+    rules = dict(sharding.DEFAULT_RULES)
+    for key, value in config.sharding_rules.items():
+        rules[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return sharding.make_mesh(config.mesh.to_dict()), rules
+
+
+def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, abstract_params: Any,
+                   param_shardings: Any) -> Any | None:
+    """Weights named by `config.init_from` (HF safetensors or an Orbax checkpoint), or None for random init."""
+    if not config.init_from:
+        return None
+    if is_hf_checkpoint(config.init_from):
+        from alignment.models.hf import load_hf_checkpoint
+
+        _, params = load_hf_checkpoint(config.init_from, model_cfg)
+        return jax.device_put(params, param_shardings)
+    from alignment.checkpoint import load_params
+
+    return load_params(config.init_from, abstract_params, param_shardings)
+
+
+def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
+    """Rows over the data axes, sequence over 'sequence'."""
+    return sharding.named_sharding(mesh, rules, "batch", "seq")
+
+
+def place_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
+    """Host rows of this process -> global arrays (every process passes its own slice of the batch)."""
+    def one(x):
+        spec = jax.sharding.PartitionSpec(*target.spec[: x.ndim])
+        return jax.make_array_from_process_local_data(NamedSharding(target.mesh, spec), x)
+
+    return jax.tree.map(one, batch)
+
+
+def log_run_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> str:
+    text = (f"stage={config.stage} params={model_cfg.num_params():,} mesh={dict(mesh.shape)} "
+            f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) processes={jax.process_count()}")
+    logging.info(text)
+    return text

@@ -1,0 +1,85 @@
+"""The jitted train step: micro-batch accumulation of (sum, count) pairs, then one optimizer update.
+
+A loss function has the signature
+    loss_fn(params, batch, rng) -> (loss_sum, (count, metrics))
+where `loss_sum` is a sum over tokens (or samples) and `count` how many were summed. The step sums
+both over micro-batches and divides once, so N micro-batches give exactly the big-batch gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from alignment.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+def split_micro_batches(batch: dict, num: int) -> dict:
+    """[batch, ...] -> [num, batch // num, ...], micro-batch i taking rows i, i + num, ... so that each
+    device keeps its own rows when the batch is sharded in contiguous blocks."""
+
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num} micro-batches")
+        return x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng, num_micro_batches: int):
+    """(grad of the summed loss, loss_sum, count, summed metrics) over `num_micro_batches`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro_batches == 1:
+        (loss_sum, (count, metrics)), grads = grad_fn(params, batch, rng)
+        return grads, loss_sum, count, metrics
+
+    micro = split_micro_batches(batch, num_micro_batches)
+    rngs = jax.random.split(rng, num_micro_batches)
+
+    def body(carry, xs):
+        mb, key = xs
+        (loss_sum, (count, metrics)), grads = grad_fn(params, mb, key)
+        return jax.tree.map(jnp.add, carry, (grads, loss_sum, count, metrics)), None
+
+    zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1][1])
+    init = (
+        jax.tree.map(jnp.zeros_like, params),
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
+    )
+    (grads, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (micro, rngs))
+    return grads, loss_sum, count, metrics
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    num_micro_batches: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """step(state, batch) -> (new state, metrics); pure, so it can be jitted with any shardings."""
+
+    def step(state: TrainState, batch: dict):
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        grads, loss_sum, count, metrics = accumulate_gradients(
+            loss_fn, state.params, batch, step_key, num_micro_batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss_sum / denom, count=count, grad_norm=optax.tree.norm(grads),
+                       learning_rate=schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(key))
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step: Callable, state_shardings: TrainState, batch_shardings: Any) -> Callable:
+    """The step compiled with explicit in/out shardings; the old state's buffers are donated."""
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
