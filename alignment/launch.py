@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from alignment import config as config_lib
+from alignment.train.loop import Preempted
+
+logger = logging.getLogger("alignment.launch")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -30,7 +35,7 @@ def maybe_initialize_distributed() -> None:
     tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
     if slurm or tpu_pod or any(os.environ.get(k) for k in _MULTI_PROCESS_ENV):
         jax.distributed.initialize()
-        logging.info("process %d of %d", jax.process_index(), jax.process_count())
+        logger.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
 def dry_run(config) -> str:
@@ -44,6 +49,18 @@ def dry_run(config) -> str:
         f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)",
         f"parameters: {model_cfg.num_params():,}",
     ])
+
+
+def configure_logging(argv: list[str]) -> None:
+    """Project messages at INFO on stderr; libraries (orbax, jax) only at WARNING unless -v/--verbosity."""
+    if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    project = logging.getLogger("alignment")
+    project.handlers[:] = [handler]
+    project.setLevel(logging.INFO)
+    project.propagate = False
 
 
 def main(argv):
@@ -61,7 +78,10 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
     stage = importlib.import_module(config_lib.STAGES[config.stage])
-    stage.run(config, _WORKDIR.value)
+    try:
+        stage.run(config, _WORKDIR.value)
+    except Preempted as e:
+        logger.warning("%s", e)  # a clean exit: the scheduler restarts the job, which resumes
 
 
 def _check_overrides(argv: list[str]) -> None:
@@ -77,6 +97,7 @@ def _check_overrides(argv: list[str]) -> None:
 
 def run() -> None:
     _check_overrides(sys.argv)
+    configure_logging(sys.argv)
     try:
         app.run(main)
     except ValueError as e:  # configuration and input errors carry their own location; no JAX traceback

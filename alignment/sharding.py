@@ -128,6 +128,11 @@ def activation_sharding(mesh: Mesh, rules: Mapping[str, Any]):
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def current_activation_sharding() -> tuple[Mesh, dict] | None:
+    """(mesh, rules) set by the enclosing `activation_sharding`, or None outside it."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside `activation_sharding`."""
     context = _ACTIVATION_CONTEXT.get()

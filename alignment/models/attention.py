@@ -6,6 +6,12 @@ Every implementation takes
   q_positions [batch, q_len], kv_positions [batch, kv_len]
 and returns [batch, q_len, heads, head_dim]. A query attends to keys of its own non-zero segment at
 positions <= its own, so packed samples never see each other. Query rows that are padding return 0.
+
+  xla_dense (alias xla)  materialises the [q_len, kv_len] scores; simplest, fine for short sequences
+  xla_flash              blockwise flash attention in pure JAX (kernels/attention/xla.py), linear memory
+  pallas                 this backend's Pallas kernel (GPU or TPU), run per device under shard_map;
+                         falls back to xla_flash with a logged warning where none compiles (CPU)
+  cudnn                  jax.nn.dot_product_attention on cuDNN; falls back to xla_flash off GPU
 """
 from __future__ import annotations
 
@@ -13,6 +19,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from alignment import sharding
+from kernels.attention import api as kernel_api
+from kernels.attention import xla as flash
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -41,7 +52,46 @@ def xla_dense(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_dense, "xla_dense": xla_dense}
+def shard_over_mesh(fn: AttentionFn) -> AttentionFn:
+    """Run `fn` per device under shard_map over the active activation-sharding mesh (if any).
+
+    Batch and heads stay split as the model's rules say; the sequence is gathered, because every
+    query needs all keys of its row.
+    """
+
+    def run(q, k, v, *vectors):
+        context = sharding.current_activation_sharding()
+        if context is None:
+            return fn(q, k, v, *vectors)
+        mesh, rules = context
+        q_spec = sharding.logical_to_spec(("batch", None, "act_heads", None), rules)
+        kv_spec = sharding.logical_to_spec(("batch", None, "act_kv_heads", None), rules)
+        vec_spec = PartitionSpec(q_spec[0], None)
+        return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (vec_spec,) * len(vectors),
+                             out_specs=q_spec, check_vma=False)(q, k, v, *vectors)
+
+    return run
+
+
+def _kernel(name: str) -> AttentionFn:
+    """An implementation from `kernels.attention`, resolved for the backend when traced."""
+
+    def run(*args):
+        chosen, fn = kernel_api.get_impl(name)
+        if chosen in kernel_api.NEEDS_SHARD_MAP:
+            fn = shard_over_mesh(fn)
+        return fn(*args)
+
+    return run
+
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {
+    "xla": xla_dense,
+    "xla_dense": xla_dense,
+    "xla_flash": flash.attention,
+    "pallas": _kernel("pallas"),
+    "cudnn": _kernel("cudnn"),
+}
 
 
 def get_attention(name: str) -> AttentionFn:

@@ -8,7 +8,7 @@ leading `[num_layers]` axis whatever the grouping, so checkpoints do not depend 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -80,8 +80,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq) -> jax.Array:
-    """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
+def _attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_freq):
+    """Pre-norm, q/k/v projections and RoPE: q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim]."""
     dtype = jnp.dtype(c.dtype)
     w = lambda name: p[name].astype(dtype)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
@@ -93,7 +93,13 @@ def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfi
     q = constrain(apply_rope(q, positions, inv_freq), "batch", "seq", "act_heads", None)
     k = constrain(apply_rope(k, positions, inv_freq), "batch", "seq", "act_kv_heads", None)
     v = constrain(v, "batch", "seq", "act_kv_heads", None)
-    attn = get_attention(c.attention_impl)(q, k, v, segment_ids, segment_ids, positions, positions)
+    return q, k, v
+
+
+def _attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: ModelConfig) -> jax.Array:
+    """The rest of the block after attention: output projection, residual, pre-norm SwiGLU MLP, residual."""
+    dtype = jnp.dtype(c.dtype)
+    w = lambda name: p[name].astype(dtype)
     x = x + jnp.einsum("bshk,hkd->bsd", attn, w("o_proj"))
     x = constrain(x, "batch", "seq", "act_embed")
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -102,6 +108,13 @@ def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfi
     mlp = constrain(jax.nn.silu(gate) * up, "batch", "seq", "act_mlp")
     x = x + jnp.einsum("bsf,fd->bsd", mlp, w("down_proj"))
     return constrain(x, "batch", "seq", "act_embed")
+
+
+def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq) -> jax.Array:
+    """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
+    q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
+    attn = get_attention(c.attention_impl)(q, k, v, segment_ids, segment_ids, positions, positions)
+    return _attention_output_and_mlp(p, x, attn, c)
 
 
 _REMAT_POLICIES = {
@@ -126,6 +139,53 @@ def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: Model
     if c.remat_policy != "none":
         group = jax.checkpoint(group, policy=_REMAT_POLICIES[c.remat_policy])
     return jax.lax.scan(lambda x, p: (group(x, p), None), x, grouped)[0]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` slots, plus what the attention mask needs per slot.
+
+    k, v [layers, batch, max_len, kv_heads, head_dim] (compute dtype); segment_ids, positions [batch, max_len]
+    int32. Segment 0 marks an empty or padding slot, which no query attends to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+
+
+def init_cache(c: ModelConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache: every slot has segment 0."""
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+    slots = jnp.zeros((batch, max_len), jnp.int32)
+    return KVCache(zeros, zeros, slots, slots)
+
+
+def cached_decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, cache: KVCache, index,
+                         c: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """All layers over new tokens x [batch, seq, hidden] written into cache slots [index, index + seq).
+
+    The new queries attend to every cache slot of their segment at positions <= their own, so one function
+    serves both the prompt prefill (seq = prompt length) and each decode step (seq = 1). The whole cache is a
+    scan carry updated with `dynamic_update_slice`, which XLA performs in place.
+    """
+    inv_freq = rope_inverse_frequencies(c)
+    kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+    kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, index))
+    attention = get_attention(c.attention_impl)
+
+    def layer(carry, inputs):
+        x, k_all, v_all = carry
+        p, i = inputs
+        q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, index, 0, 0))
+        attn = attention(q, k_all[i], v_all[i], segment_ids, kv_segment_ids, positions, kv_positions)
+        return (_attention_output_and_mlp(p, x, attn, c), k_all, v_all), None
+
+    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (layers, jnp.arange(c.num_layers)))
+    return x, KVCache(k, v, kv_segment_ids, kv_positions)
 
 
 def _declare(module: nn.Module, name, shape, axes, initializer, dtype) -> jax.Array:
@@ -177,6 +237,18 @@ class Transformer(nn.Module):
         x = constrain(x, "batch", "seq", "act_embed")
         x = decoder_stack(self.layers(), x, positions, segment_ids, c)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
+               index: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Inference with a KV cache: tokens, positions, segment_ids [batch, seq] go into slots [index, index + seq).
+
+        Returns (final-normed hidden [batch, seq, hidden], updated cache). Same parameters as `__call__`.
+        """
+        c = self.config
+        x = jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(c.dtype))
+        x = constrain(x, "batch", "seq", "act_embed")
+        x, cache = cached_decoder_stack(self.layers(), x, positions, segment_ids, cache, index, c)
+        return rms_norm(x, self.final_norm, c.rms_norm_eps), cache
 
     def unembedding(self) -> jax.Array:
         """[hidden, vocab] output-head matrix (the transposed embedding when tied)."""

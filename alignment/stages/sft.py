@@ -1,6 +1,7 @@
 """Supervised fine-tuning on chat data with loss on assistant tokens."""
 from __future__ import annotations
 
+import logging
 import functools
 import json
 import os
@@ -8,7 +9,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from alignment.algorithms.sft import sft_loss
 from alignment.checkpoint import Checkpointer
@@ -23,6 +23,8 @@ from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_data(config: ml_collections.ConfigDict, vocab_size: int):
@@ -47,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runtime.log_run_header(config, model_cfg, mesh)
 
     train_rows, stats, eval_rows = prepare_data(config, model_cfg.vocab_size)
-    logging.info("data: %s", stats.summary())
+    logger.info("data: %s", stats.summary())
     optimizer, schedule = make_optimizer(config.optimizer, config.steps)
     init_inputs = dummy_inputs()
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
@@ -58,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(abstract, shardings)
         batches.set_state(data_state)
-        logging.info("resumed from step %d", int(state.step))
+        logger.info("resumed from step %d", int(state.step))
     else:
         params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
         state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
@@ -90,5 +92,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     checkpointer.close()
-    logging.info("summary: %s", summary)
+    logger.info("summary: %s", summary)
     return summary

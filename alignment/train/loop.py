@@ -1,16 +1,27 @@
 """The one training loop every stage uses: steps, metrics, evaluation, checkpoints, profiler trace."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from alignment.train.metrics import MetricsWriter
+from alignment.train.preemption import PreemptionGuard
+
+logger = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """The run stopped early on SIGTERM after checkpointing `step`; the next start resumes from it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted after step {step}; checkpoint saved, restart to resume")
+        self.step = step
 
 
 class Profiler:
@@ -32,19 +43,20 @@ class Profiler:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             self.active = False
-            logging.info("profiler trace written to %s", self.directory)
+            logger.info("profiler trace written to %s", self.directory)
 
 
 def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps: int, workdir: str,
                config: Any, flops_per_token: float, peak_flops: float, checkpointer: Any = None,
                data_state: Callable[[], dict] | None = None, eval_fn: Callable[[Any], dict] | None = None,
                tokens_key: str = "tokens") -> tuple[Any, dict]:
-    """Run until `state.step == num_steps`; returns the final state and its held-out metrics.
+    """Run until `state.step == num_steps` (or SIGTERM); returns the final state and its held-out metrics.
 
     `batches` yields host batches already laid out for `train_step`; `data_state()` gives the
     iterator state saved with each checkpoint; `eval_fn(state)` returns held-out metrics.
     """
     writer = MetricsWriter(workdir)
+    guard = PreemptionGuard()
     profiler = Profiler(config.profile, workdir)
     start_step = int(state.step)
     accumulated: dict[str, list] = {}
@@ -84,7 +96,15 @@ def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps
             t2 = time.perf_counter()
             checkpointer.save(done, state, data_state() if data_state else None)
             timing["checkpoint_s"] += time.perf_counter() - t2
+        if guard.should_stop(done) and done != num_steps:
+            if checkpointer is not None:
+                checkpointer.save(done, state, data_state() if data_state else None, force=True)
+                checkpointer.wait()
+            guard.close()
+            writer.close()
+            raise Preempted(done)
     bar.close()
+    guard.close()
     final_eval = eval_fn(state) if eval_fn is not None else {}
     if final_eval:
         writer.write(num_steps, final_eval, prefix="eval")

@@ -1,13 +1,13 @@
 """Setup shared by the training stages: model config, initial weights, mesh, state, batch placement."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from alignment import sharding
@@ -16,6 +16,8 @@ from alignment.models import ModelConfig, from_hf_config
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
 # top of an imported checkpoint's own config.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "remat_group_size", "value_head")
+
+logger = logging.getLogger(__name__)
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -70,5 +72,5 @@ def place_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str
 def log_run_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> str:
     text = (f"stage={config.stage} params={model_cfg.num_params():,} mesh={dict(mesh.shape)} "
             f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) processes={jax.process_count()}")
-    logging.info(text)
+    logger.info(text)
     return text

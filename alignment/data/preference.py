@@ -1,0 +1,373 @@
+"""Preference data: pair and unpaired records -> rows that pack two sequences sharing a prompt.
+
+Accepted JSONL records (`.jsonl` or `.jsonl.gz`), one per line:
+  pairs:    {"prompt": str | "messages": [...], "chosen": str | [...], "rejected": str | [...],
+             "chosen_score"?: num, "rejected_score"?: num, "margin"?: num, "category"?: str}
+  HH-RLHF:  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  (dialogues sharing all but
+            the last assistant turn)
+  rankings: {"prompt" | "messages", "responses": [best, ..., worst], "scores"?: [...]}  -> all ordered pairs
+  unpaired: {"prompt" | "messages", "completion": str | [...], "label": bool}  (KTO; pairs also convert)
+A string completion is one assistant turn. Scores are normalised from `score_range` to [0, 1].
+
+A row is [length] with sequence A as segment 1 and sequence B as segment 2, positions restarting at 0, padding
+segment 0. Unlike SFT rows, `inputs` hold every token of a sequence (the reward model reads the hidden state
+after the last one); `targets` are the next token within the same sequence and `loss_mask` marks completion
+targets. Bad records raise naming file and line, or are skipped and counted with `skip_bad_records`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import re
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from alignment.data.chat import encode_chat
+from alignment.data.synthetic import arithmetic_record
+
+EMBEDDED = "embedded"
+TRUNCATION = ("truncate", "drop")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A prompt with a preferred and a dispreferred completion; scores normalised to [0, 1] or None."""
+
+    prompt: list
+    chosen: list
+    rejected: list
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+    margin: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """An unpaired completion labelled desirable or not (KTO)."""
+
+    prompt: list
+    completion: list
+    desirable: bool
+
+
+@dataclasses.dataclass
+class PreferenceStats:
+    """What happened to the records, so nothing is dropped silently."""
+
+    records: int = 0
+    skipped_bad: int = 0
+    bad_examples: list = dataclasses.field(default_factory=list)  # the first few skip reasons, with file:line
+    examples: int = 0  # pairs (or unpaired examples) the kept records expanded to
+    kept: int = 0
+    truncated: int = 0  # sequences cut to max_length
+    dropped_too_long: int = 0
+    scored: int = 0  # kept pairs with both absolute scores
+    real_tokens: int = 0
+    padded_slots: int = 0
+
+    def bad(self, message: str) -> None:
+        self.skipped_bad += 1
+        if len(self.bad_examples) < 5:
+            self.bad_examples.append(message)
+
+    def summary(self) -> dict:
+        util = self.real_tokens / self.padded_slots if self.padded_slots else 0.0
+        return dict(dataclasses.asdict(self), token_utilisation=round(util, 4))
+
+
+# --- sources -----------------------------------------------------------------------------------------------
+
+def read_lines(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, record, error) per non-blank line of a .jsonl or .jsonl.gz file; `where` is 'path:line'."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        f = opener(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, None, f"malformed JSON ({e.msg})"
+                continue
+            if not isinstance(record, dict):
+                yield where, None, f"expected a JSON object, got {type(record).__name__}"
+                continue
+            yield where, record, None
+
+
+def embedded_records(num: int, seed: int) -> list[dict]:
+    """Arithmetic pairs: the worked solution vs the same steps with a wrong final answer.
+
+    Every other pair carries absolute scores (1-10 scale), so the default data mixes scored and unscored pairs.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(num):
+        good = arithmetic_record(rng)
+        solution = good["messages"][1]["content"]
+        answer = int(good["answer"])
+        wrong = answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
+        record = {"messages": good["messages"][:1], "chosen": solution,
+                  "rejected": solution[: solution.rindex("The answer is")] + f"The answer is {wrong}.",
+                  "category": "math"}
+        if i % 2 == 0:
+            record.update(chosen_score=9.0 + rng.random(), rejected_score=1.0 + 2 * rng.random())
+        records.append(record)
+    return records
+
+
+def load_records(source: str, *, seed: int, num_embedded: int) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, record, error) from 'embedded' or a JSONL file."""
+    if source == EMBEDDED:
+        return ((f"embedded:{i + 1}", r, None) for i, r in enumerate(embedded_records(num_embedded, seed)))
+    return read_lines(source)
+
+
+# --- records -> pairs / examples ----------------------------------------------------------------------------
+
+def parse_hh_dialogue(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', 'content': 'a'}, {'role': 'assistant', ...}]."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("HH dialogue must start with '\\n\\nHuman:' (text found before the first turn)")
+    if len(parts) < 3:
+        raise ValueError("HH dialogue has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    return [{"role": _HH_ROLES[name], "content": content.strip()} for name, content in zip(parts[1::2], parts[2::2])]
+
+
+def _prompt(record: dict) -> list:
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError("'prompt' must be a string (use 'messages' for a conversation)")
+        return [{"role": "user", "content": record["prompt"]}]
+    if "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise ValueError("'messages' must be a list of {role, content}")
+        return record["messages"]
+    raise ValueError(f"missing field 'prompt' or 'messages' (keys present: {sorted(record)})")
+
+
+def _completion(value, field: str) -> list:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and value:
+        return value
+    raise ValueError(f"'{field}' must be a string or a non-empty list of messages")
+
+
+def _score(record: dict, key: str, score_range: Sequence[float]) -> float | None:
+    if record.get(key) is None:
+        return None
+    lo, hi = score_range
+    value = record[key]
+    if not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"'{key}'={value!r} is not a number in score_range [{lo}, {hi}]")
+    return (float(value) - lo) / (hi - lo)
+
+
+def _hh_pair(record: dict) -> Pair:
+    chosen, rejected = parse_hh_dialogue(record["chosen"]), parse_hh_dialogue(record["rejected"])
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("HH chosen and rejected dialogues differ before their last turn")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise ValueError("HH chosen and rejected dialogues must end with an Assistant turn")
+    return Pair(chosen[:-1], chosen[-1:], rejected[-1:])
+
+
+def record_to_pairs(record: dict, score_range: Sequence[float] = (0.0, 1.0)) -> list[Pair]:
+    """One record -> its pairs (a ranking of n responses gives n(n-1)/2); ValueError says what is wrong."""
+    if "responses" in record:
+        prompt, responses = _prompt(record), record["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise ValueError("'responses' must list at least two completions, best first")
+        scores = record.get("scores") or [None] * len(responses)
+        if len(scores) != len(responses):
+            raise ValueError(f"'scores' has {len(scores)} entries for {len(responses)} responses")
+        scores = [_score({"s": s}, "s", score_range) for s in scores]
+        completions = [_completion(r, f"responses[{i}]") for i, r in enumerate(responses)]
+        return [Pair(prompt, completions[i], completions[j], scores[i], scores[j],
+                     _margin(record, scores[i], scores[j]))
+                for i in range(len(responses)) for j in range(i + 1, len(responses))]
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"missing field {key!r} (keys present: {sorted(record)})")
+    if "prompt" not in record and "messages" not in record and isinstance(record["chosen"], str):
+        return [_hh_pair(record)]
+    s_c, s_r = _score(record, "chosen_score", score_range), _score(record, "rejected_score", score_range)
+    return [Pair(_prompt(record), _completion(record["chosen"], "chosen"), _completion(record["rejected"], "rejected"),
+                 s_c, s_r, _margin(record, s_c, s_r))]
+
+
+def _margin(record: dict, s_chosen: float | None, s_rejected: float | None) -> float:
+    """An explicit 'margin', else the normalised score gap when both scores exist, else 0."""
+    if record.get("margin") is not None:
+        return float(record["margin"])
+    return s_chosen - s_rejected if s_chosen is not None and s_rejected is not None else 0.0
+
+
+def record_to_examples(record: dict) -> list[Example]:
+    """An unpaired record -> one Example; a pair record -> its chosen (desirable) and rejected (undesirable)."""
+    if "completion" in record:
+        if not isinstance(record.get("label"), bool):
+            raise ValueError("unpaired record needs a boolean 'label' (true = desirable)")
+        return [Example(_prompt(record), _completion(record["completion"], "completion"), record["label"])]
+    return [e for p in record_to_pairs(record) for e in (Example(p.prompt, p.chosen, True),
+                                                         Example(p.prompt, p.rejected, False))]
+
+
+# --- encoding and packing -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """Tokenizes prompt + completion with the chat template; loss on the completion's assistant tokens."""
+
+    tokenizer: object
+    template: str
+    max_length: int  # tokens per sequence; a row holds two
+    truncation: str = "truncate"
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {self.truncation!r}")
+
+    def sequence(self, prompt: list, completion: list, stats: PreferenceStats) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, completion mask) [n], truncated to max_length (keeping the start), or None when dropped."""
+        encoded = encode_chat(self.tokenizer, list(prompt) + list(completion), self.template)
+        ids, mask = encoded.ids, encoded.loss_mask.copy()
+        # Only completion tokens are in the loss, even when the prompt holds earlier assistant turns.
+        prompt_ids = encode_chat(self.tokenizer, list(prompt), self.template, add_generation_prompt=True).ids
+        mask[: len(prompt_ids)] = False
+        if len(ids) > self.max_length:
+            if self.truncation == "drop" or not mask[: self.max_length].any():
+                stats.dropped_too_long += 1
+                return None
+            stats.truncated += 1
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return ids, mask
+
+
+def pack_two(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Sequences a and b -> one row [length]: segments 1 and 2, positions restarting, next-token targets
+    within each sequence and the completion mask on targets."""
+    row = {k: np.zeros(length, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+    row["loss_mask"] = np.zeros(length, np.bool_)
+    start = 0
+    for segment, (ids, mask) in enumerate((a, b), start=1):
+        n = len(ids)
+        end = start + n
+        row["inputs"][start:end] = ids
+        row["targets"][start:end - 1] = ids[1:]
+        row["loss_mask"][start:end - 1] = mask[1:]
+        row["positions"][start:end] = np.arange(n)
+        row["segment_ids"][start:end] = segment
+        start = end
+    return row
+
+
+def _records(source: str, *, seed: int, num_embedded: int, skip_bad_records: bool, stats: PreferenceStats,
+             convert) -> Iterator[tuple[str, object]]:
+    """(where, item) for every item `convert(record)` yields; bad records raise or are skipped and counted."""
+    for where, record, error in load_records(source, seed=seed, num_embedded=num_embedded):
+        stats.records += 1
+        try:
+            if error is not None:
+                raise ValueError(error)
+            items = convert(record)
+        except (ValueError, KeyError, TypeError) as e:
+            if not skip_bad_records:
+                raise ValueError(f"{where}: {e}") from None
+            stats.bad(f"{where}: {e}")
+            continue
+        for item in items:
+            yield where, item
+
+
+def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: int = 0,
+                 skip_bad_records: bool = False, score_range: Sequence[float] = (0.0, 1.0)
+                 ) -> tuple[list[dict], PreferenceStats]:
+    """Pair rows: chosen = segment 1, rejected = segment 2, plus chosen_score, rejected_score, has_score, margin."""
+    stats, rows = PreferenceStats(), []
+    convert = lambda r: record_to_pairs(r, score_range)  # noqa: E731
+    for where, pair in _records(source, seed=seed, num_embedded=num_embedded, skip_bad_records=skip_bad_records,
+                                stats=stats, convert=convert):
+        stats.examples += 1
+        try:
+            chosen = encoder.sequence(pair.prompt, pair.chosen, stats)
+            rejected = encoder.sequence(pair.prompt, pair.rejected, stats)
+        except (ValueError, KeyError, TypeError) as e:
+            if not skip_bad_records:
+                raise ValueError(f"{where}: {e}") from None
+            stats.bad(f"{where}: {e}")
+            continue
+        if chosen is None or rejected is None:
+            continue
+        row = pack_two(chosen, rejected, 2 * encoder.max_length)
+        has_score = pair.chosen_score is not None and pair.rejected_score is not None
+        row.update(chosen_score=np.float32(pair.chosen_score or 0.0), rejected_score=np.float32(pair.rejected_score or 0.0),
+                   has_score=np.float32(has_score), margin=np.float32(pair.margin))
+        rows.append(row)
+        stats.kept += 1
+        stats.scored += has_score
+        stats.real_tokens += len(chosen[0]) + len(rejected[0])
+        stats.padded_slots += 2 * encoder.max_length
+    if not rows:
+        raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")
+    return rows, stats
+
+
+def encode_unpaired(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: int = 0,
+                    skip_bad_records: bool = False) -> tuple[list[dict], PreferenceStats]:
+    """KTO rows: the example as segment 1 and, as segment 2, its prompt with the next example's completion
+    (the mismatched pair the KL reference point is estimated from); plus `desirable`."""
+    stats, examples = PreferenceStats(), []
+    for where, example in _records(source, seed=seed, num_embedded=num_embedded,
+                                   skip_bad_records=skip_bad_records, stats=stats, convert=record_to_examples):
+        stats.examples += 1
+        examples.append((where, example))
+    rows = []
+    for i, (where, example) in enumerate(examples):
+        other = examples[(i + 1) % len(examples)][1]
+        try:
+            seq = encoder.sequence(example.prompt, example.completion, stats)
+            kl = encoder.sequence(example.prompt, other.completion, stats)
+        except (ValueError, KeyError, TypeError) as e:
+            if not skip_bad_records:
+                raise ValueError(f"{where}: {e}") from None
+            stats.bad(f"{where}: {e}")
+            continue
+        if seq is None or kl is None:
+            continue
+        row = pack_two(seq, kl, 2 * encoder.max_length)
+        row["desirable"] = np.bool_(example.desirable)
+        rows.append(row)
+        stats.kept += 1
+        stats.real_tokens += len(seq[0]) + len(kl[0])
+        stats.padded_slots += 2 * encoder.max_length
+    if not rows:
+        raise ValueError(f"{source}: no usable examples ({stats.summary()})")
+    return rows, stats
+
+
+def trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Cut the padding columns every row of `batch` shares, keeping a multiple of `multiple` columns, so a
+    batch of short pairs costs less while the number of compiled shapes stays small. 0 keeps the full length."""
+    length = batch["segment_ids"].shape[1]
+    if multiple <= 0:
+        return batch
+    used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
+    keep = min(length, -(-used // multiple) * multiple)
+    return {k: v[:, :keep] if v.ndim == 2 and v.shape[1] == length else v for k, v in batch.items()}

@@ -1,0 +1,240 @@
+"""The rollout engine: batched prefill + KV-cache decoding in one jitted program per shape bucket.
+
+Layout of one call (B prompts, G samples each, R = B * G rows):
+  * prompts are left-padded to a bucket length P; padding slots get segment 0 and are never attended to;
+  * the prompt is prefilled once per prompt into a cache of P + N slots (N = new-token bucket); for group
+    sampling the filled cache is then repeated G times, so each prompt is computed once for its G samples;
+  * decoding is one `lax.while_loop`: step t writes every row's token into cache slot P + t - 1 (one slot for
+    all rows; each row's RoPE position is its own prompt length + t - 1) and stops when every row is done.
+The program runs on the training mesh (rows over the data axes, heads over `tensor`), so trainer parameters
+are used where they lie. Shapes are rounded up to buckets (powers of two) and jit compiles once per bucket.
+
+Log-probs: `logprobs` are log softmax(logits / temperature) of each sampled token (temperature 1 for greedy
+rows), exactly what `algorithms.logprobs.token_logprobs(..., temperature)` recomputes in the trainer. When
+top-k / top-p / min-p truncation is on, tokens are drawn from the truncated distribution instead:
+`Completions.truncated` says so and `sampling_logprobs` holds the log-probs under that truncated distribution,
+so a trainer can correct for the mismatch (or keep truncation off for on-policy RL).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alignment import sharding
+from alignment.generation import sampling as sampling_lib
+from alignment.generation.sampling import SamplingParams
+from alignment.models import ModelConfig, Transformer
+from alignment.models.transformer import KVCache, init_cache
+
+MIN_BUCKET = 16
+_STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so adding one rarely recompiles
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The static size used for n: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Completions:
+    """Generated tokens of R = prompts * num_samples rows; row i * num_samples + g is sample g of prompt i.
+
+    tokens [R, max_new] int32 (pad_id after each row's length); lengths [R] count the tokens generated,
+    including a final stop token; logprobs and sampling_logprobs [R, max_new] float32 (0 after the length, see
+    the module docstring); stopped [R] bool: the row ended with a stop token rather than its token limit.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    sampling_logprobs: np.ndarray
+    stopped: np.ndarray
+    truncated: bool  # some row sampled from a top-k / top-p / min-p truncated distribution
+    num_samples: int
+
+    def row(self, i: int) -> list[int]:
+        """The generated token ids of row i, without padding."""
+        return self.tokens[i, : self.lengths[i]].tolist()
+
+
+def _repeat_rows(cache: KVCache, times: int) -> KVCache:
+    """Each batch row of the cache `times` times in a row (k, v have batch on axis 1)."""
+    if times == 1:
+        return cache
+    return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1),
+                   jnp.repeat(cache.segment_ids, times, axis=0), jnp.repeat(cache.positions, times, axis=0))
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    k_names = (None, "batch", None, "act_kv_heads", None)
+    return KVCache(sharding.constrain(cache.k, *k_names), sharding.constrain(cache.v, *k_names),
+                   sharding.constrain(cache.segment_ids, "batch", None),
+                   sharding.constrain(cache.positions, "batch", None))
+
+
+def generate_program(model: Transformer, params: Any, prompts: jax.Array, prompt_lengths: jax.Array,
+                     seeds: jax.Array, max_new: jax.Array, stop_ids: jax.Array, settings: Mapping[str, jax.Array],
+                     *, num_samples: int, new_tokens: int, pad_id: int) -> dict[str, jax.Array]:
+    """The whole generation as one traced function (jit it with num_samples, new_tokens, pad_id static).
+
+    prompts [B, P] int32 left-padded; prompt_lengths [B] (0 marks a filler row); seeds [B] int32; max_new [R]
+    tokens per row (<= new_tokens); stop_ids [S] (-1 = unused); settings: `sampling.stack_params` arrays [R].
+    """
+    c = model.config
+    batch, prompt_len = prompts.shape
+    rows = batch * num_samples
+    run = lambda method, *args: model.apply({"params": params}, *args, method=method)
+
+    slots = jnp.arange(prompt_len, dtype=jnp.int32)
+    padding = (prompt_len - prompt_lengths)[:, None]
+    segment_ids = (slots >= padding).astype(jnp.int32)
+    positions = jnp.maximum(slots - padding, 0)
+    cache = _constrain_cache(init_cache(c, batch, prompt_len + new_tokens))
+    hidden, cache = run(Transformer.decode, prompts, positions, segment_ids, cache, 0)
+    logits = run(Transformer.logits, hidden[:, -1:])[:, 0]
+
+    cache = _constrain_cache(_repeat_rows(cache, num_samples))
+    logits = jnp.repeat(logits, num_samples, axis=0)
+    next_position = jnp.repeat(prompt_lengths, num_samples)
+    sample_index = jnp.tile(jnp.arange(num_samples), batch)
+    keys = jax.vmap(lambda s, g: jax.random.fold_in(jax.random.key(s), g))(
+        jnp.repeat(seeds, num_samples), sample_index)
+
+    def draw(t, logits):
+        return sampling_lib.sample(jax.vmap(jax.random.fold_in, (0, None))(keys, t), logits, settings)
+
+    def record(state, t, drawn):
+        active = ~state["done"]
+        stop = active & jnp.any(drawn["tokens"][:, None] == stop_ids[None, :], axis=-1)
+        put = lambda buf, value, fill: jax.lax.dynamic_update_slice(
+            buf, jnp.where(active, value, fill)[:, None].astype(buf.dtype), (0, t))
+        lengths = state["lengths"] + active
+        return dict(
+            state,
+            tokens=put(state["tokens"], drawn["tokens"], pad_id),
+            logprobs=put(state["logprobs"], drawn["logprobs"], 0.0),
+            sampling_logprobs=put(state["sampling_logprobs"], drawn["sampling_logprobs"], 0.0),
+            last=drawn["tokens"], lengths=lengths, stopped=state["stopped"] | stop,
+            done=state["done"] | stop | (lengths >= max_new),
+        )
+
+    state = dict(
+        t=jnp.int32(0),
+        tokens=jnp.full((rows, new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new_tokens), jnp.float32),
+        sampling_logprobs=jnp.zeros((rows, new_tokens), jnp.float32),
+        last=jnp.zeros((rows,), jnp.int32), lengths=jnp.zeros((rows,), jnp.int32),
+        stopped=jnp.zeros((rows,), bool), done=max_new <= 0, cache=cache,
+    )
+    state = dict(record(state, 0, draw(0, logits)), t=jnp.int32(1))
+
+    def keep_going(state):
+        return (state["t"] < new_tokens) & ~jnp.all(state["done"])
+
+    def step(state):
+        t = state["t"]
+        tokens = state["last"][:, None]
+        position = (next_position + t - 1)[:, None]
+        hidden, cache = run(Transformer.decode, tokens, position, jnp.ones_like(tokens), state["cache"],
+                            prompt_len + t - 1)
+        logits = run(Transformer.logits, hidden)[:, 0]
+        state = record(dict(state, cache=_constrain_cache(cache)), t, draw(t, logits))
+        return dict(state, t=t + 1)
+
+    state = jax.lax.while_loop(keep_going, step, state)
+    return {k: state[k] for k in ("tokens", "lengths", "logprobs", "sampling_logprobs", "stopped")}
+
+
+class Engine:
+    """Generation from a model whose parameters already lie on `mesh` (e.g. the trainer's own)."""
+
+    def __init__(self, config: ModelConfig, params: Any, mesh: Mesh, rules: Mapping[str, Any], *, pad_id: int,
+                 stop_ids: Sequence[int] = (), max_len: int | None = None):
+        """stop_ids: tokens that end a row (EOS, end-of-turn); max_len: context limit, default the model's."""
+        self.config, self.params, self.mesh, self.rules = config, params, mesh, dict(rules)
+        self.model = Transformer(config)
+        self.pad_id = int(pad_id)
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.max_len = int(max_len or config.max_position_embeddings)
+        batch_axes = self.rules["batch"]
+        axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+        self.data_parallel = math.prod(mesh.shape[a] for a in axes)
+        self._rows = NamedSharding(mesh, PartitionSpec(batch_axes))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._program = jax.jit(functools.partial(generate_program, self.model),
+                                static_argnames=("num_samples", "new_tokens", "pad_id"))
+
+    def check_lengths(self, prompt_length: int, max_new_tokens: int) -> None:
+        """ValueError when a prompt plus its new tokens exceed the context limit (requests are refused, not cut)."""
+        if prompt_length < 1:
+            raise ValueError("prompt is empty")
+        if prompt_length + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
+                             f"context length {self.max_len}")
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(temperature=0.0),
+                 *, num_samples: int = 1, seeds: int | Sequence[int] = 0,
+                 stop_ids: Sequence[int] = ()) -> Completions:
+        """Complete every prompt (token ids) num_samples times.
+
+        max_new_tokens, sampling: one for all prompts or one per prompt; seeds: one per prompt, or a base seed
+        (prompt i then uses base + i); a row's tokens depend only on its prompt, seed, sample index and settings.
+        stop_ids are added to the engine's own.
+        """
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("no prompts given")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        per_prompt = lambda x: list(x) if isinstance(x, Sequence) else [x] * n
+        max_new, settings = per_prompt(max_new_tokens), per_prompt(sampling)
+        seeds = list(seeds) if isinstance(seeds, Sequence) else [seeds + i for i in range(n)]
+        for name, values in (("max_new_tokens", max_new), ("sampling", settings), ("seeds", seeds)):
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} prompts")
+        for i, (prompt, m) in enumerate(zip(prompts, max_new)):
+            if m < 1:
+                raise ValueError(f"prompt {i}: max_new_tokens must be >= 1, got {m}")
+            try:
+                self.check_lengths(len(prompt), m)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+
+        # Buckets: batch to a power of two that the data axes divide; prompt and new tokens to powers of two.
+        batch = bucket(n, 1)
+        batch = -(-batch // self.data_parallel) * self.data_parallel
+        prompt_len, new_tokens = bucket(max(len(p) for p in prompts)), bucket(max(max_new))
+        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
+        lengths = np.zeros((batch,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            lengths[i] = len(p)
+        fill = batch - n  # filler rows: empty prompt, no new tokens
+        row_settings = [s for s in settings + [settings[0]] * fill for _ in range(num_samples)]
+        row_max_new = np.repeat(np.asarray(max_new + [0] * fill, np.int32), num_samples)
+        stops = sorted(set(self.stop_ids) | {int(i) for i in stop_ids})
+        stop_array = np.full((-(-max(len(stops), 1) // _STOP_SLOTS) * _STOP_SLOTS,), -1, np.int32)
+        stop_array[: len(stops)] = stops
+        stacked = sampling_lib.stack_params(row_settings)
+
+        put_rows = lambda x: jax.device_put(x, self._rows)
+        with sharding.activation_sharding(self.mesh, self.rules):
+            out = self._program(
+                self.params, put_rows(tokens), put_rows(lengths),
+                put_rows(np.asarray(seeds + [0] * fill, np.int32)), put_rows(row_max_new),
+                jax.device_put(stop_array, self._replicated), {k: put_rows(v) for k, v in stacked.items()},
+                num_samples=num_samples, new_tokens=new_tokens, pad_id=self.pad_id)
+        out = jax.device_get(out)
+        keep, width = n * num_samples, max(max_new)
+        return Completions(
+            tokens=out["tokens"][:keep, :width], lengths=out["lengths"][:keep],
+            logprobs=out["logprobs"][:keep, :width], sampling_logprobs=out["sampling_logprobs"][:keep, :width],
+            stopped=out["stopped"][:keep], truncated=any(s.truncated for s in settings), num_samples=num_samples)

@@ -1,0 +1,312 @@
+"""Tensor-at-a-time reading and writing of Orbax and HF safetensors checkpoints for merging.
+
+Sources name tensors by project parameter path ('embed', 'layers/q_proj', ...) and describe them in the
+project layout: stacked layer tensors are [num_layers, ...]. `read(name, layer, layout)` returns one
+layer slice (or a whole top-level tensor) without reading anything else: Orbax arrays are opened with
+tensorstore and sliced, safetensors are memory-mapped. Layout 'hf' returns HF's own layout (Linear
+weights [out, in]), only offered by HF sources, so HF -> HF merges never transpose.
+
+Writers: `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so
+tensors can arrive in any order from any thread. `write_orbax` drives an Orbax save whose leaves are
+computed on demand (`Lazy`), so the params tree is never in memory at once. `atomic_output` makes
+either appear at its path only when complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.futures import future
+from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
+
+from alignment.models import hf
+from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
+
+STATE, PARAMS = "state", "params"  # the layout of alignment.checkpoint: <root>/<step>/state holds {'params': ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]  # project layout; stacked tensors lead with [num_layers]
+    dtype: np.dtype
+    stacked: bool  # a 'layers/*' tensor, merged one layer slice at a time
+
+
+def _describe(info: TensorInfo) -> str:
+    return f"{list(info.shape)} {np.dtype(info.dtype).name}"
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class OrbaxSource:
+    """The params of an `alignment.checkpoint` checkpoint (a step directory, or a root for its latest step)."""
+
+    kind = "orbax"
+
+    def __init__(self, path: str):
+        self.path = path
+        state = _orbax_state_dir(path)
+        meta_file = os.path.join(state, "_METADATA")
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable Orbax checkpoint ({meta_file}: {e})") from None
+        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        self._arrays: dict[str, ts.TensorStore] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for entry in meta["tree_metadata"].values():
+            keys = [k["key"] for k in entry["key_metadata"]]
+            if keys[0] != PARAMS:
+                continue  # step, optimizer state and rng are not merged
+            name = "/".join(keys[1:])
+            if meta.get("use_ocdbt"):
+                kvstore = {"driver": "ocdbt", "base": f"file://{state}/", "path": ".".join(keys)}
+            else:
+                kvstore = {"driver": "file", "path": os.path.join(state, ".".join(keys))}
+            array = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+            self._arrays[name] = array
+            self.tensors[name] = TensorInfo(tuple(array.shape), np.dtype(array.dtype.numpy_dtype),
+                                            stacked=keys[1] == "layers")
+        if not self.tensors:
+            raise ValueError(f"{path}: the checkpoint has no params")
+
+    def read(self, name: str, layer: int | None, layout: str = "project") -> np.ndarray:
+        array = self._arrays[name] if layer is None else self._arrays[name][layer]
+        return array.read().result()
+
+
+def _orbax_state_dir(path: str) -> str:
+    if os.path.isdir(os.path.join(path, STATE)):
+        return os.path.join(path, STATE)
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    if not steps:
+        raise FileNotFoundError(f"{path}: no Orbax checkpoint (no <step>/state directory) and no HF config.json")
+    return os.path.join(path, str(steps[-1]), STATE)
+
+
+class HFSource:
+    """A HF Llama/Qwen2 safetensors directory, read through the converter in `alignment.models.hf`."""
+
+    kind = "hf"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config = from_hf_config(path)
+        with open(os.path.join(path, "config.json")) as f:
+            self.hf_config = json.load(f)
+        self._reader = hf._index_checkpoint(path)
+        hf._validate(path, self.config, self._reader.entries)
+        top, layer = hf._layout(self.config)
+        self._top = {key: conversion for key, conversion in top.items()}
+        self._layer = {f"layers/{key}": conversion for key, conversion in layer.items()}
+        self.tensors = {}
+        for key, (hf_name, t) in self._top.items():
+            self.tensors[key] = TensorInfo(t.shape, self._dtype(hf_name), stacked=False)
+        for key, (hf_name, t) in self._layer.items():
+            dtypes = {self._dtype(hf_name.format(i=i)) for i in range(self.config.num_layers)}
+            if len(dtypes) > 1:
+                raise ValueError(f"{path}: the layers of {hf_name} have different dtypes {sorted(map(str, dtypes))}")
+            self.tensors[key] = TensorInfo((self.config.num_layers, *t.shape), dtypes.pop(), stacked=True)
+
+    def _dtype(self, hf_name: str) -> np.dtype:
+        return np.dtype(hf._ST_DTYPES[self._reader.entries[hf_name].dtype])
+
+    def hf_name(self, name: str, layer: int | None) -> str:
+        return self._top[name][0] if layer is None else self._layer[name][0].format(i=layer)
+
+    def read(self, name: str, layer: int | None, layout: str = "project") -> np.ndarray:
+        raw = self._reader.get(self.hf_name(name, layer))  # a read-only view of the mapped file
+        if layout == "hf":
+            return raw
+        conversion = self._top[name][1] if layer is None else self._layer[name][1]
+        return np.ascontiguousarray(conversion.to_project(raw))
+
+
+def open_source(path: str):
+    """An HFSource for a directory with config.json, else an OrbaxSource."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return HFSource(path) if os.path.isfile(os.path.join(path, "config.json")) else OrbaxSource(path)
+
+
+def check_same_tensors(sources: Mapping[str, Any]) -> dict[str, TensorInfo]:
+    """The common tensor table; one ValueError naming every tensor whose name, shape or dtype differs."""
+    (first_label, first), *rest = sources.items()
+    problems = []
+    for label, source in rest:
+        for name in sorted(first.tensors.keys() | source.tensors.keys()):
+            a, b = first.tensors.get(name), source.tensors.get(name)
+            if b is None:
+                problems.append(f"  {name}: {first_label} has {_describe(a)}, missing from {label}")
+            elif a is None:
+                problems.append(f"  {name}: {label} has {_describe(b)}, missing from {first_label}")
+            elif a.shape != b.shape or a.dtype != b.dtype:
+                problems.append(f"  {name}: {first_label} has {_describe(a)}, {label} has {_describe(b)}")
+    if problems:
+        raise ValueError(f"the checkpoints to merge differ in {len(problems)} tensor(s); nothing was written:\n"
+                         + "\n".join(problems))
+    return dict(first.tensors)
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary directory beside `path`; rename it to `path` on success, delete it on any error."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"output {path} exists; set overwrite to replace it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        hf._move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- HF writer
+
+
+class HFWriter:
+    """Streams tensors into HF safetensors files under `directory` (header first, then pwrite per tensor).
+
+    `names` maps (project name, layer) -> HF name for every tensor, in file order.
+    """
+
+    def __init__(self, directory: str, config: ModelConfig, hf_config: dict, tensors: Mapping[str, TensorInfo],
+                 max_shard_bytes: int | None = None):
+        self.config = config
+        top, layer = hf._layout(config)
+        self._conversions: dict[tuple[str, int | None], tuple[str, Any]] = {}
+        for hf_name, key, i, t in hf._hf_entries(config):
+            name = key if i is None else f"layers/{key}"
+            self._conversions[(name, i)] = (hf_name, t)
+        dtypes = {hf_name: tensors[name].dtype for (name, _), (hf_name, _) in self._conversions.items()}
+        shapes = {hf_name: t.hf_shape for hf_name, t in self._conversions.values()}
+        sizes = {n: int(np.prod(shapes[n])) * dtypes[n].itemsize for n in shapes}
+        shards = hf._plan_shards(sizes, max_shard_bytes)
+        self._where: dict[str, tuple[int, int, np.dtype]] = {}  # hf name -> (fd, absolute offset, dtype)
+        self._fds = []
+        for file, names in hf._shard_files(shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for n in names:
+                header[n] = {"dtype": hf._ST_NAMES[dtypes[n]], "shape": list(shapes[n]),
+                             "data_offsets": [offset, offset + sizes[n]]}
+                offset += sizes[n]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(os.path.join(directory, file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, struct.pack("<Q", len(raw)) + raw)
+            os.ftruncate(fd, 8 + len(raw) + offset)
+            self._fds.append(fd)
+            for n in names:
+                self._where[n] = (fd, 8 + len(raw) + header[n]["data_offsets"][0], dtypes[n])
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {n: file for file, names in hf._shard_files(shards) for n in names}}
+            with open(os.path.join(directory, hf.INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+        hf_config = dict(hf_config)
+        hf_config["torch_dtype"] = str(next(iter(dtypes.values())))
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+
+    def covers(self, name: str) -> bool:
+        return (name, None) in self._conversions or (name, 0) in self._conversions
+
+    def write(self, name: str, layer: int | None, array: np.ndarray, layout: str = "project") -> None:
+        """Write one tensor (a layer slice of a stacked one) given in `layout`; safe from any thread."""
+        hf_name, t = self._conversions[(name, layer)]
+        fd, offset, dtype = self._where[hf_name]
+        data = array if layout == "hf" else t.to_hf(array)
+        data = np.ascontiguousarray(data, dtype=dtype)
+        view, done = memoryview(data.reshape(-1).view(np.uint8)), 0
+        while done < len(view):  # pwrite may write less than asked for large buffers
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def hf_config_for(sources: list, config: ModelConfig | None, model_type: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, config.json dict) for HF output: from the first HF input, else from `config`."""
+    for source in sources:
+        if source.kind == "hf":
+            return source.config, source.hf_config
+    if config is None:
+        raise ValueError("HF output from Orbax inputs needs the model config (config.model) to name the tensors")
+    return config, to_hf_config(config, model_type)
+
+
+# ----------------------------------------------------------------------------- Orbax writer
+
+
+@dataclasses.dataclass
+class Lazy:
+    """An Orbax leaf computed only when Orbax writes it: `compute()` returns the array of `shape`/`dtype`."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+class _LazyHandler(type_handlers.NumpyHandler):
+    """Orbax's numpy handler, computing each `Lazy` leaf in a worker thread just before it is written.
+
+    Orbax writes the on-disk format and metadata exactly as for numpy leaves (`load_params` reads the
+    result); memory is bounded by whatever `compute` holds, not by the tree.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    def typestr(self) -> str:
+        return "np.ndarray"  # restored as numpy: the checkpoint must not depend on this class
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        array = await asyncio.to_thread(value.compute)
+        await super()._open_and_write(array, tspec, ts_context)
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [future.CommitFutureAwaitingContractedSignals(self._background_serialize(values, infos, args),
+                                                             name="lazy_merge")]
+
+
+def write_orbax(directory: str, params: dict[str, Any]) -> None:
+    """Save `params` (a tree of Lazy leaves) as step 0 of an `alignment.checkpoint` layout under `directory`."""
+    registry = type_handler_registry.create_type_handler_registry((Lazy, _LazyHandler()))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    with ocp.CheckpointManager(directory, item_handlers={STATE: handler}) as manager:
+        manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave({PARAMS: params})}))
+        manager.wait_until_finished()

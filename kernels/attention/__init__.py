@@ -1,0 +1,1 @@
+"""Causal attention with packing (segment ids), padding and grouped-query heads."""
