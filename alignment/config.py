@@ -9,6 +9,9 @@ from typing import Any, Iterable
 import ml_collections
 
 STAGES = {"sft": "alignment.stages.sft"}
+STAGES["rm"] = "alignment.stages.rm"
+STAGES["dpo"] = "alignment.stages.dpo"  # also KTO: config.loss="kto"
+STAGES["merge"] = "alignment.stages.merge"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,6 +108,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r} is not a stage.{suggest(config.stage, STAGES)} "
                          f"Stages: {sorted(STAGES)}")
+    if "batch_size" not in config:  # stages that do not train (merge) have no batch or step fields
+        return
     if config.batch_size <= 0 or config.steps <= 0:
         raise ValueError("config.batch_size and config.steps must be positive")
     if config.micro_batches <= 0 or config.batch_size % config.micro_batches:

@@ -7,25 +7,34 @@ import ml_collections
 from alignment.config import base_config, model_preset
 
 
+def source(path: str, weight: float = 1.0, fmt: str = "auto") -> ml_collections.ConfigDict:
+    """One data source: a JSONL file, 'tfds:name[/config]:split' or 'embedded'."""
+    return ml_collections.ConfigDict(dict(path=path, weight=weight, format=fmt, tfds_data_dir=""))
+
+
 def get_config():
     c = base_config()
     c.stage = "sft"
     c.model = model_preset("tiny")
     c.tokenizer = "embedded"
     c.chat_template = "chatml"
-    c.batch_size = 32
+    c.batch_size = 16
     c.steps = 300
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
     c.log_every = 20
     c.eval_every = 100
+    c.loss_normalization = "token"  # token: mean over loss tokens of the global batch | sample: mean of sample means
     c.data = ml_collections.ConfigDict(dict(
-        train="embedded",  # 'embedded' (generated arithmetic chats) or a JSONL file of {"messages": [...]}
-        eval="embedded",  # held-out records, same forms
-        num_embedded=4000,  # generated training records when train='embedded'
-        num_embedded_eval=256,  # generated held-out records when eval='embedded'
-        max_length=64,  # tokens per row; longer samples are truncated or dropped, and counted
+        train=ml_collections.ConfigDict(dict(math=source("embedded"))),  # category -> source; weights set the mix
+        eval=ml_collections.ConfigDict(dict(math=source("embedded"))),  # held-out sources, loss per category
+        num_embedded=4000,  # generated training records for an 'embedded' source
+        num_embedded_eval=256,  # generated held-out records for an 'embedded' eval source
+        max_length=128,  # tokens per row; longer samples are truncated or dropped, and counted
         truncation="truncate",  # truncate | drop
         train_on="all_assistant",  # all_assistant | last_assistant
+        skip_bad_records=False,  # False: a bad record is an error naming file and line; True: skip and count
+        packing=True,  # best-fit-decreasing packing of several samples per row
+        pack_buffer=64,  # samples per packing buffer
     ))
     return c

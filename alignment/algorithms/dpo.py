@@ -67,6 +67,23 @@ PAIR_LOSSES: dict[str, Callable] = {"sigmoid": sigmoid_loss, "robust": robust_lo
 LOSSES = (*PAIR_LOSSES, "kto")  # every value of config.loss the dpo stage accepts
 
 
+def dpo_terms(logps: jax.Array, lengths: jax.Array, ref_logps: jax.Array, *, loss_type: str, beta: float,
+              label_smoothing: float) -> tuple[jax.Array, dict]:
+    """logps, lengths, ref_logps [pairs, 2] -> (summed loss, metric sums). Used by training and eval."""
+    logratios = logps - ref_logps
+    losses = PAIR_LOSSES[loss_type](logratios, lengths, beta, label_smoothing)
+    rewards = beta * jax.lax.stop_gradient(logratios)
+    metrics = {
+        "accuracy": jnp.sum(rewards[:, 0] > rewards[:, 1]).astype(jnp.float32),
+        "margin": jnp.sum(rewards[:, 0] - rewards[:, 1]),
+        "reward_chosen": jnp.sum(rewards[:, 0]),
+        "reward_rejected": jnp.sum(rewards[:, 1]),
+        "logp_chosen": jnp.sum(jax.lax.stop_gradient(logps[:, 0])),
+        "logp_rejected": jnp.sum(jax.lax.stop_gradient(logps[:, 1])),
+    }
+    return jnp.sum(losses), metrics
+
+
 def dpo_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, loss_type: str = "sigmoid",
              beta: float = 0.1, label_smoothing: float = 0.0):
     """batch: packed pair rows (inputs, targets, loss_mask, positions, segment_ids [batch, seq]), ref_logps [batch, 2].
@@ -75,19 +92,10 @@ def dpo_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, loss
     """
     del rng
     logps, lengths = sequence_logps(model, params, batch)
-    logratios = logps - batch["ref_logps"]
-    losses = PAIR_LOSSES[loss_type](logratios, lengths, beta, label_smoothing)
-    rewards = beta * jax.lax.stop_gradient(logratios)
-    metrics = {
-        "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-        "accuracy": jnp.sum(rewards[:, 0] > rewards[:, 1]).astype(jnp.float32),
-        "margin": jnp.sum(rewards[:, 0] - rewards[:, 1]),
-        "reward_chosen": jnp.sum(rewards[:, 0]),
-        "reward_rejected": jnp.sum(rewards[:, 1]),
-        "logp_chosen": jnp.sum(jax.lax.stop_gradient(logps[:, 0])),
-        "logp_rejected": jnp.sum(jax.lax.stop_gradient(logps[:, 1])),
-    }
-    return jnp.sum(losses), (jnp.asarray(losses.shape[0], jnp.float32), metrics)
+    loss_sum, metrics = dpo_terms(logps, lengths, batch["ref_logps"], loss_type=loss_type, beta=beta,
+                                  label_smoothing=label_smoothing)
+    metrics["tokens"] = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    return loss_sum, (jnp.asarray(logps.shape[0], jnp.float32), metrics)
 
 
 def kto_losses(logratios: jax.Array, kl_logratios: jax.Array, desirable: jax.Array, beta: float,
@@ -99,6 +107,23 @@ def kto_losses(logratios: jax.Array, kl_logratios: jax.Array, desirable: jax.Arr
     return jnp.where(desirable, good, bad), z
 
 
+def kto_terms(logps: jax.Array, lengths: jax.Array, ref_logps: jax.Array, desirable: jax.Array, *, beta: float,
+              desirable_weight: float, undesirable_weight: float) -> tuple[jax.Array, dict]:
+    """logps, ref_logps [n, 2] (example, KL sample), desirable [n] -> (summed loss, metric sums)."""
+    del lengths
+    logratios = logps - ref_logps
+    desirable = desirable.astype(bool)
+    losses, z = kto_losses(logratios[:, 0], logratios[:, 1], desirable, beta, desirable_weight, undesirable_weight)
+    rewards = beta * jax.lax.stop_gradient(logratios[:, 0])
+    metrics = {
+        "kl": z * losses.shape[0],  # summed like the others so finalize_metrics gives the mean
+        "reward_desirable": jnp.sum(jnp.where(desirable, rewards, 0.0)),
+        "reward_undesirable": jnp.sum(jnp.where(desirable, 0.0, rewards)),
+        "desirable": jnp.sum(desirable).astype(jnp.float32),
+    }
+    return jnp.sum(losses), metrics
+
+
 def kto_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, beta: float = 0.1,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
     """batch: rows packing (example, mismatched KL completion), ref_logps [batch, 2], desirable [batch] bool.
@@ -106,19 +131,11 @@ def kto_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, beta
     The KL reference point is the mean over this (micro-)batch, as TRL estimates it per device batch.
     """
     del rng
-    logps, _ = sequence_logps(model, params, batch)
-    logratios = logps - batch["ref_logps"]
-    desirable = batch["desirable"].astype(bool)
-    losses, z = kto_losses(logratios[:, 0], logratios[:, 1], desirable, beta, desirable_weight, undesirable_weight)
-    rewards = beta * jax.lax.stop_gradient(logratios[:, 0])
-    metrics = {
-        "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-        "kl": z * losses.shape[0],  # summed like the others so finalize_metrics gives the mean
-        "reward_desirable": jnp.sum(jnp.where(desirable, rewards, 0.0)),
-        "reward_undesirable": jnp.sum(jnp.where(desirable, 0.0, rewards)),
-        "desirable": jnp.sum(desirable).astype(jnp.float32),
-    }
-    return jnp.sum(losses), (jnp.asarray(losses.shape[0], jnp.float32), metrics)
+    logps, lengths = sequence_logps(model, params, batch)
+    loss_sum, metrics = kto_terms(logps, lengths, batch["ref_logps"], batch["desirable"], beta=beta,
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    metrics["tokens"] = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    return loss_sum, (jnp.asarray(logps.shape[0], jnp.float32), metrics)
 
 
 def finalize_metrics(sums: dict) -> dict:

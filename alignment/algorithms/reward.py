@@ -48,6 +48,24 @@ def bradley_terry_losses(r_chosen: jax.Array, r_rejected: jax.Array, s_chosen: j
     return ranking + alpha * has_score * regression
 
 
+def score_pairs(rewards: jax.Array, batch: dict, alpha: float, use_margin: bool) -> tuple[jax.Array, dict]:
+    """rewards [pairs, 2] and per-pair batch fields -> (summed loss, metric sums). Used by training and eval."""
+    r_c, r_r = rewards[:, 0], rewards[:, 1]
+    has_score = batch["has_score"].astype(jnp.float32)
+    margin = batch["margin"] if use_margin else jnp.zeros_like(r_c)
+    losses = bradley_terry_losses(r_c, r_r, batch["chosen_score"], batch["rejected_score"], has_score, margin, alpha)
+    squared_error = has_score * ((r_c - batch["chosen_score"]) ** 2 + (r_r - batch["rejected_score"]) ** 2)
+    metrics = {
+        "accuracy": jnp.sum(r_c > r_r).astype(jnp.float32),
+        "margin": jnp.sum(r_c - r_r),
+        "reward_chosen": jnp.sum(r_c),
+        "reward_rejected": jnp.sum(r_r),
+        "score_sq_error": jnp.sum(squared_error),  # over both sequences of scored pairs
+        "scored_pairs": jnp.sum(has_score),
+    }
+    return jnp.sum(losses), metrics
+
+
 def reward_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, alpha: float = 0.0,
                 use_margin: bool = False):
     """batch: packed pair rows [batch, seq] plus per-pair [batch] chosen_score, rejected_score, has_score, margin.
@@ -56,21 +74,9 @@ def reward_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, a
     """
     del rng
     rewards = pair_rewards(model, params, batch)
-    r_c, r_r = rewards[:, 0], rewards[:, 1]
-    has_score = batch["has_score"].astype(jnp.float32)
-    margin = batch["margin"] if use_margin else jnp.zeros_like(r_c)
-    losses = bradley_terry_losses(r_c, r_r, batch["chosen_score"], batch["rejected_score"], has_score, margin, alpha)
-    squared_error = has_score * ((r_c - batch["chosen_score"]) ** 2 + (r_r - batch["rejected_score"]) ** 2)
-    metrics = {
-        "tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-        "accuracy": jnp.sum(r_c > r_r).astype(jnp.float32),
-        "margin": jnp.sum(r_c - r_r),
-        "reward_chosen": jnp.sum(r_c),
-        "reward_rejected": jnp.sum(r_r),
-        "score_sq_error": jnp.sum(squared_error),  # over both sequences of scored pairs
-        "scored_pairs": jnp.sum(has_score),
-    }
-    return jnp.sum(losses), (jnp.asarray(r_c.shape[0], jnp.float32), metrics)
+    loss_sum, metrics = score_pairs(rewards, batch, alpha, use_margin)
+    metrics["tokens"] = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    return loss_sum, (jnp.asarray(rewards.shape[0], jnp.float32), metrics)
 
 
 def finalize_metrics(sums: dict) -> dict:

@@ -17,17 +17,24 @@ targets. Bad records raise naming file and line, or are skipped and counted with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import re
 from typing import Iterator, Sequence
 
+import grain
+import jax
+import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from alignment.data.chat import encode_chat
 from alignment.data.synthetic import arithmetic_record
+from alignment.data.tokenizer import load_tokenizer
 
 EMBEDDED = "embedded"
+SEQUENCE_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")  # [seq] per row
 TRUNCATION = ("truncate", "drop")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -371,3 +378,65 @@ def trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
     used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
     keep = min(length, -(-used // multiple) * multiple)
     return {k: v[:, :keep] if v.ndim == 2 and v.shape[1] == length else v for k, v in batch.items()}
+
+
+def split_held_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a seeded random `fraction` of the rows (at least one) is held out."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.eval_fraction must be in (0, 1) when data.eval='', got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_eval = max(1, int(round(fraction * len(rows))))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def stack(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> one batch: each field stacked along a new leading axis."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def shuffled_batches(rows: list[dict], batch_size: int, seed: int) -> grain.MapDataset:
+    """Endless reshuffled epochs of [batch_size, ...] batches; its iterator state is checkpointable."""
+    return grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None).batch(batch_size, drop_remainder=True,
+                                                                                 batch_fn=stack)
+
+
+def fixed_batches(rows: list[dict], batch_size: int) -> list[dict]:
+    """All rows in order as stacked batches; the last is padded with copies of the first rows, so callers
+    keep the first len(rows) outputs."""
+    padded = rows + [rows[i % len(rows)] for i in range(-len(rows) % batch_size)]
+    return [stack(padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
+
+
+def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: bool = False):
+    """(train rows, held-out rows, data summary) for the rm and dpo stages."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {vocab_size}")
+    d = config.data
+    encoder = Encoder(tokenizer, config.chat_template, d.max_length, d.truncation)
+    if unpaired:
+        encode = functools.partial(encode_unpaired, encoder=encoder, skip_bad_records=d.skip_bad_records)
+    else:
+        encode = functools.partial(encode_pairs, encoder=encoder, skip_bad_records=d.skip_bad_records,
+                                   score_range=tuple(d.score_range))
+    train, stats = encode(d.train, seed=config.seed, num_embedded=d.num_embedded)
+    if d.eval:
+        held_out, eval_stats = encode(d.eval, seed=config.seed + 1, num_embedded=d.num_embedded_eval)
+    else:
+        (train, held_out), eval_stats = split_held_out(train, d.eval_fraction, config.seed), None
+    summary = {"train": stats.summary(), "eval": eval_stats.summary() if eval_stats else "split from train",
+               "train_rows": len(train), "eval_rows": len(held_out)}
+    return train, held_out, summary
+
+
+def leaf_shardings(row: dict, target: NamedSharding) -> dict:
+    """Shardings of batches stacked from rows like `row`: [batch, seq] fields take `target`, the rest
+    (per-row scalars, ref_logps [batch, 2]) only its batch axes."""
+    return {k: target if k in SEQUENCE_FIELDS else NamedSharding(target.mesh, PartitionSpec(target.spec[0]))
+            for k in row}
+
+
+def place(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    """Host rows of this process -> global arrays laid out by `leaf_shardings`."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}

@@ -1,95 +1,141 @@
-"""SFT examples: chat records -> fixed-length rows of inputs/targets/loss_mask/positions/segment_ids."""
+"""The SFT data pipeline: weighted mixture of sources -> chat encoding with loss masks -> packed (or
+padded) rows -> global batches, as grain datasets whose iterator state is checkpointable.
+
+Rows: inputs, targets, loss_mask, positions, segment_ids, each [max_length]; `loss_mask[t]` says
+whether predicting `targets[t]` is trained on.
+"""
 from __future__ import annotations
 
-import collections
 import dataclasses
-from typing import Iterable
+import functools
+import logging
+from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
 from alignment.data.chat import encode_chat
+from alignment.data.packing import ROW_KEYS, PackedDataset, pack_row
+from alignment.data.sources import load_records
+
+logger = logging.getLogger(__name__)
 
 TRUNCATION = ("truncate", "drop")
 
 
 @dataclasses.dataclass
-class DataStats:
-    """What happened to the records, so nothing is dropped silently."""
+class SourceReport:
+    """What happened to one source's records, so nothing is dropped silently."""
 
-    records: int = 0
+    category: str
+    path: str
+    read: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)
     kept: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
-    real_tokens: int = 0
-    padded_slots: int = 0
-
-    def summary(self) -> dict:
-        util = self.real_tokens / self.padded_slots if self.padded_slots else 0.0
-        return dict(dataclasses.asdict(self), token_utilisation=round(util, 4))
+    dropped_no_loss_tokens: int = 0
+    tokens: int = 0
 
 
-def chat_to_row(ids: np.ndarray, loss_mask: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
-    """One unpacked row [max_length]: next-token targets, loss on the target token's mask, padding = segment 0."""
-    n = len(ids) - 1
-    row = {
-        "inputs": np.zeros(max_length, np.int32),
-        "targets": np.zeros(max_length, np.int32),
-        "loss_mask": np.zeros(max_length, np.bool_),
-        "positions": np.zeros(max_length, np.int32),
-        "segment_ids": np.zeros(max_length, np.int32),
-    }
-    row["inputs"][:n] = ids[:-1]
-    row["targets"][:n] = ids[1:]
-    row["loss_mask"][:n] = loss_mask[1:]
-    row["positions"][:n] = np.arange(n)
-    row["segment_ids"][:n] = 1
-    return row
+def chat_example(tokenizer, template: str, train_on: str, messages: list[dict]) -> dict[str, np.ndarray]:
+    """messages -> {inputs, targets, loss_mask} [n] for next-token prediction (n = tokens - 1)."""
+    encoded = encode_chat(tokenizer, messages, template, train_on=train_on)
+    return {"inputs": encoded.ids[:-1], "targets": encoded.ids[1:], "loss_mask": encoded.loss_mask[1:]}
 
 
-def encode_records(records: Iterable[dict], tokenizer, template: str, max_length: int,
-                   truncation: str = "truncate", train_on: str = "all_assistant",
-                   source: str = "<records>") -> tuple[list[dict], DataStats]:
-    """Chat records -> rows. Over-long samples are truncated or dropped (per `truncation`) and counted."""
+def fit_length(example: dict, max_length: int, truncation: str, report: SourceReport) -> dict | None:
+    """Truncate or drop an over-long example (counted); drop one with no loss tokens left (counted)."""
     if truncation not in TRUNCATION:
         raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {truncation!r}")
-    rows, stats = [], DataStats()
-    for index, record in enumerate(records):
-        stats.records += 1
-        try:
-            encoded = encode_chat(tokenizer, record["messages"], template, train_on=train_on)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{source}: record {index + 1}: {e}") from None
-        ids, mask = encoded.ids, encoded.loss_mask
-        if len(ids) - 1 > max_length:
-            if truncation == "drop":
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += 1
-            ids, mask = ids[: max_length + 1], mask[: max_length + 1]
-        rows.append(chat_to_row(ids, mask, max_length))
-        stats.kept += 1
-        stats.real_tokens += len(ids) - 1
-        stats.padded_slots += max_length
-    if not rows:
-        raise ValueError(f"{source}: no usable records ({stats.summary()})")
-    return rows, stats
+    if len(example["inputs"]) > max_length:
+        if truncation == "drop":
+            report.dropped_too_long += 1
+            return None
+        report.truncated += 1
+        example = {k: v[:max_length] for k, v in example.items()}
+    if not example["loss_mask"].any():
+        report.dropped_no_loss_tokens += 1
+        return None
+    return example
 
 
-def batched(rows: list[dict], batch_size: int, seed: int, shuffle: bool = True,
-            repeat: bool = True) -> grain.MapDataset:
-    """A grain dataset of [batch_size, max_length] batches; its iterator state is checkpointable."""
-    ds = grain.MapDataset.source(rows)
-    if shuffle:
-        ds = ds.seed(seed).shuffle()
-    if repeat:
-        ds = ds.repeat(None)
-    return ds.batch(batch_size, drop_remainder=True)
+def pad_row(example: dict, max_length: int) -> dict[str, np.ndarray]:
+    return pack_row([example], max_length)
+
+
+def load_source(category: str, source: ml_collections.ConfigDict, data: ml_collections.ConfigDict, tokenizer,
+                template: str, seed: int, num_embedded: int) -> tuple[list[dict], SourceReport]:
+    """Examples of one source, fitted to `data.max_length`, and the report of what was kept."""
+    report = SourceReport(category=category, path=source.path)
+    encode = functools.partial(chat_example, tokenizer, template, data.train_on)
+    records, stats = load_records(source.path, category=category, fmt=source.get("format", "auto"),
+                                  skip_bad_records=data.skip_bad_records, seed=seed, num_embedded=num_embedded,
+                                  tfds_data_dir=source.get("tfds_data_dir", None), encode=encode)
+    report.read, report.skipped = stats.read, dict(stats.skipped)
+    examples = []
+    for record in records:
+        example = fit_length(record["encoded"], data.max_length, data.truncation, report)
+        if example is not None:
+            examples.append(example)
+            report.tokens += len(example["inputs"])
+    report.kept = len(examples)
+    if not examples:
+        raise ValueError(f"data source {category!r} ({source.path}): no usable records; {report}")
+    return examples, report
+
+
+def load_sources(sources: ml_collections.ConfigDict, data: ml_collections.ConfigDict, tokenizer, template: str,
+                 seed: int, num_embedded: int, split: str = "train") -> tuple[dict[str, list[dict]], list[SourceReport]]:
+    if not sources:
+        raise ValueError("no data sources configured")
+    examples, reports = {}, []
+    for index, (category, source) in enumerate(sorted(sources.items())):
+        examples[category], report = load_source(category, source, data, tokenizer, template, seed + index,
+                                                 num_embedded)
+        reports.append(report)
+        logger.info("%s data %s: %s", split, category, dataclasses.asdict(report))
+    return examples, reports
+
+
+def rows_dataset(examples: grain.IterDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
+    if data.packing:
+        return PackedDataset(examples, data.pack_buffer, data.max_length)
+    return examples.map(functools.partial(pad_row, max_length=data.max_length))
+
+
+def train_batches(examples: dict[str, list[dict]], sources: ml_collections.ConfigDict,
+                  data: ml_collections.ConfigDict, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+    """Infinite stream of this process's [batch_size // process_count, max_length] batches.
+
+    Sources are shuffled, repeated and interleaved in proportion to their weights; the mixed stream
+    is split across processes so each reads only its own share.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+    names = sorted(examples)
+    weights = [float(sources[name].get("weight", 1.0)) for name in names]
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"data source weights must be positive, got {dict(zip(names, weights))}")
+    streams = [grain.MapDataset.source(examples[name]).seed(seed + i).shuffle().repeat(None)
+               for i, name in enumerate(names)]
+    mixed = grain.MapDataset.mix(streams, weights)[process_index::process_count]
+    return rows_dataset(mixed.to_iter_dataset(), data).batch(batch_size // process_count, drop_remainder=True)
+
+
+def eval_batches(examples: list[dict], data: ml_collections.ConfigDict, batch_size: int) -> list[dict]:
+    """Every held-out example once; the last batch is filled with empty rows rather than dropped."""
+    rows = list(rows_dataset(grain.MapDataset.source(examples).to_iter_dataset(), data))
+    empty = {key: np.zeros_like(value) for key, value in rows[0].items()}
+    rows += [empty] * (-len(rows) % batch_size)
+    return [stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def stack(rows: list[dict]) -> dict[str, np.ndarray]:
-    out = collections.defaultdict(list)
-    for row in rows:
-        for key, value in row.items():
-            out[key].append(value)
-    return {key: np.stack(values) for key, values in out.items()}
+    return {key: np.stack([row[key] for row in rows]) for key in ROW_KEYS}
+
+
+def reports_summary(reports: list[SourceReport]) -> dict[str, Any]:
+    return {r.category: dataclasses.asdict(r) for r in reports}

@@ -3,7 +3,8 @@
 Sources name tensors by project parameter path ('embed', 'layers/q_proj', ...) and describe them in the
 project layout: stacked layer tensors are [num_layers, ...]. `read(name, layer, layout)` returns one
 layer slice (or a whole top-level tensor) without reading anything else: Orbax arrays are opened with
-tensorstore and sliced, safetensors are memory-mapped. Layout 'hf' returns HF's own layout (Linear
+tensorstore and sliced, safetensors tensors are located by the header reader of `alignment.models.hf` and
+copied with pread. Layout 'hf' returns HF's own layout (Linear
 weights [out, in]), only offered by HF sources, so HF -> HF merges never transpose.
 
 Writers: `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so
@@ -86,6 +87,9 @@ class OrbaxSource:
         array = self._arrays[name] if layer is None else self._arrays[name][layer]
         return array.read().result()
 
+    def close(self) -> None:
+        self._arrays = {}
+
 
 def _orbax_state_dir(path: str) -> str:
     if os.path.isdir(os.path.join(path, STATE)):
@@ -107,6 +111,7 @@ class HFSource:
         with open(os.path.join(path, "config.json")) as f:
             self.hf_config = json.load(f)
         self._reader = hf._index_checkpoint(path)
+        self._fds: dict[str, int] = {}
         hf._validate(path, self.config, self._reader.entries)
         top, layer = hf._layout(self.config)
         self._top = {key: conversion for key, conversion in top.items()}
@@ -127,11 +132,33 @@ class HFSource:
         return self._top[name][0] if layer is None else self._layer[name][0].format(i=layer)
 
     def read(self, name: str, layer: int | None, layout: str = "project") -> np.ndarray:
-        raw = self._reader.get(self.hf_name(name, layer))  # a read-only view of the mapped file
+        if layer is None and name in self._layer:  # a whole stacked tensor
+            return np.stack([self.read(name, i, layout) for i in range(self.config.num_layers)])
+        raw = self._pread(self.hf_name(name, layer))
         if layout == "hf":
             return raw
         conversion = self._top[name][1] if layer is None else self._layer[name][1]
         return np.ascontiguousarray(conversion.to_project(raw))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def _pread(self, hf_name: str) -> np.ndarray:
+        """One tensor copied into a fresh array with pread: unlike touched mmap pages, it leaves RSS when freed."""
+        entry = self._reader.entries[hf_name]
+        if entry.file not in self._fds:
+            self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        out = np.empty(entry.shape, hf._ST_DTYPES[entry.dtype])
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        offset = self._reader._data_offsets[entry.file] + entry.begin
+        while done < len(view):
+            n = os.preadv(self._fds[entry.file], [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{entry.file}: file ends inside tensor {hf_name!r}")
+            done += n
+        return out
 
 
 def open_source(path: str):

@@ -80,6 +80,8 @@ def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps
             timing["step_s"] = elapsed - timing["data_wait_s"] - timing["checkpoint_s"]
             steps_in_window = len(values[tokens_key])
             record = {k: float(np.mean(v)) for k, v in values.items()}
+            if "slots" in values:
+                record["token_utilisation"] = float(np.sum(values[tokens_key]) / np.sum(values["slots"]))
             tokens_per_s = float(np.sum(values[tokens_key])) / elapsed
             record["tokens_per_s"] = tokens_per_s
             record["mfu"] = tokens_per_s * flops_per_token / peak_flops

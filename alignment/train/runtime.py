@@ -55,6 +55,17 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, ab
     return load_params(config.init_from, abstract_params, param_shardings)
 
 
+def check_vocab(tokenizer, model_cfg: ModelConfig) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; set model.vocab_size or use the model's own tokenizer")
+
+
+def activation_context(mesh: Mesh, rules: dict):
+    """Activation sharding annotations for the steps traced inside this context."""
+    return sharding.activation_sharding(mesh, rules)
+
+
 def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
     """Rows over the data axes, sequence over 'sequence'."""
     return sharding.named_sharding(mesh, rules, "batch", "seq")

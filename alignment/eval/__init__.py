@@ -1,0 +1,1 @@
+"""Evaluation: benchmark metrics, the judge client, generation caches, reports and charts."""

@@ -1,0 +1,1 @@
+"""Reward functions by name: math answers, the code sandbox, instruction checks, the reward model."""

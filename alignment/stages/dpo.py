@@ -1,0 +1,139 @@
+"""Offline preference optimisation: DPO, IPO, hinge, robust DPO and KTO against a frozen reference.
+
+The reference is the initial policy. `config.reference='precomputed'` scores every row with it once before
+training and stores `ref_logps` in the rows, so no reference weights stay in memory; 'online' keeps a copy
+and scores each batch just before its step. Both feed the same loss.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from alignment.algorithms import dpo
+from alignment.checkpoint import Checkpointer
+from alignment.data import preference
+from alignment.models import Transformer
+from alignment.models.transformer import dummy_inputs
+from alignment.train import runtime
+from alignment.train.loop import train_loop
+from alignment.train.metrics import peak_tflops_per_device
+from alignment.train.optimizer import make_optimizer
+from alignment.train.state import init_state, state_shardings
+from alignment.train.step import jit_train_step, make_train_step
+
+REFERENCE = ("precomputed", "online")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    if config.loss not in dpo.LOSSES:
+        raise ValueError(f"config.loss={config.loss!r}; choose one of {dpo.LOSSES}")
+    if config.reference not in REFERENCE:
+        raise ValueError(f"config.reference={config.reference!r}; choose one of {REFERENCE}")
+    if config.beta <= 0:
+        raise ValueError(f"config.beta must be positive, got {config.beta}")
+    if not 0 <= config.label_smoothing < 0.5 or (config.label_smoothing and config.loss not in ("sigmoid", "robust")):
+        raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 0.5) and only with the "
+                         "sigmoid or robust loss")
+
+
+def loss_and_terms(model, config: ml_collections.ConfigDict):
+    """(loss_fn(params, batch, rng), terms(logps, lengths, rows) -> (loss sum, metric sums)) for config.loss."""
+    if config.loss == "kto":
+        kw = dict(beta=config.beta, **config.kto.to_dict())
+        terms = lambda lp, ln, b: dpo.kto_terms(lp, ln, b["ref_logps"], b["desirable"], **kw)  # noqa: E731
+        return functools.partial(dpo.kto_loss, model, **kw), terms
+    kw = dict(loss_type=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
+    terms = lambda lp, ln, b: dpo.dpo_terms(lp, ln, b["ref_logps"], **kw)  # noqa: E731
+    return functools.partial(dpo.dpo_loss, model, **kw), terms
+
+
+def score_rows(logps_fn, params, rows: list[dict], batch_size: int, layout: dict, trim_multiple: int):
+    """(log-probs [n, 2], completion lengths [n, 2]) of every row under `params`, in row order."""
+    outs = [logps_fn(params, preference.place(preference.trim(b, trim_multiple), layout))
+            for b in preference.fixed_batches(rows, batch_size)]
+    logps = np.concatenate([np.asarray(lp) for lp, _ in outs])[:len(rows)]
+    lengths = np.concatenate([np.asarray(ln) for _, ln in outs])[:len(rows)]
+    return logps, lengths
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    check_config(config)
+    model_cfg = runtime.model_config(config)
+    model = Transformer(model_cfg)
+    mesh, rules = runtime.mesh_and_rules(config)
+    runtime.log_run_header(config, model_cfg, mesh)
+
+    train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size,
+                                                                  unpaired=config.loss == "kto")
+    logging.info("data: %s", data_summary)
+    optimizer, schedule = make_optimizer(config.optimizer, config.steps)
+    init_inputs = dummy_inputs()
+    abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
+    params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
+    state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
+
+    layout = preference.leaf_shardings(dict(train_rows[0], ref_logps=None), runtime.batch_sharding(mesh, rules))
+    logps_fn = jax.jit(functools.partial(dpo.sequence_logps, model))
+    score = functools.partial(score_rows, logps_fn, batch_size=config.batch_size, layout=layout,
+                              trim_multiple=config.data.trim_multiple)
+    reference = None
+    if config.reference == "precomputed":  # the initial policy scores every row once; nothing stays in memory
+        for rows in (train_rows, eval_rows):
+            for row, ref in zip(rows, score(state.params, rows)[0]):
+                row["ref_logps"] = ref
+    else:
+        reference = jax.tree.map(lambda x: x.copy(), state.params)
+        eval_ref = score(reference, eval_rows)[0]
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    batches = iter(preference.shuffled_batches(train_rows, config.batch_size, config.seed).to_iter_dataset())
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(abstract, shardings)
+        batches.set_state(data_state)
+        logging.info("resumed from step %d", int(state.step))
+
+    loss_fn, terms = loss_and_terms(model, config)
+    train_step = make_train_step(loss_fn, optimizer, schedule, config.micro_batches)
+
+    def step_with_means(state, batch):
+        state, sums = train_step(state, batch)
+        return state, dpo.finalize_metrics(sums)
+
+    step = jit_train_step(step_with_means, shardings, layout)
+
+    def placed():
+        for b in batches:
+            b = preference.place(preference.trim(b, config.data.trim_multiple), layout)
+            if reference is not None:
+                b["ref_logps"] = jax.device_put(logps_fn(reference, b)[0], layout["ref_logps"])
+            yield b
+
+    def evaluate(state) -> dict:
+        logps, lengths = score(state.params, eval_rows)
+        fields = {k: np.stack([r[k] for r in eval_rows]) for k in ("ref_logps", "desirable") if k in eval_rows[0]}
+        if reference is not None:
+            fields["ref_logps"] = eval_ref
+        loss_sum, sums = terms(logps, lengths, fields)
+        sums["count"] = np.float32(len(eval_rows))
+        out = dpo.finalize_metrics(sums)
+        return {k: float(v) for k, v in dict(out, loss=loss_sum / len(eval_rows)).items()}
+
+    peak = peak_tflops_per_device(config.peak_tflops_per_device) * 1e12 * jax.device_count()
+    state, final_eval = train_loop(
+        state=state, train_step=step, batches=placed(), num_steps=config.steps, workdir=workdir, config=config,
+        flops_per_token=model_cfg.flops_per_token(2 * config.data.max_length), peak_flops=peak,
+        checkpointer=checkpointer, data_state=batches.get_state, eval_fn=evaluate)
+    summary = {"data": data_summary, "final_eval": final_eval, "steps": int(state.step)}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    checkpointer.close()
+    logging.info("summary: %s", summary)
+    return summary

@@ -1,0 +1,46 @@
+"""Merge checkpoints in weight space (no training): config -> `merge_checkpoints` -> summary."""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import ml_collections
+from absl import logging
+
+from alignment import sharding
+from alignment.checkpoint import load_params
+from alignment.merge import merge_checkpoints
+from alignment.merge.demo import make_demo_checkpoints
+from alignment.models import Transformer
+from alignment.models.transformer import dummy_inputs
+from alignment.train import runtime
+from alignment.train.state import abstract_params
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    m = config.merge
+    model_cfg = runtime.model_config(config)
+    models, base = list(m.models), m.base
+    if config.demo:
+        if models or base:
+            raise ValueError("config.demo builds its own checkpoints: leave config.merge.models and base empty")
+        base, models = make_demo_checkpoints(os.path.join(workdir, "demo"), model_cfg, seed=config.seed)
+    elif not models:
+        raise ValueError("config.merge.models is empty: list the checkpoints to merge (Orbax or HF directories), "
+                         "or run the offline demo with --config.demo=True")
+    params = {k: v for k, v in m.params.to_dict().items() if v is not None}
+    output = m.output or os.path.join(workdir, "merged")
+    summary = merge_checkpoints(
+        models, m.method, base=base, output=output, hf_output=m.hf_output, params=params,
+        overrides=tuple(m.overrides), seed=config.seed, overwrite=m.overwrite, workers=m.workers,
+        memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg, model_type=m.hf_model_type)
+    if config.demo:  # show that later stages can start from the result (init_from), laid out on the mesh
+        mesh, rules = runtime.mesh_and_rules(config)
+        boxed = abstract_params(Transformer(model_cfg), dummy_inputs())
+        load_params(output, nn.meta.unbox(boxed), sharding.param_shardings(boxed, mesh, rules))
+        summary["reloaded_on_mesh"] = dict(mesh.shape)
+    logging.info("merge: %s", json.dumps(summary))
+    with open(os.path.join(workdir, "merge_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

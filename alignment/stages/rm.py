@@ -1,0 +1,91 @@
+"""Reward model: Bradley-Terry plus absolute-score regression, value head on the policy trunk."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from alignment.algorithms import reward
+from alignment.checkpoint import Checkpointer
+from alignment.data import preference
+from alignment.models import Transformer
+from alignment.models.transformer import dummy_inputs
+from alignment.train import runtime
+from alignment.train.loop import train_loop
+from alignment.train.metrics import peak_tflops_per_device
+from alignment.train.optimizer import make_optimizer
+from alignment.train.state import init_state, state_shardings
+from alignment.train.step import jit_train_step, make_train_step
+
+
+def write_summary(workdir: str, config: ml_collections.ConfigDict, summary: dict) -> None:
+    """summary.json, plus config.json so `load_reward_model` finds the model and tokenizer of a run."""
+    if jax.process_index() == 0:
+        for name, content in (("summary.json", summary), ("config.json", config.to_dict())):
+            with open(os.path.join(workdir, name), "w") as f:
+                json.dump(content, f, indent=2, default=str)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    model_cfg = runtime.model_config(config)
+    if not model_cfg.value_head:
+        raise ValueError("the rm stage needs config.model.value_head=True")
+    model = Transformer(model_cfg)
+    mesh, rules = runtime.mesh_and_rules(config)
+    runtime.log_run_header(config, model_cfg, mesh)
+
+    train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size)
+    logging.info("data: %s", data_summary)
+    optimizer, schedule = make_optimizer(config.optimizer, config.steps)
+    init_inputs = dummy_inputs()
+    abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    batches = iter(preference.shuffled_batches(train_rows, config.batch_size, config.seed).to_iter_dataset())
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(abstract, shardings)
+        batches.set_state(data_state)
+        logging.info("resumed from step %d", int(state.step))
+    else:
+        params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
+        state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
+
+    layout = preference.leaf_shardings(train_rows[0], runtime.batch_sharding(mesh, rules))
+    loss_fn = functools.partial(reward.reward_loss, model, alpha=config.rm.alpha, use_margin=config.rm.use_margin)
+    train_step = make_train_step(loss_fn, optimizer, schedule, config.micro_batches)
+
+    def step_with_means(state, batch):
+        state, sums = train_step(state, batch)
+        return state, reward.finalize_metrics(sums)
+
+    step = jit_train_step(step_with_means, shardings, layout)
+    placed = (preference.place(preference.trim(b, config.data.trim_multiple), layout) for b in batches)
+
+    eval_batches = [preference.place(b, layout) for b in preference.fixed_batches(eval_rows, config.batch_size)]
+    score = jax.jit(functools.partial(reward.pair_rewards, model))
+
+    def evaluate(state) -> dict:
+        rewards = np.concatenate([np.asarray(score(state.params, b)) for b in eval_batches])[:len(eval_rows)]
+        fields = {k: np.asarray([r[k] for r in eval_rows]) for k in
+                  ("chosen_score", "rejected_score", "has_score", "margin")}
+        loss_sum, sums = reward.score_pairs(rewards, fields, config.rm.alpha, config.rm.use_margin)
+        sums["count"] = np.float32(len(eval_rows))
+        out = reward.finalize_metrics(sums)
+        return {k: float(v) for k, v in dict(out, loss=loss_sum / len(eval_rows)).items()}
+
+    peak = peak_tflops_per_device(config.peak_tflops_per_device) * 1e12 * jax.device_count()
+    state, final_eval = train_loop(
+        state=state, train_step=step, batches=placed, num_steps=config.steps, workdir=workdir, config=config,
+        flops_per_token=model_cfg.flops_per_token(2 * config.data.max_length), peak_flops=peak,
+        checkpointer=checkpointer, data_state=batches.get_state, eval_fn=evaluate)
+    summary = {"data": data_summary, "final_eval": final_eval, "steps": int(state.step)}
+    write_summary(workdir, config, summary)
+    checkpointer.close()
+    logging.info("summary: %s", summary)
+    return summary

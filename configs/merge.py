@@ -1,0 +1,42 @@
+"""Model merging (the paper merges the best checkpoint per domain with Model Stock before RL).
+
+    python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge --config.demo=True   # offline demo
+    python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge \
+        --config.merge.models="('/ckpt/math', '/ckpt/code', '/ckpt/chat')" --config.merge.base=/ckpt/sft
+"""
+import ml_collections
+
+from alignment.config import model_preset
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.stage = "merge"
+    c.seed = 0  # DARE masks (with each tensor's name and layer) and the demo checkpoints
+    c.model = model_preset("tiny")  # architecture of the demo, and HF tensor names for Orbax -> HF output
+    c.init_from = ""  # read by --dry_run's model summary; a HF directory here makes it describe that model
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # mesh the demo reloads onto
+    c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides of DEFAULT_RULES
+    c.demo = False  # build a random tiny base + three perturbed copies in workdir/demo and merge those
+    c.merge = ml_collections.ConfigDict(dict(
+        method="model_stock",  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | model_stock
+        models=(),  # checkpoints to merge: Orbax (root or step directory) or HF safetensors directories
+        base="",  # the model task vectors are taken from; required by all but linear and slerp
+        output="",  # Orbax checkpoint written (step 0, loadable as init_from); '' = workdir/merged
+        hf_output="",  # also write HF safetensors here ('' = no)
+        hf_model_type="llama",  # config.json model_type for HF output made from Orbax inputs: llama | qwen2
+        overwrite=False,  # replace existing outputs (only once the new ones are complete)
+        workers=0,  # merge threads; 0 = one per CPU
+        memory_budget_gb=1.0,  # bytes of tensors in flight across workers; a larger single tensor runs alone
+        params=ml_collections.ConfigDict(dict(  # a number, or a list of anchors interpolated over layer depth
+            weights=(),  # one per model (number or anchors); () = 1.0 each
+            density=1.0,  # ties / dare_*: fraction of task-vector entries kept
+            lam=1.0,  # scale of the combined task vector
+            t=0.5,  # slerp: 0 = first model, 1 = second
+            normalize=None,  # divide by sum(weights); None = method default (linear True, task_arithmetic False)
+            rescale="inverse",  # dare_*: 'inverse' (x 1/density) or 'l1' (restore each task vector's L1 norm)
+            election="sum",  # ties / dare_ties sign election: 'sum' of values or 'count' of signs
+        )),
+        overrides=(),  # ((regex on tensor names like 'layers/q_proj', dict(field=value)), ...); first match wins
+    ))
+    return c

@@ -1,0 +1,3 @@
+"""placeholder"""
+def logprob_kl(*a, **k):
+    raise NotImplementedError

@@ -1,0 +1,229 @@
+"""Each merge method against a float64 numpy implementation of its published formula, plus parameter resolution."""
+import itertools
+
+import numpy as np
+import pytest
+
+from alignment.merge.methods import METHODS, TensorParams, drop_and_rescale, trim_by_magnitude
+from alignment.merge.params import at_depth, depth, make_spec
+
+SHAPE = (6, 7, 5)
+
+
+def draw(rng, n, shape=SHAPE):
+    """A base in [1, 2) and n models in [1, 2): float32 differences of such numbers are exact (Sterbenz),
+    so the float32 implementation and the float64 reference rank |task vector| entries identically."""
+    base = rng.uniform(1.0, 2.0, shape).astype(np.float32)
+    models = [rng.uniform(1.0, 2.0, shape).astype(np.float32) for _ in range(n)]
+    return models, base
+
+
+def merge(method, models, base, rng=None, **params):
+    params.setdefault("weights", (1.0,) * len(models))
+    spec = make_spec(method, len(models), params)
+    return METHODS[method].fn(models, base, spec.resolve("layers/q_proj", 0, 1), rng)
+
+
+# ----------------------------------------------------------------------------- float64 references
+
+
+def ref_trim(tau, density):
+    k = int(round(density * tau.size))
+    threshold = np.sort(np.abs(tau).ravel())[::-1][k - 1]
+    return np.where(np.abs(tau) >= threshold, tau, 0.0)
+
+
+def ref_disjoint_mean(taus, weights, election):
+    taus, w = np.stack(taus), np.asarray(weights, np.float64)[:, None, None, None]
+    elected = np.sign((w * taus).sum(0)) if election == "sum" else np.sign(np.sign(taus).sum(0))
+    agree = (np.sign(taus) == elected) & (elected != 0)
+    den = (w * agree).sum(0)
+    return np.where(den > 0, (w * taus * agree).sum(0) / np.where(den > 0, den, 1), 0.0)
+
+
+def f64(xs):
+    return [x.astype(np.float64) for x in xs]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear(normalize):
+    rng = np.random.default_rng(1)
+    models, _ = draw(rng, 3)
+    w = rng.uniform(0.2, 1.5, 3)
+    want = sum(wi * m for wi, m in zip(w, f64(models)))
+    want = want / w.sum() if normalize else want
+    got = merge("linear", models, None, weights=tuple(w), normalize=normalize)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def test_linear_default_is_the_weighted_average():
+    rng = np.random.default_rng(2)
+    models, _ = draw(rng, 2)
+    got = merge("linear", models, None, weights=(3.0, 1.0))
+    np.testing.assert_allclose(got, 0.75 * models[0].astype(np.float64) + 0.25 * models[1], rtol=2e-6)
+
+
+def test_task_arithmetic():
+    rng = np.random.default_rng(3)
+    models, base = draw(rng, 3)
+    w, lam = rng.uniform(0.2, 1.5, 3), 0.7
+    b = base.astype(np.float64)
+    want = b + lam * sum(wi * (m - b) for wi, m in zip(w, f64(models)))
+    got = merge("task_arithmetic", models, base, weights=tuple(w), lam=lam)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("election", ["sum", "count"])
+@pytest.mark.parametrize("density", [0.3, 0.5, 1.0])
+def test_ties(election, density):
+    rng = np.random.default_rng(4)
+    models, base = draw(rng, 3)
+    w, lam = rng.uniform(0.5, 1.5, 3), 0.9
+    b = base.astype(np.float64)
+    taus = [ref_trim(m - b, density) for m in f64(models)]
+    want = b + lam * ref_disjoint_mean(taus, w, election)
+    got = merge("ties", models, base, weights=tuple(w), lam=lam, density=density, election=election)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_trim_keeps_the_requested_fraction():
+    tau = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
+    kept = trim_by_magnitude(tau, 0.25)
+    assert np.count_nonzero(kept) == 250
+    assert np.abs(kept[kept != 0]).min() >= np.abs(tau[kept == 0]).max()
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("rescale", ["inverse", "l1"])
+def test_dare(method, rescale):
+    rng = np.random.default_rng(6)
+    models, base = draw(rng, 3)
+    density, w = 0.6, rng.uniform(0.5, 1.5, 3)
+    b = base.astype(np.float64)
+    masks_rng = np.random.default_rng(42)  # the documented draw: U_i ~ U[0,1) float32, model order
+    taus = []
+    for m in f64(models):
+        tau = m - b
+        kept = np.where(masks_rng.random(SHAPE, dtype=np.float32) < density, tau, 0.0)
+        scale = 1 / density if rescale == "inverse" else np.abs(tau).sum() / np.abs(kept).sum()
+        taus.append(kept * scale)
+    delta = sum(wi * t for wi, t in zip(w, taus)) if method == "dare_linear" else ref_disjoint_mean(taus, w, "sum")
+    got = merge(method, models, base, np.random.default_rng(42), weights=tuple(w), density=density, rescale=rescale)
+    np.testing.assert_allclose(got, b + delta, rtol=2e-6, atol=5e-6)
+
+
+def test_dare_keeps_density_and_is_unbiased():
+    tau = np.random.default_rng(7).standard_normal(200_000).astype(np.float32)
+    kept = drop_and_rescale(tau, 0.3, "inverse", np.random.default_rng(0))
+    assert abs(np.count_nonzero(kept) / tau.size - 0.3) < 0.01
+    assert abs(kept.sum() - tau.sum()) < 0.03 * np.abs(tau).sum()
+    l1 = drop_and_rescale(tau, 0.3, "l1", np.random.default_rng(0))
+    np.testing.assert_allclose(np.abs(l1).sum(), np.abs(tau).sum(), rtol=1e-5)
+
+
+def ref_slerp(a, b, t, threshold=0.9995):
+    cos = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
+    if abs(cos) > threshold:
+        return (1 - t) * a + t * b
+    omega = np.arccos(cos)
+    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp(t):
+    rng = np.random.default_rng(8)
+    a, b = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    got = merge("slerp", [a, b], None, t=t)
+    np.testing.assert_allclose(got, ref_slerp(a.astype(np.float64), b.astype(np.float64), t), rtol=1e-5, atol=1e-6)
+
+
+def test_slerp_nearly_parallel_is_linear():
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal(SHAPE).astype(np.float32)
+    b = (2.0 * a + 1e-4 * rng.standard_normal(SHAPE)).astype(np.float32)
+    got = merge("slerp", [a, b], None, t=0.25)
+    np.testing.assert_allclose(got, 0.75 * a.astype(np.float64) + 0.25 * b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_model_stock(n):
+    rng = np.random.default_rng(10 + n)
+    base = rng.standard_normal(SHAPE)
+    shared = rng.standard_normal(SHAPE)  # correlated task vectors: a positive angle, as between real fine-tunes
+    models = [(base + shared + 0.8 * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(n)]
+    base = base.astype(np.float32)
+    b, ms = base.astype(np.float64), f64(models)
+    taus = [m - b for m in ms]
+    cos = np.mean([(x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()) for x, y in itertools.combinations(taus, 2)])
+    assert 0.2 < cos < 0.9
+    t = n * cos / (1 + (n - 1) * cos)
+    want = t * np.mean(ms, axis=0) + (1 - t) * b
+    np.testing.assert_allclose(merge("model_stock", models, base), want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_stock_with_opposed_task_vectors_keeps_the_base():
+    rng = np.random.default_rng(12)
+    models, base = draw(rng, 2)
+    opposed = [base + (models[0] - base), base - (models[0] - base)]
+    np.testing.assert_allclose(merge("model_stock", opposed, base), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merging_identical_models_returns_that_model(method):
+    rng = np.random.default_rng(13)
+    models, base = draw(rng, 1)
+    n = 2 if method in ("slerp", "model_stock") else 3
+    # Weights summing to 1: task arithmetic and DARE-linear add task vectors up rather than averaging them.
+    got = merge(method, [models[0]] * n, base if METHODS[method].needs_base else None, np.random.default_rng(0),
+                weights=(1 / n,) * n)
+    np.testing.assert_allclose(got, models[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_weights_one_zero_return_the_first_model(method):
+    rng = np.random.default_rng(14)
+    models, base = draw(rng, 2)
+    got = merge(method, models, base if METHODS[method].needs_base else None, np.random.default_rng(0),
+                weights=(1.0, 0.0))
+    np.testing.assert_allclose(got, models[0], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def test_anchors_interpolate_over_depth():
+    assert depth("embed", None, 8) == 0.0 and depth("lm_head", None, 8) == 1.0
+    assert depth("layers/q_proj", 7, 8) == 1.0
+    for layer in range(5):
+        d = depth("layers/up_proj", layer, 5)
+        assert at_depth((0.2, 0.4, 1.0), d) == pytest.approx(np.interp(layer / 4 * 2, [0, 1, 2], [0.2, 0.4, 1.0]))
+
+
+def test_overrides_by_pattern_first_match_wins():
+    spec = make_spec("ties", 2, dict(density=0.5, weights=(1.0, (0.0, 1.0))),
+                     overrides=[(r"q_proj|k_proj", dict(density=(0.1, 0.9))), (r"proj", dict(density=0.7, lam=2.0))])
+    q = spec.resolve("layers/q_proj", 3, 4)
+    assert q.density == pytest.approx(0.9) and q.lam == 2.0 and q.weights == (1.0, 1.0)
+    assert spec.resolve("layers/q_proj", 0, 4).density == pytest.approx(0.1)
+    up = spec.resolve("layers/up_proj", 1, 4)
+    assert up.density == 0.7 and up.weights == pytest.approx((1.0, 1 / 3))
+    assert spec.resolve("embed", None, 4).density == 0.5
+    assert spec.unmatched_patterns(["embed", "layers/q_proj"]) == []
+    assert make_spec("ties", 2, {}, [("nothing_like_this", dict(lam=1.0))]).unmatched_patterns(["embed"])
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(densty=0.5), "Did you mean 'density'"),
+    (dict(density=0.0), "density must lie in"),
+    (dict(weights=(1.0,)), "one per model"),
+    (dict(election="max"), "election"),
+    (dict(rescale="l2"), "rescale"),
+])
+def test_bad_parameters_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        make_spec("dare_ties", 2, values)
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ValueError, match="model_stock"):
+        make_spec("model_stok", 2, {})
