@@ -12,6 +12,7 @@ STAGES = {"sft": "alignment.stages.sft"}
 STAGES["rm"] = "alignment.stages.rm"
 STAGES["dpo"] = "alignment.stages.dpo"  # also KTO: config.loss="kto"
 STAGES["merge"] = "alignment.stages.merge"
+STAGES["eval"] = "alignment.stages.eval"
 
 
 def base_config() -> ml_collections.ConfigDict:

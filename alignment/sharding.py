@@ -133,6 +133,11 @@ def current_activation_sharding() -> tuple[Mesh, dict] | None:
     return _ACTIVATION_CONTEXT.get()
 
 
+def current_activation_context() -> tuple[Mesh, dict] | None:
+    """(mesh, rules) while tracing inside `activation_sharding`, else None."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside `activation_sharding`."""
     context = _ACTIVATION_CONTEXT.get()

@@ -5,7 +5,7 @@
   time     median wall time of forward+backward on this backend: fused vs naive log-prob loss, and
            flash vs dense attention; on a GPU / TPU the Pallas (and cuDNN) versions are timed too
 
-python benchmarks/bench_kernels.py memory
+python benchmarks/bench_kernels.py memory [--dtype float32]
 python benchmarks/bench_kernels.py time [--repeats 5]
 """
 from __future__ import annotations
@@ -98,11 +98,12 @@ def main():
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--dtype", default="bfloat16", help="hidden and unembedding dtype for `memory`")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(json.dumps(dict(device=str(jax.devices()[0]), load_average=os.getloadavg())))
     if args.what == "memory":
-        memory(args.n, args.d, args.vocab, jnp.bfloat16)
+        memory(args.n, args.d, args.vocab, jnp.dtype(args.dtype))
     else:
         timing(args.repeats)
 

@@ -227,3 +227,13 @@ def test_bad_parameters_are_named(values, message):
 def test_unknown_method_suggests():
     with pytest.raises(ValueError, match="model_stock"):
         make_spec("model_stok", 2, {})
+
+
+def test_kth_largest_is_exact_with_ties_and_edges():
+    from alignment.merge.methods import _kth_largest
+
+    rng = np.random.default_rng(15)
+    for values in (np.abs(rng.standard_normal(5000)), rng.integers(0, 4, 5000), np.float32([0.0, 3.0])):
+        values = np.asarray(values, np.float32)
+        for k in {1, 2, max(1, values.size // 3), values.size}:
+            assert _kth_largest(values, k) == np.sort(values)[::-1][k - 1]

@@ -62,7 +62,7 @@ def one_device_run():
     return run_steps(dict(data=1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_axes", [dict(data=2, fsdp=2, tensor=2), dict(data=8)])
+@pytest.mark.parametrize("mesh_axes", [dict(data=2, fsdp=2, tensor=2), dict(data=8), dict(data=4, sequence=2)])
 def test_one_vs_eight_devices(mesh_axes, one_device_run):
     losses_1, params_1, _ = one_device_run
     losses_8, params_8, state_8 = run_steps(mesh_axes, jax.devices())
@@ -71,6 +71,20 @@ def test_one_vs_eight_devices(mesh_axes, one_device_run):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     q_proj = state_8.params["layers"]["q_proj"]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+
+
+def test_sequence_parallel_attention_uses_all_to_all():
+    """Ulysses: the compiled step re-shards around attention with all-to-all, not by gathering K/V."""
+    model = Transformer(CONFIG)
+    mesh = sharding.make_mesh(dict(data=4, sequence=2))
+    batch_sharding = sharding.named_sharding(mesh, sharding.DEFAULT_RULES, "batch", "seq")
+    params = abstract_params(model, dummy_inputs())
+    batch = jax.device_put(random_batch(0), batch_sharding)
+    with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+        hlo = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"])
+                      ).lower(nn.meta.unbox(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)),
+                              batch).compile().as_text()
+    assert "all-to-all" in hlo
 
 
 def test_micro_batches_equal_big_batch(one_device_run):

@@ -71,7 +71,7 @@ class PreferenceStats:
     examples: int = 0  # pairs (or unpaired examples) the kept records expanded to
     kept: int = 0
     truncated: int = 0  # sequences cut to max_length
-    dropped_too_long: int = 0
+    dropped_too_long: int = 0  # pairs (or examples) with a sequence too long to keep
     scored: int = 0  # kept pairs with both absolute scores
     real_tokens: int = 0
     padded_slots: int = 0
@@ -124,7 +124,7 @@ def embedded_records(num: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     records = []
     for i in range(num):
-        good = arithmetic_record(rng)
+        good = arithmetic_record(rng, max_operand=9, num_ops=1)
         solution = good["messages"][1]["content"]
         answer = int(good["answer"])
         wrong = answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
@@ -226,13 +226,13 @@ def _margin(record: dict, s_chosen: float | None, s_rejected: float | None) -> f
     return s_chosen - s_rejected if s_chosen is not None and s_rejected is not None else 0.0
 
 
-def record_to_examples(record: dict) -> list[Example]:
+def record_to_examples(record: dict, score_range: Sequence[float] = (0.0, 1.0)) -> list[Example]:
     """An unpaired record -> one Example; a pair record -> its chosen (desirable) and rejected (undesirable)."""
     if "completion" in record:
         if not isinstance(record.get("label"), bool):
             raise ValueError("unpaired record needs a boolean 'label' (true = desirable)")
         return [Example(_prompt(record), _completion(record["completion"], "completion"), record["label"])]
-    return [e for p in record_to_pairs(record) for e in (Example(p.prompt, p.chosen, True),
+    return [e for p in record_to_pairs(record, score_range) for e in (Example(p.prompt, p.chosen, True),
                                                          Example(p.prompt, p.rejected, False))]
 
 
@@ -252,7 +252,8 @@ class Encoder:
             raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {self.truncation!r}")
 
     def sequence(self, prompt: list, completion: list, stats: PreferenceStats) -> tuple[np.ndarray, np.ndarray] | None:
-        """(ids, completion mask) [n], truncated to max_length (keeping the start), or None when dropped."""
+        """(ids, completion mask) [n], truncated to max_length (keeping the start, counted), or None when it
+        is too long and truncation is 'drop' or would leave no completion token."""
         encoded = encode_chat(self.tokenizer, list(prompt) + list(completion), self.template)
         ids, mask = encoded.ids, encoded.loss_mask.copy()
         # Only completion tokens are in the loss, even when the prompt holds earlier assistant turns.
@@ -260,7 +261,6 @@ class Encoder:
         mask[: len(prompt_ids)] = False
         if len(ids) > self.max_length:
             if self.truncation == "drop" or not mask[: self.max_length].any():
-                stats.dropped_too_long += 1
                 return None
             stats.truncated += 1
             ids, mask = ids[: self.max_length], mask[: self.max_length]
@@ -321,6 +321,7 @@ def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: 
             stats.bad(f"{where}: {e}")
             continue
         if chosen is None or rejected is None:
+            stats.dropped_too_long += 1
             continue
         row = pack_two(chosen, rejected, 2 * encoder.max_length)
         has_score = pair.chosen_score is not None and pair.rejected_score is not None
@@ -337,12 +338,14 @@ def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: 
 
 
 def encode_unpaired(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: int = 0,
-                    skip_bad_records: bool = False) -> tuple[list[dict], PreferenceStats]:
+                    skip_bad_records: bool = False, score_range: Sequence[float] = (0.0, 1.0)
+                    ) -> tuple[list[dict], PreferenceStats]:
     """KTO rows: the example as segment 1 and, as segment 2, its prompt with the next example's completion
     (the mismatched pair the KL reference point is estimated from); plus `desirable`."""
     stats, examples = PreferenceStats(), []
+    convert = lambda r: record_to_examples(r, score_range)  # noqa: E731
     for where, example in _records(source, seed=seed, num_embedded=num_embedded,
-                                   skip_bad_records=skip_bad_records, stats=stats, convert=record_to_examples):
+                                   skip_bad_records=skip_bad_records, stats=stats, convert=convert):
         stats.examples += 1
         examples.append((where, example))
     rows = []
@@ -357,6 +360,7 @@ def encode_unpaired(source: str, encoder: Encoder, *, seed: int = 0, num_embedde
             stats.bad(f"{where}: {e}")
             continue
         if seq is None or kl is None:
+            stats.dropped_too_long += 1
             continue
         row = pack_two(seq, kl, 2 * encoder.max_length)
         row["desirable"] = np.bool_(example.desirable)
@@ -415,11 +419,8 @@ def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: b
                          f"vocab_size is {vocab_size}")
     d = config.data
     encoder = Encoder(tokenizer, config.chat_template, d.max_length, d.truncation)
-    if unpaired:
-        encode = functools.partial(encode_unpaired, encoder=encoder, skip_bad_records=d.skip_bad_records)
-    else:
-        encode = functools.partial(encode_pairs, encoder=encoder, skip_bad_records=d.skip_bad_records,
-                                   score_range=tuple(d.score_range))
+    encode = functools.partial(encode_unpaired if unpaired else encode_pairs, encoder=encoder,
+                               skip_bad_records=d.skip_bad_records, score_range=tuple(d.score_range))
     train, stats = encode(d.train, seed=config.seed, num_embedded=d.num_embedded)
     if d.eval:
         held_out, eval_stats = encode(d.eval, seed=config.seed + 1, num_embedded=d.num_embedded_eval)

@@ -59,8 +59,22 @@ def trim_by_magnitude(tau: np.ndarray, density: float) -> np.ndarray:
     if k <= 0:
         return np.zeros_like(tau)
     magnitude = np.abs(tau)
-    threshold = np.partition(_flat(magnitude), tau.size - k)[tau.size - k]
-    return np.where(magnitude >= threshold, tau, np.float32(0))
+    return np.where(magnitude >= _kth_largest(_flat(magnitude), k), tau, np.float32(0))
+
+
+def _kth_largest(values: np.ndarray, k: int) -> np.float32:
+    """The k-th largest of 1-D non-negative float32 `values`, exactly, in a few linear passes.
+
+    Non-negative floats order like their bit patterns read as uint32, so a histogram of the top 16 bits
+    finds the bucket holding the k-th largest and only that bucket is partitioned (about 3x faster than
+    partitioning everything, which dominates TIES otherwise).
+    """
+    high = values.view(np.uint32) >> 16
+    at_least = np.cumsum(np.bincount(high, minlength=1 << 16)[::-1])  # [j]: count in buckets >= 65535 - j
+    j = int(np.searchsorted(at_least, k))
+    in_bucket = values[high == (1 << 16) - 1 - j]
+    rank = k - (int(at_least[j - 1]) if j else 0)  # rank of the answer inside its bucket, from the top
+    return np.partition(in_bucket, in_bucket.size - rank)[in_bucket.size - rank]
 
 
 def drop_and_rescale(tau: np.ndarray, density: float, rescale: str, rng: np.random.Generator) -> np.ndarray:
@@ -95,13 +109,15 @@ def task_vector_merge(models: Sequence[np.ndarray], base: np.ndarray | None, p: 
     if consensus == "none":
         delta = total / np.float32(sum(p.weights)) if p.normalize else total
     else:
-        elected = np.sign(sum(np.sign(tau) for tau in taus)) if p.election == "count" else np.sign(total)
+        # tau_i agrees with the elected sign s when tau_i * s > 0 (same sign, both non-zero); a product
+        # test is one pass where comparing signs would be three.
+        elected = sum(np.sign(tau) for tau in taus) if p.election == "count" else total
         numerator = np.zeros_like(total)
         denominator = np.zeros_like(total)
         for w, tau in zip(weights, taus):
-            agree = (np.sign(tau) == elected) & (elected != 0)
-            numerator += np.where(agree, w * tau, np.float32(0))
-            denominator += np.where(agree, w, np.float32(0))
+            agree = (tau * elected > 0).view(np.uint8)
+            numerator += (w * tau) * agree
+            denominator += w * agree
         delta = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
     delta *= np.float32(p.lam)
     return delta if base is None else _f32(base) + delta

@@ -176,22 +176,34 @@ def _merge_to_hf(units, merge_slice, slice_cost, budget, writer, layout, workers
 
 
 def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writer) -> None:
-    """Orbax pulls each whole (stacked) tensor when it writes it; slices are merged into it one at a time."""
+    """Orbax pulls each whole (stacked) tensor when it writes it; slices are merged into it one at a time.
+
+    An error inside Orbax's background writes would leave its other writes running after the temporary
+    output is deleted, so a failed merge instead lets the save finish with zeros and raises afterwards.
+    """
+    failures: list[BaseException] = []
+
     def compute(name: str):
         def run() -> np.ndarray:
             info = tensors[name]
+            if failures:
+                return np.zeros(info.shape, info.dtype)
             out_bytes = int(np.prod(info.shape)) * info.dtype.itemsize
-            with budget.hold(out_bytes + slice_cost(name)):
-                if not info.stacked:
-                    merged = merge_slice(name, None)
-                else:
-                    merged = np.empty(info.shape, info.dtype)
-                    for layer in range(info.shape[0]):
-                        merged[layer] = merge_slice(name, layer)
-                if hf_writer is not None and hf_writer.covers(name):
-                    for layer in (range(info.shape[0]) if info.stacked else [None]):
-                        hf_writer.write(name, layer, merged if layer is None else merged[layer])
-                return merged
+            try:
+                with budget.hold(out_bytes + slice_cost(name)):
+                    if not info.stacked:
+                        merged = merge_slice(name, None)
+                    else:
+                        merged = np.empty(info.shape, info.dtype)
+                        for layer in range(info.shape[0]):
+                            merged[layer] = merge_slice(name, layer)
+                    if hf_writer is not None and hf_writer.covers(name):
+                        for layer in (range(info.shape[0]) if info.stacked else [None]):
+                            hf_writer.write(name, layer, merged if layer is None else merged[layer])
+                    return merged
+            except BaseException as e:  # noqa: B036 (KeyboardInterrupt too: re-raised below)
+                failures.append(e)
+                return np.zeros(info.shape, info.dtype)
         return run
 
     tree: dict[str, Any] = {}
@@ -202,3 +214,5 @@ def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writ
             node = node.setdefault(key, {})
         node[leaf] = io.Lazy(info.shape, info.dtype, compute(name))
     io.write_orbax(directory, tree)
+    if failures:
+        raise failures[0]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from alignment.models.attention import get_attention
 from alignment.models.config import ModelConfig
+from alignment.models.sequence_parallel import with_sequence_parallelism
 from alignment.sharding import constrain
 
 Params = Any
@@ -113,7 +114,8 @@ def _attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: Model
 def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq) -> jax.Array:
     """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
     q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
-    attn = get_attention(c.attention_impl)(q, k, v, segment_ids, segment_ids, positions, positions)
+    attention = with_sequence_parallelism(get_attention(c.attention_impl))
+    attn = attention(q, k, v, segment_ids, segment_ids, positions, positions)
     return _attention_output_and_mlp(p, x, attn, c)
 
 

@@ -1,0 +1,341 @@
+"""Benchmarks by name: how to load samples, score responses and aggregate the per-sample results.
+
+A sample is {"id", "messages", "category", ...fields its scorer needs}. `score(samples, responses, ctx)`
+returns one JSON-serialisable result per sample, always with "id", "category" and "score" (the sample's
+headline value in [0, 1]); `aggregate(results, ctx)` gives {"metrics": {...}, "categories": {category: mean
+score}}, optionally "counts" (integers such as unparsed judgements). The first metric is the headline
+shown in charts.
+
+JSONL formats of the judged benchmarks that have no public file here (one object per line):
+  sysbench:  {"id", "system", "turns": [{"user", "assistant" (reference, used as history), "criteria": [..]}],
+              "category"?}
+  fbbench:   {"id", "messages", "checklist": [{"criterion", "weight"}], "category"?}
+  ux:        {"id", "messages", "criteria": [..], "category"}
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Callable
+
+import numpy as np
+
+from alignment.data.sources import read_jsonl
+from alignment.data.synthetic import arithmetic_dataset
+from alignment.eval import answers, checklist, ifeval, passk
+from alignment.rewards import sandbox
+
+GSM8K_SUFFIX = "\nSolve the problem step by step, then give the final number as 'The answer is N.'"
+MATH_SUFFIX = "\nSolve the problem step by step and put the final answer in \\boxed{}."
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function in one "
+                         "```python code block.\n\n```python\n{prompt}```")
+
+
+@dataclasses.dataclass
+class Context:
+    """What scorers may need besides the responses."""
+    judge: Callable[[list[dict]], list] | None = None  # judge.judge_checklists bound to an endpoint + cache
+    sandbox_limits: sandbox.Limits = dataclasses.field(default_factory=sandbox.Limits)
+    pass_k: tuple[int, ...] = (1,)  # k values of pass@k (each must be <= samples per problem)
+
+    def require_judge(self, benchmark: str) -> Callable:
+        if self.judge is None:
+            raise ValueError(f"benchmark {benchmark!r} is judged by an LLM: set config.judge.endpoint")
+        return self.judge
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    load: Callable[[str, int, int], list[dict]]  # (path, limit (0 = all), seed) -> samples
+    score: Callable[[list[dict], list[str], Context], list[dict]]
+    aggregate: Callable[[list[dict], Context], dict]
+
+
+def _require(record: dict, fields: tuple[str, ...], where: str) -> None:
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+
+
+def _limited(records, limit: int):
+    for index, item in enumerate(records):
+        if limit and index >= limit:
+            return
+        yield item
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _mean_by_category(results: list[dict]) -> dict:
+    groups = collections.defaultdict(list)
+    for r in results:
+        groups[r["category"]].append(r["score"])
+    return {c: float(np.mean(v)) for c, v in sorted(groups.items())}
+
+
+def _accuracy(results: list[dict], ctx: Context) -> dict:
+    return {"metrics": {"accuracy": float(np.mean([r["score"] for r in results]))},
+            "categories": _mean_by_category(results)}
+
+
+# ---- arithmetic (embedded default), GSM8K, MATH ----
+
+def load_arithmetic(path: str, limit: int, seed: int) -> list[dict]:
+    records = arithmetic_dataset(limit or 100, seed)
+    return [{"id": f"arithmetic-{i}", "messages": r["messages"][:1], "category": r["category"],
+             "answer": r["answer"]} for i, r in enumerate(records)]
+
+
+def load_gsm8k(path: str, limit: int, seed: int) -> list[dict]:
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        _require(record, ("question", "answer"), f"{path}:{number}")
+        try:
+            answer = answers.gsm8k_reference(record["answer"])
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        samples.append({"id": f"gsm8k-{number}", "messages": _user(record["question"] + GSM8K_SUFFIX),
+                        "category": "math", "answer": answer})
+    return samples
+
+
+def score_numeric(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    return [{"id": s["id"], "category": s["category"], "answer": s["answer"],
+             "predicted": answers.final_number(r), "score": float(answers.gsm8k_correct(r, s["answer"]))}
+            for s, r in zip(samples, responses)]
+
+
+def load_math(path: str, limit: int, seed: int) -> list[dict]:
+    """MATH-style JSONL: {"problem", "answer"} (or a "solution" whose \\boxed{} holds it), optional "type"."""
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        _require(record, ("problem",), f"{path}:{number}")
+        if "answer" not in record and "solution" not in record:
+            raise ValueError(f"{path}:{number}: needs 'answer' or 'solution'")
+        samples.append({"id": f"math-{number}", "messages": _user(record["problem"] + MATH_SUFFIX),
+                        "category": str(record.get("type", record.get("subject", "math"))),
+                        "answer": record.get("answer", record.get("solution"))})
+    return samples
+
+
+def score_math(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    return [{"id": s["id"], "category": s["category"], "answer": s["answer"],
+             "score": float(answers.math_equivalent(r, s["answer"]))} for s, r in zip(samples, responses)]
+
+
+# ---- HumanEval ----
+
+def load_humaneval(path: str, limit: int, seed: int) -> list[dict]:
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        _require(record, ("task_id", "prompt", "test", "entry_point"), f"{path}:{number}")
+        samples.append({"id": str(record["task_id"]), "category": "code",
+                        "messages": _user(HUMANEVAL_INSTRUCTION.format(prompt=record["prompt"])),
+                        **{k: record[k] for k in ("prompt", "test", "entry_point")}})
+    return samples
+
+
+def score_humaneval(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    """Run each response against its problem's tests in the sandbox; samples of one problem share an id."""
+    results = []
+    for s, r in zip(samples, responses):
+        program = passk.completion_program(s["prompt"], r, s["test"], s["entry_point"])
+        run = sandbox.run_python(program, ctx.sandbox_limits)
+        results.append({"id": s["id"], "category": s["category"], "score": float(run.passed),
+                        "status": run.status, "stderr": run.stderr[-500:]})
+    return results
+
+
+def aggregate_humaneval(results: list[dict], ctx: Context) -> dict:
+    by_problem = collections.defaultdict(list)
+    for r in results:
+        by_problem[r["id"]].append(bool(r["score"]))
+    outcomes = list(by_problem.values())
+    return {"metrics": {f"pass@{k}": passk.mean_pass_at_k(outcomes, k) for k in ctx.pass_k},
+            "categories": _mean_by_category(results)}
+
+
+# ---- IFEval ----
+
+def load_ifeval(path: str, limit: int, seed: int) -> list[dict]:
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        where = f"{path}:{number}"
+        _require(record, ("key", "prompt", "instruction_id_list", "kwargs"), where)
+        unknown = [i for i in record["instruction_id_list"] if i not in ifeval.INSTRUCTIONS]
+        if unknown or len(record["kwargs"]) != len(record["instruction_id_list"]):
+            raise ValueError(f"{where}: unknown instruction ids {unknown} or kwargs of the wrong length")
+        samples.append({"id": f"ifeval-{record['key']}", "messages": _user(record["prompt"]),
+                        "category": "instruction_following",
+                        "instruction_ids": record["instruction_id_list"], "kwargs": record["kwargs"]})
+    return samples
+
+
+def score_ifeval(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    results = []
+    for s, r in zip(samples, responses):
+        outcome = ifeval.evaluate_sample(r, s["instruction_ids"], s["kwargs"])
+        results.append({"id": s["id"], "category": s["category"], "score": float(all(outcome["strict"])),
+                        **outcome})
+    return results
+
+
+def aggregate_ifeval(results: list[dict], ctx: Context) -> dict:
+    metrics = ifeval.accuracies(results)
+    # Per-category chart: instruction groups (keywords, length_constraints, ...), strict instruction level.
+    groups = collections.defaultdict(list)
+    for r in results:
+        for instruction_id, ok in zip(r["instruction_ids"], r["strict"]):
+            groups[instruction_id.split(":")[0]].append(ok)
+    categories = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+    by_type = metrics.pop("by_type_strict")
+    return {"metrics": metrics, "categories": categories, "by_type_strict": by_type}
+
+
+# ---- checklist benchmarks (LLM judge) ----
+
+def _judged(samples: list[dict], responses: list[str], ctx: Context, name: str) -> list:
+    judge = ctx.require_judge(name)
+    return judge([{"id": s["id"], "messages": s["messages"], "response": r, "criteria": s["criteria"],
+                   "reference": s.get("reference", "")} for s, r in zip(samples, responses)])
+
+
+def _judge_counts(results: list[dict]) -> dict:
+    """Samples whose judge never answered in the expected form; they scored 0 and are reported."""
+    return {"judge_unparsed": sum(not r["judge_parsed"] for r in results)}
+
+
+def _judgement_fields(j) -> dict:
+    return {"judgements": j.scores, "judge_parsed": j.parsed, "judge_raw": j.raw}
+
+
+def load_cfbench(path: str, limit: int, seed: int) -> list[dict]:
+    """CFBench's JSON list: prompt, gold (reference), split (easy/hard), criteria [[text, 主需|次需, ...]]."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    samples = []
+    for index, record in _limited(enumerate(records), limit):
+        where = f"{path}[{index}]"
+        _require(record, ("idx", "prompt", "criteria"), where)
+        priorities = [c[1] if len(c) > 1 else None for c in record["criteria"]]
+        if not record["criteria"] or any(p not in checklist.CFBENCH_PRIORITY for p in priorities):
+            raise ValueError(f"{where}: criteria must be non-empty [text, 主需|次需, ...] lists")
+        samples.append({"id": f"cfbench-{record['idx']}", "messages": _user(record["prompt"]),
+                        "category": record.get("split", "all"), "reference": record.get("gold", ""),
+                        "criteria": [c[0] for c in record["criteria"]],
+                        "priorities": [checklist.CFBENCH_PRIORITY[p] for p in priorities]})
+    return samples
+
+
+def score_cfbench(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    results = []
+    for s, j in zip(samples, _judged(samples, responses, ctx, "cfbench")):
+        results.append({"id": s["id"], "category": s["category"], "priorities": s["priorities"],
+                        "score": checklist.psr(j.scores, s["priorities"]), **_judgement_fields(j)})
+    return results
+
+
+def aggregate_cfbench(results: list[dict], ctx: Context) -> dict:
+    metrics = checklist.cfbench_metrics([r["judgements"] for r in results], [r["priorities"] for r in results])
+    return {"metrics": {"PSR": metrics["PSR"], "CSR": metrics["CSR"], "ISR": metrics["ISR"]},
+            "categories": _mean_by_category(results), "counts": _judge_counts(results)}
+
+
+def load_sysbench(path: str, limit: int, seed: int) -> list[dict]:
+    """One sample per turn; earlier turns come from the data (user + reference assistant), so each turn is
+    judged on the same history for every checkpoint."""
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        where = f"{path}:{number}"
+        _require(record, ("id", "system", "turns"), where)
+        history = [{"role": "system", "content": record["system"]}]
+        for t, turn in enumerate(record["turns"]):
+            _require(turn, ("user", "criteria"), f"{where} turn {t}")
+            history.append({"role": "user", "content": turn["user"]})
+            samples.append({"id": f"{record['id']}/{t}", "session": str(record["id"]), "turn": t,
+                            "messages": list(history), "criteria": turn["criteria"],
+                            "category": record.get("category", "all")})
+            history.append({"role": "assistant", "content": turn.get("assistant", "")})
+    return samples
+
+
+def score_sysbench(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    return [{"id": s["id"], "session": s["session"], "turn": s["turn"], "category": s["category"],
+             "score": checklist.isr(j.scores), **_judgement_fields(j)}
+            for s, j in zip(samples, _judged(samples, responses, ctx, "sysbench"))]
+
+
+def aggregate_sysbench(results: list[dict], ctx: Context) -> dict:
+    sessions = collections.defaultdict(dict)
+    for r in results:
+        sessions[r["session"]][r["turn"]] = r["judgements"]
+    ordered = [[turns[t] for t in sorted(turns)] for turns in sessions.values()]
+    metrics = checklist.sysbench_metrics(ordered)
+    return {"metrics": {"SSR": metrics["SSR"], "CSR": metrics["CSR"], "ISR": metrics["ISR"]},
+            "categories": _mean_by_category(results), "counts": _judge_counts(results)}
+
+
+def load_fbbench(path: str, limit: int, seed: int) -> list[dict]:
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        where = f"{path}:{number}"
+        _require(record, ("id", "messages", "checklist"), where)
+        for item in record["checklist"]:
+            _require(item, ("criterion", "weight"), f"{where} checklist")
+        samples.append({"id": str(record["id"]), "messages": record["messages"],
+                        "category": record.get("category", "all"),
+                        "criteria": [c["criterion"] for c in record["checklist"]],
+                        "weights": [float(c["weight"]) for c in record["checklist"]]})
+    return samples
+
+
+def score_fbbench(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    return [{"id": s["id"], "category": s["category"], "weights": s["weights"],
+             "score": checklist.weighted_score(j.scores, s["weights"]), **_judgement_fields(j)}
+            for s, j in zip(samples, _judged(samples, responses, ctx, "fbbench"))]
+
+
+def aggregate_weighted(results: list[dict], ctx: Context) -> dict:
+    return {"metrics": {"score": float(np.mean([r["score"] for r in results]))},
+            "categories": _mean_by_category(results), "counts": _judge_counts(results)}
+
+
+def load_ux(path: str, limit: int, seed: int) -> list[dict]:
+    samples = []
+    for number, record in _limited(read_jsonl(path), limit):
+        _require(record, ("id", "messages", "criteria", "category"), f"{path}:{number}")
+        samples.append({"id": str(record["id"]), "messages": record["messages"], "category": record["category"],
+                        "criteria": record["criteria"]})
+    return samples
+
+
+def score_ux(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    return [{"id": s["id"], "category": s["category"], "score": checklist.isr(j.scores), **_judgement_fields(j)}
+            for s, j in zip(samples, _judged(samples, responses, ctx, "ux"))]
+
+
+def aggregate_ux(results: list[dict], ctx: Context) -> dict:
+    rates = checklist.pass_rate_by_category([r["judgements"] for r in results], [r["category"] for r in results])
+    return {"metrics": {"pass_rate": rates.pop("all")},
+            "categories": rates, "counts": _judge_counts(results)}
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "arithmetic": Benchmark(load_arithmetic, score_numeric, _accuracy),
+    "gsm8k": Benchmark(load_gsm8k, score_numeric, _accuracy),
+    "math": Benchmark(load_math, score_math, _accuracy),
+    "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval),
+    "ifeval": Benchmark(load_ifeval, score_ifeval, aggregate_ifeval),
+    "cfbench": Benchmark(load_cfbench, score_cfbench, aggregate_cfbench),
+    "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench),
+    "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted),
+    "ux": Benchmark(load_ux, score_ux, aggregate_ux),
+}

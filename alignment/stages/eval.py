@@ -1,0 +1,91 @@
+"""Evaluate checkpoints on the configured benchmarks; write results.json, summary.md and charts/ to workdir.
+
+Generations and judgements are cached under workdir/cache, so rerunning the same command resumes where it
+stopped and re-scores finished samples without generating or judging them again.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from absl import logging
+
+from alignment.eval import benchmarks as benchmarks_lib
+from alignment.eval import generation, judge, report, runner
+from alignment.eval.cache import JsonlCache
+from alignment.eval.endpoint import chat_completion
+from alignment.rewards import sandbox
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def checkpoints(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{name: target} from config.checkpoints ('name=target,...'), else config.endpoint or config.init_from."""
+    pairs = {}
+    for entry in _names(config.checkpoints):
+        name, sep, target = entry.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ValueError(f"config.checkpoints entry {entry!r} is not name=target")
+        pairs[name.strip()] = target.strip()
+    if not pairs and config.endpoint:
+        pairs[config.model_name] = config.endpoint
+    if not pairs and config.init_from:
+        pairs[os.path.basename(os.path.normpath(config.init_from))] = config.init_from
+    if not pairs:
+        raise ValueError("nothing to evaluate: set config.endpoint (an OpenAI-compatible API root), "
+                         "config.checkpoints (name=URL-or-directory pairs) or config.init_from")
+    return pairs
+
+
+def context(config: ml_collections.ConfigDict, workdir: str) -> benchmarks_lib.Context:
+    j, s = config.judge, config.sandbox
+    judge_fn = None
+    if j.endpoint:
+        ask = lambda prompt: chat_completion(j.endpoint, [{"role": "user", "content": prompt}], model=j.model,
+                                             temperature=j.temperature, max_tokens=j.max_tokens)
+        cache = JsonlCache(os.path.join(workdir, "cache", "judgements.jsonl"))
+        judge_fn = lambda items: judge.judge_checklists(items, ask, cache, judge_id=f"{j.endpoint}|{j.model}",
+                                                        attempts=j.attempts, workers=j.workers)
+    limits = sandbox.Limits(cpu_seconds=s.cpu_seconds, wall_seconds=s.wall_seconds,
+                            memory_bytes=int(s.memory_mb) << 20)
+    pass_k = tuple(int(k) for k in _names(config.pass_k))
+    if any(k > config.num_samples for k in pass_k):
+        raise ValueError(f"config.pass_k={config.pass_k!r} needs config.num_samples >= {max(pass_k)}")
+    return benchmarks_lib.Context(judge=judge_fn, sandbox_limits=limits, pass_k=pass_k)
+
+
+def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+    samples = {}
+    for name in _names(config.benchmarks):
+        if name not in benchmarks_lib.BENCHMARKS:
+            raise ValueError(f"config.benchmarks: unknown benchmark {name!r}; available: "
+                             f"{sorted(benchmarks_lib.BENCHMARKS)}")
+        path = config.data.get(name, "")
+        if name != "arithmetic" and not path:
+            raise ValueError(f"benchmark {name!r} needs a data file: set config.data.{name}")
+        loaded = benchmarks_lib.BENCHMARKS[name].load(path, config.limit, config.seed)
+        samples[name] = runner.expand(loaded, config.num_samples)
+        logging.info("%s: %d samples x %d responses", name, len(loaded), config.num_samples)
+    return samples
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    targets = checkpoints(config)
+    ctx = context(config, workdir)
+    samples = load_samples(config)
+    g = config.generation
+    results = {}
+    for name, target in targets.items():
+        generate_fn = generation.make_generate_fn(config, target, name)
+        generator_id = f"{target}|{name}|{g.temperature}|{g.max_tokens}|{config.pas.endpoint}|{config.seed}"
+        results[name] = {}
+        for bench, bench_samples in samples.items():
+            cache = JsonlCache(os.path.join(workdir, "cache", name, f"{bench}.jsonl"))
+            results[name][bench] = runner.evaluate(bench, bench_samples, generate_fn, ctx, cache, generator_id,
+                                                   chunk=g.chunk)
+            logging.info("%s / %s: %s", name, bench, results[name][bench]["metrics"])
+    paths = report.write_report(results, workdir)
+    logging.info("report: %s", paths)
+    return {name: {bench: r["metrics"] for bench, r in per.items()} for name, per in results.items()}

@@ -1,0 +1,64 @@
+"""Evaluate checkpoints and write a report (results.json, summary.md, charts/) to the workdir.
+
+    python -m alignment.launch --config=configs/eval.py --workdir=/tmp/eval --config.endpoint=http://127.0.0.1:8000/v1
+    python -m alignment.launch --config=configs/eval.py --workdir=/tmp/eval \
+        --config.checkpoints=sft=http://127.0.0.1:8000/v1,grpo=/ckpt/grpo --config.benchmarks=gsm8k,ifeval
+
+The default benchmark is the embedded arithmetic task, so a fresh machine needs only a model to talk to.
+"""
+import os
+
+import ml_collections
+
+from alignment.config import base_config, model_preset
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def get_config():
+    c = base_config()
+    c.stage = "eval"
+    c.model = model_preset("tiny")  # architecture for checkpoints run by the local engine
+    c.endpoint = ""  # OpenAI-compatible API root serving the model, e.g. http://127.0.0.1:8000/v1
+    c.model_name = "default"  # the checkpoint's name in the report, and the `model` sent to `endpoint`
+    c.checkpoints = ""  # 'name=target,...' to compare; target: an API root URL or a checkpoint dir (local engine)
+    c.benchmarks = "arithmetic"  # comma-separated: arithmetic gsm8k math humaneval ifeval cfbench sysbench fbbench ux
+    c.data = ml_collections.ConfigDict(dict(
+        gsm8k=os.path.join(SHARED_DATA, "gsm8k", "test.jsonl"),  # JSONL {question, answer ending '#### N'}
+        math="",  # JSONL {problem, answer | solution, type?}
+        humaneval="",  # JSONL {task_id, prompt, test, entry_point}
+        ifeval=os.path.join(SHARED_DATA, "ifeval", "input_data.jsonl"),  # JSONL {key, prompt, instruction_id_list, kwargs}
+        cfbench=os.path.join(SHARED_DATA, "cfbench", "cfbench_data.json"),  # JSON list with criteria [[text, 主需|次需, ..]]
+        sysbench="",  # JSONL sessions, see alignment/eval/benchmarks.py
+        fbbench="",  # JSONL weighted checklists, see alignment/eval/benchmarks.py
+        ux="",  # JSONL {id, messages, criteria, category}: the user-experience pass rate
+    ))
+    c.limit = 0  # samples per benchmark; 0 = all (arithmetic generates 100)
+    c.num_samples = 1  # responses per prompt; pass@k needs num_samples >= k
+    c.pass_k = "1"  # comma-separated k for HumanEval pass@k
+    c.generation = ml_collections.ConfigDict(dict(
+        temperature=0.0,  # 0 = greedy; use > 0 with num_samples > 1
+        max_tokens=1024,  # new tokens per response
+        workers=8,  # concurrent requests to an endpoint
+        chunk=64,  # prompts per generate call; each chunk is cached before the next
+        timeout=300.0,  # seconds per endpoint request
+    ))
+    c.pas = ml_collections.ConfigDict(dict(
+        endpoint="",  # prompt-augmentation model's API root; '' = prompts go to the model unchanged
+        model="default",  # `model` sent to the PAS endpoint
+        max_tokens=256,  # length of the complementary instruction
+    ))
+    c.judge = ml_collections.ConfigDict(dict(
+        endpoint="",  # API root of the judge for cfbench/sysbench/fbbench/ux; any OpenAI-compatible server
+        model="default",  # `model` sent to the judge
+        temperature=0.0,  # judges answer deterministically
+        max_tokens=512,  # room for one line per checklist item
+        attempts=3,  # asks per sample until the answer parses; then all items score 0 and are counted
+        workers=8,  # concurrent judge requests
+    ))
+    c.sandbox = ml_collections.ConfigDict(dict(
+        cpu_seconds=5.0,  # CPU time per HumanEval program
+        wall_seconds=10.0,  # wall-clock time per program
+        memory_mb=1024,  # address-space limit per program
+    ))
+    return c
