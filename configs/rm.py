@@ -17,7 +17,7 @@ def get_config():
     c.chat_template = "chatml"
     c.batch_size = 32  # pairs per optimizer step (one pair per row)
     c.steps = 150
-    c.optimizer.lr = 1e-3
+    c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 15
     c.log_every = 25
     c.eval_every = 50

@@ -153,3 +153,25 @@ def test_pairwise_accuracy():
     assert m["mean_margin"] == pytest.approx((1 - 0.5 + 0 + 4) / 4)
     with pytest.raises(ValueError):
         preference.pairwise_accuracy([1.0], [float("nan")])
+
+
+def test_shared_gsm8k_references_parse_and_score_themselves(shared_data):
+    from alignment.eval import benchmarks
+
+    samples = benchmarks.load_gsm8k(str(shared_data / "gsm8k" / "test.jsonl"), 0, 0)
+    assert len(samples) == 1319
+    lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()
+    import json
+    solutions = [json.loads(line)["answer"] for line in lines if line.strip()]
+    results = benchmarks.score_numeric(samples, solutions, benchmarks.Context())
+    assert all(r["score"] == 1.0 for r in results)  # each worked solution ends in its own '#### N'
+
+
+def test_shared_cfbench_loads_with_priorities(shared_data):
+    from alignment.eval import benchmarks
+
+    samples = benchmarks.load_cfbench(str(shared_data / "cfbench" / "cfbench_data.json"), 0, 0)
+    assert len(samples) == 1000
+    assert {s["category"] for s in samples} == {"easy", "hard"}
+    assert sum(len(s["criteria"]) for s in samples) == 4237
+    assert all(len(s["criteria"]) == len(s["priorities"]) for s in samples)

@@ -66,7 +66,7 @@ def test_run_writes_metrics_tensorboard_summary_and_trace(uninterrupted):
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     assert list((uninterrupted / "profile").rglob("*.xplane.pb")), "no profiler trace written"
     summary = json.load(open(uninterrupted / "summary.json"))
-    assert summary["data"]["records"] == 64 and summary["data"]["truncated"] == 0
+    assert summary["data"]["math"]["read"] == 64 and summary["data"]["math"]["truncated"] == 0
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, uninterrupted):

@@ -8,7 +8,6 @@ gathered once and its gradient summed over the devices.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from alignment import sharding

@@ -176,17 +176,19 @@ def _completion(value, field: str) -> list:
     raise ValueError(f"'{field}' must be a string or a non-empty list of messages")
 
 
-def _score(record: dict, key: str, score_range: Sequence[float]) -> float | None:
-    if record.get(key) is None:
+def _score(value, name: str, score_range: Sequence[float]) -> float | None:
+    """An annotated score mapped from score_range to [0, 1]; None stays None (no score)."""
+    if value is None:
         return None
     lo, hi = score_range
-    value = record[key]
     if not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"'{key}'={value!r} is not a number in score_range [{lo}, {hi}]")
+        raise ValueError(f"'{name}'={value!r} is not a number in score_range [{lo}, {hi}]")
     return (float(value) - lo) / (hi - lo)
 
 
 def _hh_pair(record: dict) -> Pair:
+    if "\n\nHuman:" not in record["chosen"]:
+        raise ValueError("missing field 'prompt' or 'messages' (or HH-RLHF '\\n\\nHuman:' dialogue strings)")
     chosen, rejected = parse_hh_dialogue(record["chosen"]), parse_hh_dialogue(record["rejected"])
     if chosen[:-1] != rejected[:-1]:
         raise ValueError("HH chosen and rejected dialogues differ before their last turn")
@@ -204,7 +206,7 @@ def record_to_pairs(record: dict, score_range: Sequence[float] = (0.0, 1.0)) -> 
         scores = record.get("scores") or [None] * len(responses)
         if len(scores) != len(responses):
             raise ValueError(f"'scores' has {len(scores)} entries for {len(responses)} responses")
-        scores = [_score({"s": s}, "s", score_range) for s in scores]
+        scores = [_score(s, f"scores[{i}]", score_range) for i, s in enumerate(scores)]
         completions = [_completion(r, f"responses[{i}]") for i, r in enumerate(responses)]
         return [Pair(prompt, completions[i], completions[j], scores[i], scores[j],
                      _margin(record, scores[i], scores[j]))
@@ -214,7 +216,8 @@ def record_to_pairs(record: dict, score_range: Sequence[float] = (0.0, 1.0)) -> 
             raise ValueError(f"missing field {key!r} (keys present: {sorted(record)})")
     if "prompt" not in record and "messages" not in record and isinstance(record["chosen"], str):
         return [_hh_pair(record)]
-    s_c, s_r = _score(record, "chosen_score", score_range), _score(record, "rejected_score", score_range)
+    s_c = _score(record.get("chosen_score"), "chosen_score", score_range)
+    s_r = _score(record.get("rejected_score"), "rejected_score", score_range)
     return [Pair(_prompt(record), _completion(record["chosen"], "chosen"), _completion(record["rejected"], "rejected"),
                  s_c, s_r, _margin(record, s_c, s_r))]
 

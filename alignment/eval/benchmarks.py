@@ -15,6 +15,7 @@ JSONL formats of the judged benchmarks that have no public file here (one object
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 from typing import Callable
@@ -38,6 +39,7 @@ class Context:
     judge: Callable[[list[dict]], list] | None = None  # judge.judge_checklists bound to an endpoint + cache
     sandbox_limits: sandbox.Limits = dataclasses.field(default_factory=sandbox.Limits)
     pass_k: tuple[int, ...] = (1,)  # k values of pass@k (each must be <= samples per problem)
+    sandbox_workers: int = 4  # programs run at once (each is its own process)
 
     def require_judge(self, benchmark: str) -> Callable:
         if self.judge is None:
@@ -50,6 +52,8 @@ class Benchmark:
     load: Callable[[str, int, int], list[dict]]  # (path, limit (0 = all), seed) -> samples
     score: Callable[[list[dict], list[str], Context], list[dict]]
     aggregate: Callable[[list[dict], Context], dict]
+    judged: bool = False  # scored by the LLM judge (needs config.judge.endpoint)
+    sampled: bool = False  # scored over several responses per prompt (config.num_samples), e.g. pass@k
 
 
 def _require(record: dict, fields: tuple[str, ...], where: str) -> None:
@@ -140,13 +144,12 @@ def load_humaneval(path: str, limit: int, seed: int) -> list[dict]:
 
 def score_humaneval(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
     """Run each response against its problem's tests in the sandbox; samples of one problem share an id."""
-    results = []
-    for s, r in zip(samples, responses):
-        program = passk.completion_program(s["prompt"], r, s["test"], s["entry_point"])
-        run = sandbox.run_python(program, ctx.sandbox_limits)
-        results.append({"id": s["id"], "category": s["category"], "score": float(run.passed),
-                        "status": run.status, "stderr": run.stderr[-500:]})
-    return results
+    programs = [passk.completion_program(s["prompt"], r, s["test"], s["entry_point"])
+                for s, r in zip(samples, responses)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, ctx.sandbox_workers)) as pool:
+        runs = list(pool.map(lambda p: sandbox.run_python(p, ctx.sandbox_limits), programs))
+    return [{"id": s["id"], "category": s["category"], "score": float(run.passed), "status": run.status,
+             "stderr": run.stderr[-500:]} for s, run in zip(samples, runs)]
 
 
 def aggregate_humaneval(results: list[dict], ctx: Context) -> dict:
@@ -332,10 +335,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "arithmetic": Benchmark(load_arithmetic, score_numeric, _accuracy),
     "gsm8k": Benchmark(load_gsm8k, score_numeric, _accuracy),
     "math": Benchmark(load_math, score_math, _accuracy),
-    "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval),
+    "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval, sampled=True),
     "ifeval": Benchmark(load_ifeval, score_ifeval, aggregate_ifeval),
-    "cfbench": Benchmark(load_cfbench, score_cfbench, aggregate_cfbench),
-    "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench),
-    "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted),
-    "ux": Benchmark(load_ux, score_ux, aggregate_ux),
+    "cfbench": Benchmark(load_cfbench, score_cfbench, aggregate_cfbench, judged=True),
+    "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench, judged=True),
+    "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted, judged=True),
+    "ux": Benchmark(load_ux, score_ux, aggregate_ux, judged=True),
 }

@@ -5,14 +5,11 @@ Used by the eval stage for checkpoint comparisons, and usable as is by a trainin
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from absl import logging
 
 from alignment.eval.benchmarks import BENCHMARKS, Context
 from alignment.eval.cache import JsonlCache, input_hash
-
-GenerateFn = Callable[[list[list[dict]]], list[str]]
+from alignment.eval.endpoint import GenerateFn
 
 
 def expand(samples: list[dict], num_samples: int) -> list[dict]:

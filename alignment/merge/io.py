@@ -212,13 +212,12 @@ def atomic_output(path: str, overwrite: bool) -> Iterator[str]:
 class HFWriter:
     """Streams tensors into HF safetensors files under `directory` (header first, then pwrite per tensor).
 
-    `names` maps (project name, layer) -> HF name for every tensor, in file order.
+    Files, names and order follow `save_hf_checkpoint` (`max_shard_bytes` splits into shards); dtypes
+    are the inputs'. config.json is the given `hf_config` with its torch_dtype updated.
     """
 
     def __init__(self, directory: str, config: ModelConfig, hf_config: dict, tensors: Mapping[str, TensorInfo],
                  max_shard_bytes: int | None = None):
-        self.config = config
-        top, layer = hf._layout(config)
         self._conversions: dict[tuple[str, int | None], tuple[str, Any]] = {}
         for hf_name, key, i, t in hf._hf_entries(config):
             name = key if i is None else f"layers/{key}"
@@ -288,11 +287,13 @@ def hf_config_for(sources: list, config: ModelConfig | None, model_type: str) ->
 
 @dataclasses.dataclass
 class Lazy:
-    """An Orbax leaf computed only when Orbax writes it: `compute()` returns the array of `shape`/`dtype`."""
+    """An Orbax leaf computed only when Orbax writes it: `compute()` returns the array of `shape`/`dtype`;
+    `release()` is called once that array is written (the memory it held may be reused)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     compute: Callable[[], np.ndarray]
+    release: Callable[[], None] = lambda: None
 
     @property
     def ndim(self) -> int:
@@ -321,8 +322,11 @@ class _LazyHandler(type_handlers.NumpyHandler):
         return "np.ndarray"  # restored as numpy: the checkpoint must not depend on this class
 
     async def _open_and_write(self, value, tspec, ts_context):
-        array = await asyncio.to_thread(value.compute)
-        await super()._open_and_write(array, tspec, ts_context)
+        try:
+            array = await asyncio.to_thread(value.compute)
+            await super()._open_and_write(array, tspec, ts_context)
+        finally:
+            value.release()  # only now: tensorstore may hold the array until its write commits
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)

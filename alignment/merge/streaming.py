@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -34,17 +35,23 @@ class _Budget:
         self.limit, self.used = limit, 0
         self._cond = threading.Condition()
 
-    @contextlib.contextmanager
-    def hold(self, nbytes: int):
+    def acquire(self, nbytes: int) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
             self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        self.acquire(nbytes)
         try:
             yield
         finally:
-            with self._cond:
-                self.used -= nbytes
-                self._cond.notify_all()
+            self.release(nbytes)
 
 
 def _check_finite(array: np.ndarray, label: str, name: str, layer: int | None) -> None:
@@ -64,7 +71,8 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
     hf_output: HF safetensors directory; at least one is required. params/overrides: see
     `alignment.merge.params`. seed: DARE masks depend on it, the tensor name and layer (not on order or
-    workers). workers: threads, 0 = one per CPU. model_config: names HF tensors when HF output is made
+    workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
+bounded by the same memory budget). model_config: names HF tensors when HF output is made
     from Orbax inputs only.
     """
     start = time.perf_counter()
@@ -101,8 +109,6 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         unmatched = spec.unmatched_patterns(list(tensors))
         if unmatched:
             raise ValueError(f"override patterns match no tensor: {unmatched}; tensors: {sorted(tensors)}")
-        model_sources = list(sources.values())[: len(models)]
-        base_source = sources[f"base ({base})"] if base else None
         num_layers = next((t.shape[0] for t in tensors.values() if t.stacked), 1)
         # HF -> HF merges stay in HF's layout; anything touching Orbax uses the project layout.
         layout = "hf" if not output and all(s.kind == "hf" for s in sources.values()) else "project"
@@ -183,24 +189,27 @@ def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writ
     """
     failures: list[BaseException] = []
 
+    def cost(name: str) -> int:
+        info = tensors[name]
+        return int(np.prod(info.shape)) * info.dtype.itemsize + slice_cost(name)
+
     def compute(name: str):
-        def run() -> np.ndarray:
+        def run() -> np.ndarray:  # the budget is held from here until Orbax has written the result
             info = tensors[name]
+            budget.acquire(cost(name))
             if failures:
                 return np.zeros(info.shape, info.dtype)
-            out_bytes = int(np.prod(info.shape)) * info.dtype.itemsize
             try:
-                with budget.hold(out_bytes + slice_cost(name)):
-                    if not info.stacked:
-                        merged = merge_slice(name, None)
-                    else:
-                        merged = np.empty(info.shape, info.dtype)
-                        for layer in range(info.shape[0]):
-                            merged[layer] = merge_slice(name, layer)
-                    if hf_writer is not None and hf_writer.covers(name):
-                        for layer in (range(info.shape[0]) if info.stacked else [None]):
-                            hf_writer.write(name, layer, merged if layer is None else merged[layer])
-                    return merged
+                if not info.stacked:
+                    merged = merge_slice(name, None)
+                else:
+                    merged = np.empty(info.shape, info.dtype)
+                    for layer in range(info.shape[0]):
+                        merged[layer] = merge_slice(name, layer)
+                if hf_writer is not None and hf_writer.covers(name):
+                    for layer in (range(info.shape[0]) if info.stacked else [None]):
+                        hf_writer.write(name, layer, merged if layer is None else merged[layer])
+                return merged
             except BaseException as e:  # noqa: B036 (KeyboardInterrupt too: re-raised below)
                 failures.append(e)
                 return np.zeros(info.shape, info.dtype)
@@ -212,7 +221,7 @@ def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writ
         *parents, leaf = name.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = io.Lazy(info.shape, info.dtype, compute(name))
+        node[leaf] = io.Lazy(info.shape, info.dtype, compute(name), functools.partial(budget.release, cost(name)))
     io.write_orbax(directory, tree)
     if failures:
         raise failures[0]

@@ -53,7 +53,7 @@ def context(config: ml_collections.ConfigDict, workdir: str) -> benchmarks_lib.C
     pass_k = tuple(int(k) for k in _names(config.pass_k))
     if any(k > config.num_samples for k in pass_k):
         raise ValueError(f"config.pass_k={config.pass_k!r} needs config.num_samples >= {max(pass_k)}")
-    return benchmarks_lib.Context(judge=judge_fn, sandbox_limits=limits, pass_k=pass_k)
+    return benchmarks_lib.Context(judge=judge_fn, sandbox_limits=limits, pass_k=pass_k, sandbox_workers=s.workers)
 
 
 def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
@@ -62,12 +62,16 @@ def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
         if name not in benchmarks_lib.BENCHMARKS:
             raise ValueError(f"config.benchmarks: unknown benchmark {name!r}; available: "
                              f"{sorted(benchmarks_lib.BENCHMARKS)}")
+        if benchmarks_lib.BENCHMARKS[name].judged and not config.judge.endpoint:
+            raise ValueError(f"benchmark {name!r} is judged by an LLM: set config.judge.endpoint")
         path = config.data.get(name, "")
         if name != "arithmetic" and not path:
             raise ValueError(f"benchmark {name!r} needs a data file: set config.data.{name}")
-        loaded = benchmarks_lib.BENCHMARKS[name].load(path, config.limit, config.seed)
-        samples[name] = runner.expand(loaded, config.num_samples)
-        logging.info("%s: %d samples x %d responses", name, len(loaded), config.num_samples)
+        spec = benchmarks_lib.BENCHMARKS[name]
+        loaded = spec.load(path, config.limit, config.seed)
+        copies = config.num_samples if spec.sampled else 1
+        samples[name] = runner.expand(loaded, copies)
+        logging.info("%s: %d samples x %d responses", name, len(loaded), copies)
     return samples
 
 

@@ -13,7 +13,7 @@ from absl import logging
 
 from kernels import dispatch
 from kernels.logprob_kl import pallas_gpu, pallas_tpu, reference, xla
-from kernels.logprob_kl.reference import LogprobKL, k3  # noqa: F401  (re-exported for callers)
+from kernels.logprob_kl.reference import LogprobKL
 
 IMPLEMENTATIONS: dict[str, Callable[..., LogprobKL]] = {
     "reference": reference.logprob_kl,

@@ -1,0 +1,139 @@
+"""Preference losses through the model: packed vs separate sequences, reference paths, short stage runs."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from alignment.algorithms import dpo, reward
+from alignment.config import load_config_file
+from alignment.data import preference
+from alignment.data.tokenizer import load_tokenizer
+from alignment.models import ModelConfig, Transformer
+from alignment.models.transformer import dummy_inputs
+
+MICRO = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = Transformer(ModelConfig(**MICRO, value_head=True))
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
+                          model.init(jax.random.key(1), *dummy_inputs())["params"])
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def rows():
+    encoder = preference.Encoder(load_tokenizer("embedded"), "chatml", max_length=40)
+    records = preference.embedded_records(6, seed=3)
+    out = []
+    for r in records:
+        pair = preference.record_to_pairs(r, (1, 10))[0]
+        stats = preference.PreferenceStats()
+        out.append((encoder.sequence(pair.prompt, pair.chosen, stats), encoder.sequence(pair.prompt, pair.rejected,
+                                                                                        stats)))
+    return out
+
+
+def single(seq, length):
+    """A row holding only `seq` as segment 1."""
+    row = preference.pack_two(seq, (np.zeros(0, np.int32), np.zeros(0, bool)), length)
+    return row
+
+
+def test_packed_pair_matches_separate_sequences(model_and_params, rows):
+    model, params = model_and_params
+    packed = preference.stack([preference.pack_two(a, b, 80) for a, b in rows])
+    alone_a = preference.stack([single(a, 80) for a, _ in rows])
+    alone_b = preference.stack([single(b, 80) for _, b in rows])
+    logps = jax.jit(lambda p, b: dpo.sequence_logps(model, p, b))
+    (lp, ln), (la, lna), (lb, lnb) = (logps(params, b) for b in (packed, alone_a, alone_b))
+    np.testing.assert_allclose(np.asarray(lp[:, 0]), np.asarray(la[:, 0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lp[:, 1]), np.asarray(lb[:, 0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ln), np.stack([np.asarray(lna[:, 0]), np.asarray(lnb[:, 0])], 1))
+    # Reward-model scores too: the last token of each packed sequence sees only its own sequence.
+    rewards = jax.jit(lambda p, b: reward.pair_rewards(model, p, b))
+    rp, ra, rb = (np.asarray(rewards(params, b)) for b in (packed, alone_a, alone_b))
+    np.testing.assert_allclose(rp, np.stack([ra[:, 0], rb[:, 0]], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_logps_match_a_float64_numpy_forward_of_the_logits(model_and_params, rows):
+    """Summed completion log-probs equal log-softmax of the model's logits (float64) at the masked targets."""
+    model, params = model_and_params
+    batch = preference.stack([preference.pack_two(a, b, 80) for a, b in rows[:2]])
+    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = np.asarray(model.apply({"params": params}, hidden, method="logits"), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    picked = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["loss_mask"]
+    expected = np.stack([[picked[r][batch["segment_ids"][r] == k].sum() for k in (1, 2)] for r in range(2)])
+    got, _ = dpo.sequence_logps(model, params, batch)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+
+
+def stage_config(stage, workdir_steps=3, **overrides):
+    c = load_config_file(f"configs/{stage}.py")
+    c.model.update(MICRO)
+    c.batch_size, c.steps, c.log_every, c.eval_every = 8, workdir_steps, 1, 0
+    c.data.num_embedded, c.data.num_embedded_eval = 48, 16
+    c.data.max_length, c.data.trim_multiple = 40, 0  # one row shape: one compile per jitted function
+    c.checkpoint.async_save = False
+    for key, value in overrides.items():
+        target, name = c, key
+        while "." in name:
+            head, name = name.split(".", 1)
+            target = target[head]
+        target[name] = value
+    return c
+
+
+def train_records(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"train"' in line]
+
+
+def test_precomputed_and_online_reference_give_the_same_losses(tmp_path):
+    from alignment.stages import dpo as dpo_stage
+
+    runs = {}
+    for mode in dpo_stage.REFERENCE:
+        workdir = tmp_path / mode
+        workdir.mkdir()
+        summary = dpo_stage.run(stage_config("dpo", reference=mode), str(workdir))
+        runs[mode] = (train_records(workdir), summary["final_eval"])
+    (pre, pre_eval), (online, online_eval) = runs["precomputed"], runs["online"]
+    assert len(pre) == len(online) == 3
+    for a, b in zip(pre, online):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["margin"] == pytest.approx(b["margin"], rel=1e-4, abs=1e-6)
+    assert pre[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 0
+    assert pre_eval["loss"] == pytest.approx(online_eval["loss"], rel=1e-5)
+
+
+def test_kto_stage_runs(tmp_path):
+    from alignment.stages import dpo as dpo_stage
+
+    summary = dpo_stage.run(stage_config("dpo", loss="kto", steps=2), str(tmp_path))
+    records = train_records(tmp_path)
+    assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) at the reference
+    assert summary["data"]["train"]["examples"] == 2 * 48 and "kl" in summary["final_eval"]
+
+
+def test_reward_model_learns_and_scores_chats(tmp_path):
+    """A short run on the embedded pairs raises held-out accuracy; load_reward_model scores like training."""
+    from alignment.stages import rm as rm_stage
+
+    config = stage_config("rm", workdir_steps=80, **{"data.num_embedded": 2560, "data.num_embedded_eval": 256,
+                                                     "batch_size": 32, "optimizer.warmup_steps": 5,
+                                                     "optimizer.schedule": "constant", "log_every": 80})
+    config.model = load_config_file("configs/rm.py").model  # the embedded tiny model: MICRO learns too slowly
+    summary = rm_stage.run(config, str(tmp_path))
+    final = summary["final_eval"]
+    assert final["accuracy"] >= 0.65 and final["margin"] > 0, final  # chance: 0.5 +- 0.03 on 256 pairs
+    score_fn = reward.load_reward_model(str(tmp_path))
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    scores = score_fn([prompt + [{"role": "assistant", "content": "3 + 4 = 7. The answer is 7."}],
+                       prompt + [{"role": "assistant", "content": "3 + 4 = 7. The answer is 2."}]])
+    assert scores.shape == (2,) and scores.dtype == np.float32
