@@ -47,6 +47,10 @@ def _describe(leaf: Any) -> str:
     return f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
 
 
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint is complete but holds a different model (names, shapes or dtypes)."""
+
+
 def check_compatible(expected: Any, found: Any, where: str) -> None:
     """Raise one ValueError listing every tensor missing, unexpected or differently shaped/typed in `found`.
 
@@ -63,7 +67,7 @@ def check_compatible(expected: Any, found: Any, where: str) -> None:
               or np.dtype(want[path].dtype) != np.dtype(have[path].dtype)):
             problems.append(f"  {path}: expected {_describe(want[path])}, found {_describe(have[path])}")
     if problems:
-        raise ValueError(f"checkpoint {where} does not match the model ({len(problems)} tensors differ); "
+        raise IncompatibleCheckpoint(f"checkpoint {where} does not match the model ({len(problems)} tensors differ); "
                          "nothing was loaded:\n" + "\n".join(problems))
 
 
@@ -98,8 +102,25 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def restore(self, abstract_state: Any, shardings: Any, step: int | None = None) -> tuple[Any, dict | None]:
-        """(state laid out by `shardings`, data_state or None) from `step` (default: the latest)."""
-        step = self._resolve_step(step)
+        """(state laid out by `shardings`, data_state or None) from `step`.
+
+        Without `step`, the newest complete checkpoint: one left half-written (e.g. by a crash during
+        a save) is skipped, with a warning, in favour of the one before it.
+        """
+        if step is not None:
+            return self._restore_step(self._resolve_step(step), abstract_state, shardings)
+        self._resolve_step(None)  # raises when there is none at all
+        for candidate in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self._restore_step(candidate, abstract_state, shardings)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+                logger.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); trying the previous "
+                               "one", candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+
+    def _restore_step(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict | None]:
         check_compatible(abstract_state, self._manager.item_metadata(step)[STATE], f"{self.directory} step {step}")
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(_targets(abstract_state, shardings)),
                                      DATA: ocp.args.JsonRestore()})

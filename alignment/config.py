@@ -12,6 +12,7 @@ STAGES = {"sft": "alignment.stages.sft"}
 STAGES["rm"] = "alignment.stages.rm"
 STAGES["dpo"] = "alignment.stages.dpo"  # also KTO: config.loss="kto"
 STAGES["merge"] = "alignment.stages.merge"
+STAGES["generate"] = "alignment.stages.generate"
 STAGES["eval"] = "alignment.stages.eval"
 
 
@@ -38,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.0,  # decoupled; never applied to norms and biases
         clip_norm=1.0,  # global-norm clipping; 0 disables
     ))
-    c.log_every = 10  # steps between metric records
+    c.log_every = 10  # steps between metric records (and checks for NaN/Inf steps)
+    c.max_consecutive_bad_steps = 5  # stop after this many NaN/Inf steps in a row (their updates are skipped)
     c.eval_every = 0  # steps between held-out evaluations; 0 = only at the end
     c.checkpoint = ml_collections.ConfigDict(dict(
         every=0,  # steps between checkpoints; 0 = only at the end

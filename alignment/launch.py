@@ -10,12 +10,14 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from alignment import config as config_lib
-from alignment.train.loop import Preempted
+from alignment.train import runtime
+from alignment.train.loop import Preempted, TooManyBadSteps
 
 logger = logging.getLogger("alignment.launch")
 
@@ -23,24 +25,46 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config, mesh and parameter count; exit.")
 
-# Environment variables that mean this process is one of several (TPU pods and SLURM set their own).
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs outside TPU pods and SLURM.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                                  "A process silent this long fails the whole job instead of hanging it.")
+
+
+def distributed_arguments() -> dict | None:
+    """jax.distributed.initialize arguments when this process is one of several, else None.
+
+    Explicit flags (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) win; TPU pods and
+    SLURM jobs are detected by JAX itself from their own environment.
+    """
+    address = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        count = _NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+        index = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+        if count < 1 or index < 0:
+            raise ValueError("a coordinator address needs --num_processes and --process_id "
+                             "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        return dict(coordinator_address=address, num_processes=count, process_id=index)
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return {} if slurm or tpu_pod else None
 
 
 def maybe_initialize_distributed() -> None:
-    """Join the multi-controller runtime when the environment describes several processes."""
-    import jax
-
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if slurm or tpu_pod or any(os.environ.get(k) for k in _MULTI_PROCESS_ENV):
-        jax.distributed.initialize()
-        logger.info("process %d of %d", jax.process_index(), jax.process_count())
+    """Join JAX's multi-controller runtime when the flags or the environment describe several processes."""
+    arguments = distributed_arguments()
+    if arguments is None:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a collectives backend
+    jax.distributed.initialize(**arguments, heartbeat_timeout_seconds=_HEARTBEAT.value)
+    logger.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
+                jax.local_device_count())
 
 
 def dry_run(config) -> str:
     """The resolved config, the mesh and the parameter count, as printed by --dry_run."""
-    from alignment.train import runtime
 
     model_cfg = runtime.model_config(config)
     mesh, _ = runtime.mesh_and_rules(config)
@@ -68,15 +92,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     config_lib.validate(config)
+    maybe_initialize_distributed()
     if _DRY_RUN.value:
         print(dry_run(config))
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints, metrics and outputs go there)")
-    maybe_initialize_distributed()
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
+    if jax.process_index() == 0:
+        with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
     stage = importlib.import_module(config_lib.STAGES[config.stage])
     try:
         stage.run(config, _WORKDIR.value)
@@ -100,7 +125,7 @@ def run() -> None:
     configure_logging(sys.argv)
     try:
         app.run(main)
-    except ValueError as e:  # configuration and input errors carry their own location; no JAX traceback
+    except (ValueError, FileNotFoundError, TooManyBadSteps) as e:  # they name their key, file or step
         sys.exit(f"error: {e}")
 
 

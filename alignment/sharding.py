@@ -133,9 +133,14 @@ def current_activation_sharding() -> tuple[Mesh, dict] | None:
     return _ACTIVATION_CONTEXT.get()
 
 
-def current_activation_context() -> tuple[Mesh, dict] | None:
-    """(mesh, rules) while tracing inside `activation_sharding`, else None."""
-    return _ACTIVATION_CONTEXT.get()
+@contextlib.contextmanager
+def manual_region():
+    """Inside a shard_map body: per-device code must not add mesh-wide constraints or nest shard_maps."""
+    token = _ACTIVATION_CONTEXT.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.reset(token)
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:

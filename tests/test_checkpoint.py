@@ -170,3 +170,20 @@ def test_check_compatible_reports_missing_and_unexpected():
     assert "a: expected (2,) float32, found (2,) int32" in message
     assert "b: expected (2,) float32, missing from checkpoint" in message
     assert "c: not expected, checkpoint has (2,) float32" in message
+
+
+def test_half_written_checkpoint_falls_back_to_previous(tmp_path, caplog, state):
+    """A crash during a save can leave a step directory without its data; restore takes the one before."""
+    abstract, shardings = setup(make_mesh(MESH_8))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, state, {"next_index": 2})
+        ckpt.save(4, state, {"next_index": 4})
+    for array_dir in (tmp_path / "4" / "state").rglob("*"):
+        if array_dir.is_file() and array_dir.name != "_CHECKPOINT_METADATA":
+            array_dir.write_bytes(b"truncated")
+    with Checkpointer(tmp_path, async_save=False) as ckpt, caplog.at_level("WARNING"):
+        restored, data_state = ckpt.restore(abstract, shardings)
+    assert data_state == {"next_index": 2}
+    assert "step 4" in caplog.text and "incomplete or unreadable" in caplog.text
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

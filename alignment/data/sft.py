@@ -125,11 +125,19 @@ def train_batches(examples: dict[str, list[dict]], sources: ml_collections.Confi
     return rows_dataset(mixed.to_iter_dataset(), data).batch(batch_size // process_count, drop_remainder=True)
 
 
-def eval_batches(examples: list[dict], data: ml_collections.ConfigDict, batch_size: int) -> list[dict]:
-    """Every held-out example once; the last batch is filled with empty rows rather than dropped."""
-    rows = list(rows_dataset(grain.MapDataset.source(examples).to_iter_dataset(), data))
-    empty = {key: np.zeros_like(value) for key, value in rows[0].items()}
+def eval_batches(examples: list[dict], data: ml_collections.ConfigDict, batch_size: int, process_index: int = 0,
+                 process_count: int = 1, num_batches: int | None = None) -> list[dict]:
+    """This process's share of the held-out examples, each exactly once, in [batch_size, max_length] batches.
+
+    The last batch is filled with empty rows rather than dropped; `num_batches` pads with empty batches
+    so that every process runs the same number of eval steps.
+    """
+    rows = list(rows_dataset(grain.MapDataset.source(examples[process_index::process_count]).to_iter_dataset(),
+                             data))
+    empty = {key: np.zeros(data.max_length, np.bool_ if key == "loss_mask" else np.int32) for key in ROW_KEYS}
     rows += [empty] * (-len(rows) % batch_size)
+    if num_batches is not None:
+        rows += [empty] * (num_batches * batch_size - len(rows))
     return [stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 

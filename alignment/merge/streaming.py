@@ -58,7 +58,8 @@ def _check_finite(array: np.ndarray, label: str, name: str, layer: int | None) -
     # A sum is one cheap pass and is non-finite whenever an entry is; only then is the exact test paid for.
     if not np.isfinite(array.sum(dtype=np.float32)) and not np.isfinite(array).all():
         where = name if layer is None else f"{name} (layer {layer})"
-        raise ValueError(f"{label}: tensor {where} contains NaN or Inf; nothing was written")
+        first = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise ValueError(f"{label}: tensor {where} contains NaN or Inf (first at index {first}); nothing was written")
 
 
 def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output: str = "", hf_output: str = "",
@@ -113,12 +114,16 @@ bounded by the same memory budget). model_config: names HF tensors when HF outpu
         # HF -> HF merges stay in HF's layout; anything touching Orbax uses the project layout.
         layout = "hf" if not output and all(s.kind == "hf" for s in sources.values()) else "project"
 
-        def merge_slice(name: str, layer: int | None) -> np.ndarray:
+        def read(name: str, layer: int | None) -> list[np.ndarray]:
+            """That tensor (or layer slice) of every source, models first, checked for NaN/Inf."""
             arrays = []
-            for (label, source) in sources.items():
-                array = source.read(name, layer, layout)
-                _check_finite(array, label, name, layer)
-                arrays.append(array)
+            for label, source in sources.items():
+                arrays.append(source.read(name, layer, layout))
+                _check_finite(arrays[-1], label, name, layer)
+            return arrays
+
+        def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
+            arrays = read(name, layer) if arrays is None else arrays
             rng = None
             if spec_method.random:
                 rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1])
@@ -145,7 +150,7 @@ bounded by the same memory budget). model_config: names HF tensors when HF outpu
                     logger.warning("HF checkpoints have no place for %s; they are left out of %s", skipped, hf_output)
             if output:
                 orbax_dir = cleanup.enter_context(io.atomic_output(output, overwrite))
-                _merge_to_orbax(orbax_dir, tensors, merge_slice, slice_cost, budget, hf_writer)
+                _merge_to_orbax(orbax_dir, tensors, read, merge_slice, slice_cost, len(sources), budget, hf_writer)
             else:
                 units = [(n, i) for n, t in tensors.items() if hf_writer.covers(n)
                          for i in (range(t.shape[0]) if t.stacked else [None])]
@@ -181,17 +186,20 @@ def _merge_to_hf(units, merge_slice, slice_cost, budget, writer, layout, workers
             raise
 
 
-def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writer) -> None:
-    """Orbax pulls each whole (stacked) tensor when it writes it; slices are merged into it one at a time.
+def _merge_to_orbax(directory, tensors, read, merge_slice, slice_cost, num_sources, budget, hf_writer) -> None:
+    """Orbax pulls each whole (stacked) tensor when it writes it, merged one layer slice at a time.
 
-    An error inside Orbax's background writes would leave its other writes running after the temporary
-    output is deleted, so a failed merge instead lets the save finish with zeros and raises afterwards.
+    Inputs are read whole: Orbax stores each array as one compressed chunk, so reading a layer slice
+    would decompress the whole array once per layer. An error inside Orbax's background writes would
+    leave its other writes running after the temporary output is deleted, so a failed merge instead
+    lets the save finish with zeros and raises afterwards.
     """
     failures: list[BaseException] = []
 
     def cost(name: str) -> int:
         info = tensors[name]
-        return int(np.prod(info.shape)) * info.dtype.itemsize + slice_cost(name)
+        whole = int(np.prod(info.shape)) * info.dtype.itemsize
+        return whole * (num_sources + 1) + slice_cost(name)  # inputs, output, one slice's work
 
     def compute(name: str):
         def run() -> np.ndarray:  # the budget is held from here until Orbax has written the result
@@ -203,9 +211,11 @@ def _merge_to_orbax(directory, tensors, merge_slice, slice_cost, budget, hf_writ
                 if not info.stacked:
                     merged = merge_slice(name, None)
                 else:
+                    inputs = read(name, None)
                     merged = np.empty(info.shape, info.dtype)
                     for layer in range(info.shape[0]):
-                        merged[layer] = merge_slice(name, layer)
+                        merged[layer] = merge_slice(name, layer, [x[layer] for x in inputs])
+                    del inputs
                 if hf_writer is not None and hf_writer.covers(name):
                     for layer in (range(info.shape[0]) if info.stacked else [None]):
                         hf_writer.write(name, layer, merged if layer is None else merged[layer])

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-from alignment.sharding import current_activation_context
+from alignment.sharding import current_activation_sharding, manual_region
 
 
 def _ulysses_local(attention: Callable, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
@@ -28,7 +28,7 @@ def _ulysses_local(attention: Callable, q, k, v, q_segment_ids, kv_segment_ids, 
 
 def with_sequence_parallelism(attention: Callable) -> Callable:
     """`attention` itself, or its Ulysses form when the active mesh has a 'sequence' axis larger than 1."""
-    context = current_activation_context()
+    context = current_activation_sharding()
     if context is None or context[0].shape.get("sequence", 1) == 1:
         return attention
     mesh, rules = context
@@ -42,8 +42,9 @@ def with_sequence_parallelism(attention: Callable) -> Callable:
                                  f"devices (sequence x {axis}); lower mesh.sequence")
         qs, ks = P(batch, "sequence", heads, None), P(batch, "sequence", kv_heads, None)
         ids = P(batch, "sequence")
-        return jax.shard_map(functools.partial(_ulysses_local, attention), mesh=mesh,
-                             in_specs=(qs, ks, ks, ids, ids, ids, ids), out_specs=qs, check_vma=False)(
-            q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+        with manual_region():
+            return jax.shard_map(functools.partial(_ulysses_local, attention), mesh=mesh,
+                                 in_specs=(qs, ks, ks, ids, ids, ids, ids), out_specs=qs, check_vma=False)(
+                q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
     return wrapped

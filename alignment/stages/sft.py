@@ -8,6 +8,8 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from alignment.algorithms.sft import sft_loss
 from alignment.checkpoint import Checkpointer
@@ -23,6 +25,16 @@ from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 logger = logging.getLogger(__name__)
+
+
+def process_eval_batches(examples: list[dict], data: ml_collections.ConfigDict, batch_size: int) -> list[dict]:
+    """This process's held-out batches, padded so every process runs as many eval steps as the busiest."""
+    index, count = jax.process_index(), jax.process_count()
+    batches = sft_data.eval_batches(examples, data, batch_size // count, index, count)
+    if count > 1:
+        most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
+        batches = sft_data.eval_batches(examples, data, batch_size // count, index, count, num_batches=most)
+    return batches
 
 
 def make_evaluator(loss_fn, eval_sets: dict[str, list[dict]], target) -> callable:
@@ -59,8 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_examples, _ = load(d.eval, seed=config.seed + 1000, num_embedded=d.num_embedded_eval, split="eval")
     batches = iter(sft_data.train_batches(train_examples, d.train, d, config.batch_size, config.seed,
                                           jax.process_index(), jax.process_count()))
-    per_process = config.batch_size // jax.process_count()
-    eval_sets = {name: sft_data.eval_batches(ex, d, per_process) for name, ex in eval_examples.items()}
+    eval_sets = {name: process_eval_batches(ex, d, config.batch_size) for name, ex in eval_examples.items()}
 
     optimizer, schedule = make_optimizer(config.optimizer, config.steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())

@@ -24,6 +24,27 @@ class Preempted(Exception):
         self.step = step
 
 
+class TooManyBadSteps(Exception):
+    """K consecutive steps had a NaN/Inf loss or gradient; the last checkpoint is the last good state."""
+
+
+class BadStepCounter:
+    """Counts skipped (non-finite) steps and stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.consecutive, self.total = limit, 0, 0
+
+    def update(self, skipped: np.ndarray, last_step: int) -> None:
+        for flag in skipped:
+            self.consecutive = self.consecutive + 1 if flag else 0
+            self.total += int(bool(flag))
+        if self.limit and self.consecutive >= self.limit:
+            raise TooManyBadSteps(
+                f"{self.consecutive} consecutive steps up to step {last_step} had a NaN/Inf loss or gradient "
+                f"(limit config.max_consecutive_bad_steps={self.limit}); their updates were skipped and the run "
+                "stops here, with the last checkpoint intact. Lower the learning rate or inspect the data.")
+
+
 class Profiler:
     """Captures an XLA trace for steps [start_step, start_step + num_steps) into workdir/profile."""
 
@@ -57,6 +78,7 @@ def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps
     """
     writer = MetricsWriter(workdir)
     guard = PreemptionGuard()
+    bad_steps = BadStepCounter(config.max_consecutive_bad_steps)
     profiler = Profiler(config.profile, workdir)
     start_step = int(state.step)
     accumulated: dict[str, list] = {}
@@ -76,6 +98,12 @@ def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps
         done = step + 1
         if done % config.log_every == 0 or done == num_steps:
             values = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}  # waits for the step
+            try:
+                bad_steps.update(values["skipped"], done)
+            except TooManyBadSteps:
+                guard.close()
+                writer.close()
+                raise
             elapsed = time.perf_counter() - window_start
             timing["step_s"] = elapsed - timing["data_wait_s"] - timing["checkpoint_s"]
             steps_in_window = len(values[tokens_key])
@@ -86,6 +114,7 @@ def train_loop(*, state: Any, train_step: Callable, batches: Iterator, num_steps
             record["tokens_per_s"] = tokens_per_s
             record["mfu"] = tokens_per_s * flops_per_token / peak_flops
             record.update({k: v / steps_in_window for k, v in timing.items()})
+            record["skipped_steps_total"] = bad_steps.total
             writer.write(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             accumulated = {}

@@ -67,12 +67,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
             loss_fn, state.params, batch, step_key, num_micro_batches)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss_sum / denom, count=count, grad_norm=optax.tree.norm(grads),
-                       learning_rate=schedule(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=jax.random.key_data(key))
+        # A NaN/Inf loss or gradient skips the update (params and moments unchanged) and is counted.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = dict(metrics, loss=loss_sum / denom, count=count, grad_norm=grad_norm,
+                       learning_rate=schedule(state.step), skipped=1.0 - finite.astype(jnp.float32))
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(key))
         return new_state, metrics
 
     return step

@@ -1,0 +1,108 @@
+"""Completions for chat prompts: read JSONL (or generate arithmetic questions), write JSONL, summarise.
+
+Output line per prompt: the record's own fields, "messages" (the prompt), "reference" (trailing assistant
+messages of the record, which are not part of the prompt, when present) and "completions", a list of
+num_samples {"text", "num_tokens", "finish_reason"}.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from alignment.data.chat import encode_chat
+from alignment.data.sources import EMBEDDED, read_jsonl
+from alignment.data.synthetic import arithmetic_dataset
+from alignment.generation.build import build_engine
+from alignment.generation.sampling import SamplingParams
+from alignment.generation.text import finish
+
+TOO_LONG = ("error", "skip")
+
+
+def load_prompts(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
+    """(where, record) pairs; `where` is 'file:line' or 'embedded:i' for error messages."""
+    if config.prompts == EMBEDDED:
+        return [(f"embedded:{i}", r) for i, r in enumerate(arithmetic_dataset(config.num_embedded, config.seed))]
+    records = []
+    for number, record in read_jsonl(config.prompts):
+        if not isinstance(record.get("messages"), list) or not record["messages"]:
+            raise ValueError(f"{config.prompts}:{number}: expected a non-empty list field 'messages'")
+        records.append((f"{config.prompts}:{number}", record))
+    return records
+
+
+def split_prompt(record: dict) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, trailing assistant messages) of a chat record."""
+    messages = list(record["messages"])
+    end = len(messages)
+    while end > 0 and isinstance(messages[end - 1], dict) and messages[end - 1].get("role") == "assistant":
+        end -= 1
+    return messages[:end], messages[end:]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    if config.too_long not in TOO_LONG:
+        raise ValueError(f"config.too_long={config.too_long!r} must be one of {TOO_LONG}")
+    for key in ("prompts_per_call", "num_samples", "max_new_tokens"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    sampling = SamplingParams(**config.sampling.to_dict())
+    stop = tuple(config.stop)
+    engine, tokenizer = build_engine(config, stop)
+
+    encoded, skipped = [], []
+    for where, record in load_prompts(config):
+        messages, reference = split_prompt(record)
+        try:
+            ids = encode_chat(tokenizer, messages, config.chat_template, add_generation_prompt=True).ids.tolist()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if len(ids) + config.max_new_tokens > engine.max_len:
+            if config.too_long == "error":
+                raise ValueError(f"{where}: prompt of {len(ids)} tokens + max_new_tokens={config.max_new_tokens} "
+                                 f"exceeds the context length {engine.max_len} (too_long='skip' skips such prompts)")
+            skipped.append(where)
+            continue
+        encoded.append((record, messages, reference, ids))
+    if skipped:
+        logging.warning("skipped %d prompts too long for max_new_tokens=%d (first: %s)", len(skipped),
+                        config.max_new_tokens, skipped[0])
+
+    output = config.output or os.path.join(workdir, "completions.jsonl")
+    reasons, new_tokens = collections.Counter(), 0
+    start = time.perf_counter()
+    with open(output, "w") as f:
+        for first in range(0, len(encoded), config.prompts_per_call):
+            batch = encoded[first: first + config.prompts_per_call]
+            out = engine.generate([ids for *_, ids in batch], config.max_new_tokens, sampling,
+                                  num_samples=config.num_samples, seeds=config.seed + first)
+            for i, (record, messages, reference, _) in enumerate(batch):
+                completions = []
+                for g in range(config.num_samples):
+                    r = i * config.num_samples + g
+                    completions.append(finish(tokenizer, out.row(r), bool(out.stopped[r]), stop))
+                reasons.update(c["finish_reason"] for c in completions)
+                new_tokens += sum(c["num_tokens"] for c in completions)
+                line = {**record, "messages": messages, "completions": completions}
+                if reference:
+                    line["reference"] = reference
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            logging.info("generated %d / %d prompts", first + len(batch), len(encoded))
+    elapsed = time.perf_counter() - start
+    summary = {
+        "prompts": len(encoded), "skipped_too_long": len(skipped), "completions": len(encoded) * config.num_samples,
+        "finish_reasons": dict(reasons), "new_tokens": new_tokens, "seconds": round(elapsed, 2),
+        "tokens_per_second": round(new_tokens / max(elapsed, 1e-9), 1), "truncated_sampling": sampling.truncated,
+        "output": output,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.info("summary: %s", summary)
+    return summary
