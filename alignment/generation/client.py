@@ -1,0 +1,39 @@
+"""A minimal client for OpenAI-compatible chat endpoints (this project's server, vLLM, ...), standard library only.
+
+    chat("http://127.0.0.1:8000", [{"role": "user", "content": "Hi"}], temperature=0.0, max_tokens=64) -> "Hello"
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, api_key: str = "", **params) -> str:
+    """The first choice's message content of POST {base_url}/v1/chat/completions.
+
+    base_url may end with or without /v1. params go into the request body as they are (model, max_tokens,
+    temperature, top_p, stop, seed, ...). An error answer raises RuntimeError carrying the server's message.
+    """
+    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps({"messages": messages, **params}).encode(),
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        raise RuntimeError(f"{url}: cannot connect ({e.reason})") from None
+    try:
+        return body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise RuntimeError(f"{url}: unexpected response {json.dumps(body)[:500]}") from None
