@@ -8,12 +8,15 @@ from typing import Any, Iterable
 
 import ml_collections
 
-STAGES = {"sft": "alignment.stages.sft"}
-STAGES["rm"] = "alignment.stages.rm"
-STAGES["dpo"] = "alignment.stages.dpo"  # also KTO: config.loss="kto"
-STAGES["merge"] = "alignment.stages.merge"
-STAGES["generate"] = "alignment.stages.generate"
-STAGES["eval"] = "alignment.stages.eval"
+STAGES = {
+    "sft": "alignment.stages.sft",
+    "rm": "alignment.stages.rm",
+    "dpo": "alignment.stages.dpo",  # also KTO: config.loss="kto"
+    "grpo": "alignment.stages.grpo",
+    "merge": "alignment.stages.merge",
+    "eval": "alignment.stages.eval",
+    "generate": "alignment.stages.generate",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -87,6 +87,20 @@ def configure_logging(argv: list[str]) -> None:
     project.propagate = False
 
 
+def run_warm_start(config, workdir: str) -> None:
+    """Run `config.warm_start` (a whole stage config, e.g. a short SFT) into workdir/warm_start first and
+    start this stage from its final checkpoint; a finished warm start is reused on restart."""
+    warm = config.get("warm_start")
+    if not warm or not warm.get("stage") or config.init_from:
+        return
+    directory = os.path.join(workdir, "warm_start")
+    if not os.path.exists(os.path.join(directory, "summary.json")):
+        logger.info("warm start: %s stage into %s", warm.stage, directory)
+        config_lib.validate(warm)
+        importlib.import_module(config_lib.STAGES[warm.stage]).run(warm, directory)
+    config.init_from = os.path.join(directory, "checkpoints")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -102,8 +116,9 @@ def main(argv):
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
-    stage = importlib.import_module(config_lib.STAGES[config.stage])
     try:
+        run_warm_start(config, _WORKDIR.value)
+        stage = importlib.import_module(config_lib.STAGES[config.stage])
         stage.run(config, _WORKDIR.value)
     except Preempted as e:
         logger.warning("%s", e)  # a clean exit: the scheduler restarts the job, which resumes

@@ -109,7 +109,7 @@ def main() -> None:
                               "peak_rss_gb": round(max(r[1] for r in runs), 2), "x_copy_floor": round(wall / floor_s, 2)}),
                   flush=True)
         if args.mergekit:
-            body = "".join(f"  - model: {m}/{n}\n" + (f"    parameters: {{weight: 1.0, density: 0.5}}\n"
+            body = "".join(f"  - model: {m}/{n}\n" + ("    parameters: {weight: 1.0, density: 0.5}\n"
                                                        if method in ("ties", "dare_ties") else
                                                        "    parameters: {weight: 1.0}\n" if method == "linear" else "")
                            for n in names)

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from alignment.merge.methods import METHODS, TensorParams, drop_and_rescale, trim_by_magnitude
+from alignment.merge.methods import METHODS, drop_and_rescale, trim_by_magnitude
 from alignment.merge.params import at_depth, depth, make_spec
 
 SHAPE = (6, 7, 5)

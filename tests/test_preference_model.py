@@ -1,5 +1,8 @@
 """Preference losses through the model: packed vs separate sequences, reference paths, short stage runs."""
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -122,15 +125,17 @@ def test_kto_stage_runs(tmp_path):
 
 
 def test_reward_model_learns_and_scores_chats(tmp_path):
-    """A short run on the embedded pairs raises held-out accuracy; load_reward_model scores like training."""
-    from alignment.stages import rm as rm_stage
-
-    config = stage_config("rm", workdir_steps=80, **{"data.num_embedded": 2560, "data.num_embedded_eval": 256,
-                                                     "batch_size": 32, "optimizer.warmup_steps": 5,
-                                                     "optimizer.schedule": "constant", "log_every": 80})
-    config.model = load_config_file("configs/rm.py").model  # the embedded tiny model: MICRO learns too slowly
-    summary = rm_stage.run(config, str(tmp_path))
-    final = summary["final_eval"]
+    """The launcher runs configs/rm.py (shortened) on the embedded pairs and held-out accuracy rises well above
+    chance; load_reward_model then scores chats. One device in a subprocess: eight simulated devices on a busy
+    2-core machine can stall XLA's collective rendezvous past its timeout."""
+    overrides = {"steps": 80, "data.num_embedded": 2560, "optimizer.warmup_steps": 5, "optimizer.schedule": "constant",
+                 "log_every": 40, "eval_every": 0, "checkpoint.async_save": False}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    command = [sys.executable, "-m", "alignment.launch", "--config=configs/rm.py", f"--workdir={tmp_path}",
+               *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((tmp_path / "summary.json").read_text())["final_eval"]
     assert final["accuracy"] >= 0.65 and final["margin"] > 0, final  # chance: 0.5 +- 0.03 on 256 pairs
     score_fn = reward.load_reward_model(str(tmp_path))
     prompt = [{"role": "user", "content": "What is 3 + 4?"}]

@@ -2,3 +2,5 @@
 from alignment.merge.methods import METHODS, TensorParams
 from alignment.merge.params import make_spec
 from alignment.merge.streaming import merge_checkpoints
+
+__all__ = ["METHODS", "TensorParams", "make_spec", "merge_checkpoints"]

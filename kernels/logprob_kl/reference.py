@@ -41,6 +41,7 @@ def logprob_kl(hidden, unembedding, targets, ref_topk_ids=None, ref_topk_logprob
 
 def k3(logp, ref_logp):
     """The k3 estimator of KL(policy || reference) from per-token log-probs of the sampled tokens [N]:
-    exp(r - p) - (r - p) - 1, unbiased in expectation over samples and always >= 0."""
+    exp(r - p) - (r - p) - 1, unbiased in expectation over samples and always >= 0. Written with expm1 so
+    small log-ratios keep their digits in float32."""
     log_ratio = ref_logp - logp
-    return jnp.exp(log_ratio) - log_ratio - 1.0
+    return jnp.expm1(log_ratio) - log_ratio
