@@ -5,8 +5,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def arithmetic_record(rng: np.random.Generator, max_operand: int = 20, num_ops: int = 2) -> dict:
+def arithmetic_record(rng: np.random.Generator, max_operand: int = 9, num_ops: int = 2) -> dict:
     """One problem such as 'What is 12 + 7 - 5?' with a worked solution ending in 'The answer is N.'"""
     value = int(rng.integers(1, max_operand + 1))
     expression, steps = str(value), []
@@ -30,6 +30,6 @@ def arithmetic_record(rng: np.random.Generator, max_operand: int = 20, num_ops: 
     }
 
 
-def arithmetic_dataset(num_records: int, seed: int, max_operand: int = 20, num_ops: int = 2) -> list[dict]:
+def arithmetic_dataset(num_records: int, seed: int, max_operand: int = 9, num_ops: int = 2) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [arithmetic_record(rng, max_operand, num_ops) for _ in range(num_records)]

@@ -73,8 +73,8 @@ def _repeat_rows(cache: KVCache, times: int) -> KVCache:
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    k_names = (None, "batch", None, "act_kv_heads", None)
-    return KVCache(sharding.constrain(cache.k, *k_names), sharding.constrain(cache.v, *k_names),
+    kv_names = (None, "batch", "act_kv_heads", None, None)
+    return KVCache(sharding.constrain(cache.k, *kv_names), sharding.constrain(cache.v, *kv_names),
                    sharding.constrain(cache.segment_ids, "batch", None),
                    sharding.constrain(cache.positions, "batch", None))
 

@@ -5,7 +5,8 @@ server batches requests that way) and nothing recompiles when a setting changes.
 that of `transformers`: temperature, then top-k, then top-p over the top-k renormalised distribution, then
 min-p. No step sorts the vocabulary (a [16, 32000] sort costs more than a decode step on CPU): top-k and top-p
 thresholds are found by bisection on the logit value, and tokens are drawn by a two-level inverse CDF.
-Values within (logit range) * 2**-BISECTION_STEPS of a threshold count as ties and are kept.
+Values within (logit range) * 2**-BISECTION_STEPS of a threshold count as ties and are kept; that is
+below the rounding noise of float32 logits.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BISECTION_STEPS = 32
+BISECTION_STEPS = 24  # resolves thresholds to ~1e-6 of the logit range, the precision of fp32 logits
 _CDF_BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
 
@@ -69,28 +70,29 @@ def _bisect_threshold(scaled: jax.Array, lo: jax.Array, hi: jax.Array, enough) -
     return jax.lax.fori_loop(0, BISECTION_STEPS, step, (lo, hi))[0]
 
 
-def _top_k_top_p_keep(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """bool [rows, V]: tokens inside the top-k set and, within it, inside the top-p nucleus."""
+def keep_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """bool [rows, V]: tokens the filters keep. scaled [rows, V] are temperature-scaled logits; settings [rows].
+
+    Each bisection runs only when some row of the batch uses its filter; rows with a filter off keep everything.
+    """
     lo, hi = jnp.min(scaled, axis=-1), jnp.max(scaled, axis=-1)
     k = jnp.where(top_k > 0, top_k, scaled.shape[-1])
-    k_threshold = _bisect_threshold(scaled, lo, hi, lambda keep: jnp.sum(keep, axis=-1) >= k)
-    in_k = scaled >= k_threshold[:, None]
-    weights = jnp.where(in_k, jnp.exp(scaled - hi[:, None]), 0.0)
+    k_threshold = jax.lax.cond(
+        jnp.any(top_k > 0),
+        lambda: _bisect_threshold(scaled, lo, hi, lambda keep: jnp.sum(keep, axis=-1) >= k),
+        lambda: lo)
+    weights = jnp.where(scaled >= k_threshold[:, None], jnp.exp(scaled - hi[:, None]), 0.0)
     target = top_p * jnp.sum(weights, axis=-1)
-    p_threshold = _bisect_threshold(
-        scaled, k_threshold, hi, lambda keep: jnp.sum(jnp.where(keep, weights, 0.0), axis=-1) >= target)
-    return scaled >= p_threshold[:, None]
-
-
-def keep_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """bool [rows, V]: tokens the filters keep. scaled [rows, V] are temperature-scaled logits; settings [rows]."""
-    rows_filtered = (top_k > 0) | (top_p < 1)
-    keep = jax.lax.cond(jnp.any(rows_filtered),
-                        lambda: _top_k_top_p_keep(scaled, top_k, top_p) | ~rows_filtered[:, None],
-                        lambda: jnp.ones(scaled.shape, bool))
+    p_threshold = jax.lax.cond(
+        jnp.any(top_p < 1),
+        lambda: _bisect_threshold(scaled, k_threshold, hi,
+                                  lambda keep: jnp.sum(jnp.where(keep, weights, 0.0), axis=-1) >= target),
+        lambda: k_threshold)
+    # Rows without top-p skip it exactly (float32 mass sums cannot see the dropping of a 1e-8 token).
+    p_threshold = jnp.where(top_p < 1, p_threshold, k_threshold)
     # p_i >= min_p * p_max  <=>  scaled_i - scaled_max >= log(min_p); min_p = 0 gives -inf and keeps all.
-    floor = jnp.max(scaled, axis=-1) + jnp.log(min_p)
-    return keep & (scaled >= floor[:, None])
+    threshold = jnp.maximum(p_threshold, hi + jnp.log(min_p))
+    return scaled >= threshold[:, None]
 
 
 def first_index(cond: jax.Array) -> jax.Array:

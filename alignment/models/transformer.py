@@ -146,8 +146,10 @@ def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: Model
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots, plus what the attention mask needs per slot.
 
-    k, v [layers, batch, max_len, kv_heads, head_dim] (compute dtype); segment_ids, positions [batch, max_len]
-    int32. Segment 0 marks an empty or padding slot, which no query attends to.
+    k [layers, batch, kv_heads, max_len, head_dim] and v [layers, batch, kv_heads, head_dim, max_len] (compute
+    dtype): the layouts the two attention matmuls read without transposing, which otherwise costs a copy of the
+    whole cache every step. segment_ids, positions [batch, max_len] int32; segment 0 marks an empty or padding
+    slot, which no query attends to.
     """
 
     k: jax.Array
@@ -158,10 +160,11 @@ class KVCache(NamedTuple):
 
 def init_cache(c: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache: every slot has segment 0."""
-    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+    dtype = jnp.dtype(c.dtype)
+    k = jnp.zeros((c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim), dtype)
+    v = jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len), dtype)
     slots = jnp.zeros((batch, max_len), jnp.int32)
-    return KVCache(zeros, zeros, slots, slots)
+    return KVCache(k, v, slots, slots)
 
 
 def cached_decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, cache: KVCache, index,
@@ -181,9 +184,12 @@ def cached_decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c
         x, k_all, v_all = carry
         p, i = inputs
         q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, index, 0, 0))
-        attn = attention(q, k_all[i], v_all[i], segment_ids, kv_segment_ids, positions, kv_positions)
+        k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)  # [1, b, kvh, s, dh]
+        v_new = v.transpose(0, 2, 3, 1)[None].astype(v_all.dtype)  # [1, b, kvh, dh, s]
+        k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, index, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, 0, 0, index))
+        attn = attention(q, k_all[i].transpose(0, 2, 1, 3), v_all[i].transpose(0, 3, 1, 2), segment_ids,
+                         kv_segment_ids, positions, kv_positions)
         return (_attention_output_and_mlp(p, x, attn, c), k_all, v_all), None
 
     (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (layers, jnp.arange(c.num_layers)))

@@ -167,11 +167,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss = functools.partial(grpo.grpo_loss, model, temperature=rl.temperature, clip_low=rl.clip_low,
                              clip_high=rl.clip_high, kl_mode=rl.kl_mode, beta=rl.beta,
                              aggregation=rl.aggregation, max_tokens=rl.max_new_tokens)
-    update = jit_train_step(make_train_step(loss, optimizer, schedule, config.micro_batches), shardings, target)
+    # Batches keep the layout `place_batch` gives them (rows over the data axes, whatever their rank).
+    update = jit_train_step(make_train_step(loss, optimizer, schedule, config.micro_batches), shardings, None)
     ptx = make_ptx_batches(config, tokenizer, model, ref_params)
     if ptx is not None:
         ptx_step = jit_train_step(make_train_step(functools.partial(grpo.ptx_kl_loss, model, gamma=rl.ptx_gamma),
-                                                  optimizer, schedule), shardings, target)
+                                                  optimizer, schedule), shardings, None)
     sampling = SamplingParams(temperature=rl.temperature)
     writer, guard = MetricsWriter(workdir), PreemptionGuard()
 

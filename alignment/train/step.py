@@ -83,7 +83,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
 
 
 def jit_train_step(step: Callable, state_shardings: TrainState, batch_shardings: Any) -> Callable:
-    """The step compiled with explicit in/out shardings; the old state's buffers are donated."""
+    """The step compiled with explicit in/out shardings; the old state's buffers are donated.
+
+    `batch_shardings` None keeps each batch array's own layout (as `runtime.place_batch` made it)."""
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
