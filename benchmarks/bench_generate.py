@@ -1,6 +1,6 @@
 """Generated tokens/s of the rollout engine on bench-small (random weights), as the transformers peer measures it.
 
-    python benchmarks/bench_generate.py [--config /work/shared/data/peers/bench-small/config.json] [--repeats 3]
+    PYTHONPATH=. python benchmarks/bench_generate.py [--repeats 3] [--batches 16,1] [--config other/config.json]
 
 64-token random prompts, exactly 128 new tokens (no stop ids), batch 16 and batch 1, greedy and top-p 0.9.
 Prints one JSON line; medians over repeats after one compile-and-warm-up call per setting.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -22,26 +21,26 @@ from alignment.generation.engine import Engine
 from alignment.generation.sampling import SamplingParams
 from alignment.models import Transformer, from_hf_config
 from alignment.models.transformer import dummy_inputs
+from benchmarks import common
 
-DEFAULT_CONFIG = "/work/shared/data/peers/bench-small/config.json"
 MODES = {"greedy": SamplingParams(temperature=0.0), "top_p": SamplingParams(temperature=1.0, top_p=0.9)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="HF config.json of the model")
+    parser.add_argument("--config", default="", help="HF config.json of the model; default bench-small")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--batches", default="16,1", help="comma-separated batch sizes")
     args = parser.parse_args()
 
-    config = from_hf_config(args.config)
+    config = from_hf_config(args.config) if args.config else common.bench_small_config()
     model = Transformer(config)
     params = jax.jit(lambda k: nn.meta.unbox(model.init(k, *dummy_inputs())["params"]))(jax.random.key(0))
     engine = Engine(config, params, sharding.make_mesh({"data": -1}), sharding.DEFAULT_RULES, pad_id=0)
     rng = np.random.default_rng(1)
-    result = {"bench": "generate", "model": os.path.basename(os.path.dirname(args.config)),
+    result = {"bench": "generate", "model": args.config or "bench-small",
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "devices": jax.device_count(),
               "platform": jax.devices()[0].platform}
     for batch in (int(b) for b in args.batches.split(",")):

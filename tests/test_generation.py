@@ -139,6 +139,13 @@ def test_group_samples_share_one_prefill(setup):
         rows[i * group + g] for i in reversed(range(len(prompts))) for g in range(group)]
 
 
+def test_params_passed_per_call_replace_the_engines(setup):
+    model, params, engine, prompts = setup
+    updated = jax.tree.map(lambda p: p * 1.5, params)  # e.g. a trainer's weights after an update
+    out = engine.generate(prompts, NEW, params=updated)
+    assert [out.row(i) for i in range(len(prompts))] == _greedy_by_recomputation(model, updated, prompts, NEW)
+
+
 def test_stop_ids_end_rows_early_and_per_row_limits(setup):
     _, _, engine, prompts = setup
     free = engine.generate(prompts, NEW)

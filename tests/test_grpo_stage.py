@@ -14,21 +14,21 @@ from alignment.stages import grpo
 from alignment.train.loop import Preempted
 
 
-def digit_share(sample, params):
-    """A reward the tiny random model can learn in a few steps: the share of digits in the completion."""
+def space_share(sample, params):
+    """A reward the tiny random model can learn in a few steps: the share of spaces in the completion."""
     text = sample.completion
-    if params.get("preempt_at") and digit_share.calls == params["preempt_at"]:
+    if params.get("preempt_at") and space_share.calls == params["preempt_at"]:
         os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption notice does, at a known point
-    digit_share.calls += 1
-    return sum(c.isdigit() for c in text) / max(len(text), 1)
+    space_share.calls += 1
+    return sum(c == " " for c in text) / max(len(text), 1)
 
 
 @pytest.fixture(autouse=True)
 def registered_reward():
-    registry.REWARDS["digit_share"], registry.PARAMS["digit_share"] = digit_share, {"preempt_at": 0}
-    digit_share.calls = 0
+    registry.REWARDS["space_share"], registry.PARAMS["space_share"] = space_share, {"preempt_at": 0}
+    space_share.calls = 0
     yield
-    del registry.REWARDS["digit_share"], registry.PARAMS["digit_share"]
+    del registry.REWARDS["space_share"], registry.PARAMS["space_share"]
 
 
 def config(steps: int, preempt_at: int = 0):
@@ -36,13 +36,13 @@ def config(steps: int, preempt_at: int = 0):
     c.warm_start = None
     c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 2, 64, 128
     c.steps = steps
-    c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 0
+    c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 0
     c.rl.prompts_per_step, c.rl.num_samples, c.rl.max_new_tokens = 4, 8, 16
     c.rl.eval_every = 0
     c.rl.correct_threshold = 0.5
     c.data.num_embedded_eval = 8
     c.checkpoint.async_save = False
-    c.rewards = {"digit_share": {"weight": 1.0, "preempt_at": preempt_at}}
+    c.rewards = {"space_share": {"weight": 1.0, "preempt_at": preempt_at}}
     return c
 
 
@@ -62,11 +62,12 @@ def test_short_run_raises_reward_and_resumes_exactly(tmp_path):
     assert np.mean(curve[-3:]) > np.mean(curve[:3]) + 0.05, curve
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
 
+    space_share.calls = 0
     with pytest.raises(Preempted) as stopped:
         # 4 prompts x 8 samples are scored per step, plus 8 held-out ones before RL: stop during step 6.
         grpo.run(config(12, preempt_at=8 + 5 * 32 + 3), str(tmp_path / "resumed"))
     assert stopped.value.step == 6
-    digit_share.calls = 0
+    space_share.calls = 0
     grpo.run(config(12), str(tmp_path / "resumed"))
     np.testing.assert_allclose(rewards(tmp_path / "resumed")[-6:], curve[-6:], rtol=1e-6)
     expected, actual = params_at(tmp_path / "full", 12), params_at(tmp_path / "resumed", 12)

@@ -181,13 +181,14 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(temperature=0.0),
-                 *, num_samples: int = 1, seeds: int | Sequence[int] = 0,
-                 stop_ids: Sequence[int] = ()) -> Completions:
+                 *, num_samples: int = 1, seeds: int | Sequence[int] = 0, stop_ids: Sequence[int] = (),
+                 params: Any | None = None) -> Completions:
         """Complete every prompt (token ids) num_samples times.
 
         max_new_tokens, sampling: one for all prompts or one per prompt; seeds: one per prompt, or a base seed
         (prompt i then uses base + i); a row's tokens depend only on its prompt, seed, sample index and settings.
-        stop_ids are added to the engine's own.
+        stop_ids are added to the engine's own. params: weights to use instead of the engine's (an RL trainer
+        passes its current ones; same shapes and shardings, so nothing recompiles or moves).
         """
         n = len(prompts)
         if n == 0:
@@ -228,7 +229,7 @@ class Engine:
         put_rows = lambda x: jax.device_put(x, self._rows)
         with sharding.activation_sharding(self.mesh, self.rules):
             out = self._program(
-                self.params, put_rows(tokens), put_rows(lengths),
+                self.params if params is None else params, put_rows(tokens), put_rows(lengths),
                 put_rows(np.asarray(seeds + [0] * fill, np.int32)), put_rows(row_max_new),
                 jax.device_put(stop_array, self._replicated), {k: put_rows(v) for k, v in stacked.items()},
                 num_samples=num_samples, new_tokens=new_tokens, pad_id=self.pad_id)

@@ -54,10 +54,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     sampling = SamplingParams(**config.sampling.to_dict())
     stop = tuple(config.stop)
+    records = load_prompts(config)  # before the engine is built: a bad file fails fast
     engine, tokenizer = build_engine(config, stop)
 
     encoded, skipped = [], []
-    for where, record in load_prompts(config):
+    for where, record in records:
         messages, reference = split_prompt(record)
         try:
             ids = encode_chat(tokenizer, messages, config.chat_template, add_generation_prompt=True).ids.tolist()

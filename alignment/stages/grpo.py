@@ -151,13 +151,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ref_params = jax.tree.map(jnp.copy, state.params)  # frozen: the policy's starting point
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
-    history = []
+    history, start = [], 0
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(abstract, shardings)
         stream.set_state(data_state["prompts"])
-        history = data_state["history"]
-        logger.info("resumed at RL step %d", data_state["rl_step"])
-    start = len(history)
+        history, start = data_state["history"], data_state["rl_step"]
+        logger.info("resumed at RL step %d", start)
 
     engine = Engine(model_cfg, state.params, mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
