@@ -2,6 +2,9 @@
 GRPO with a math-answer reward and the paper's top-K KL in the token-level reward. Prints held-out
 accuracy before and after RL and writes curve.png / curve.jsonl to the workdir.
 
+The warm-start demonstrations compute correctly but state a wrong final answer (off by one) 60% of the
+time, so SFT imitates the mistake; GRPO's verifiable reward is what corrects it.
+
     python -m alignment.launch --config=configs/grpo.py --workdir=/tmp/grpo
 """
 import ml_collections
@@ -19,7 +22,7 @@ def get_config():
     c.init_from = ""  # policy and reference start here (SFT or merged checkpoint); '' runs warm_start first
     c.steps = 60  # RL steps (each: rollouts, scoring, ppo_epochs x minibatches updates)
     c.batch_size = 1  # unused by GRPO: rows per update come from rl.prompts_per_step x rl.num_samples
-    c.optimizer.lr = 5e-5
+    c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 5
     c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0
@@ -27,8 +30,8 @@ def get_config():
     c.rl = ml_collections.ConfigDict(dict(
         prompts_per_step=16,  # prompts drawn per RL step (by category weight)
         num_samples=8,  # G: completions per prompt (the paper uses 3)
-        max_prompt_length=48,  # longer prompts are an error naming the prompt
-        max_new_tokens=48,  # completion budget
+        max_prompt_length=32,  # longer prompts are an error naming the prompt
+        max_new_tokens=32,  # completion budget
         temperature=1.0,  # sampling temperature; the trainer scores at the same temperature, no top-k/top-p
         clip_low=0.2,  # PPO clip: ratio >= 1 - clip_low
         clip_high=0.28,  # PPO clip: ratio <= 1 + clip_high
@@ -49,13 +52,15 @@ def get_config():
     c.rewards = ml_collections.ConfigDict(dict(math=dict(weight=1.0)))  # name -> weight and parameters
     c.reward_on_error = "zero"  # zero | raise | skip: what a reward function that raises scores
     c.data = ml_collections.ConfigDict(dict(
-        train=ml_collections.ConfigDict(dict(math=sft.source("embedded"))),  # category -> prompt source
-        eval=ml_collections.ConfigDict(dict(math=sft.source("embedded"))),  # held-out prompts per category
+        train=ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1))),  # category -> prompt source
+        eval=ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1))),  # held-out prompts per category
         num_embedded=2000,  # generated prompts for an 'embedded' source
         num_embedded_eval=128,  # generated held-out prompts
     ))
     c.ptx_data = sft.get_config().data  # SFT data for the PTX-KL penalty (used when rl.ptx_gamma > 0)
     warm = sft.get_config()  # the SFT warm start run when init_from is empty
-    warm.steps = 150
+    warm.steps = 300
+    warm.data.train = ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1, answer_noise=0.6)))
+    warm.data.eval = ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1, answer_noise=0.6)))
     c.warm_start = warm
     return c

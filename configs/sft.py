@@ -7,9 +7,13 @@ import ml_collections
 from alignment.config import base_config, model_preset
 
 
-def source(path: str, weight: float = 1.0, fmt: str = "auto") -> ml_collections.ConfigDict:
-    """One data source: a JSONL file, 'tfds:name[/config]:split' or 'embedded'."""
-    return ml_collections.ConfigDict(dict(path=path, weight=weight, format=fmt, tfds_data_dir=""))
+def source(path: str, weight: float = 1.0, fmt: str = "auto", **embedded) -> ml_collections.ConfigDict:
+    """One data source: a JSONL file, 'tfds:name[/config]:split' or 'embedded' (generated arithmetic; `embedded`
+    takes arithmetic_dataset options: max_operand, num_ops, answer_noise)."""
+    fields = dict(path=path, weight=weight, format=fmt, tfds_data_dir="")
+    if embedded:
+        fields["embedded"] = embedded
+    return ml_collections.ConfigDict(fields)
 
 
 def get_config():

@@ -36,7 +36,7 @@ def sequence_logps(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Arra
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     unembedding = model.apply({"params": params}, method="unembedding")
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp = token_logprobs(hidden, unembedding, batch["targets"]) * mask
+    logp = token_logprobs(hidden, unembedding, batch["targets"], impl=model.config.logprob_impl or None) * mask
     return segment_sums(logp, batch["segment_ids"], 2), segment_sums(mask, batch["segment_ids"], 2)
 
 

@@ -125,7 +125,8 @@ def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float,
     del rng
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     unembedding = model.apply({"params": params}, method="unembedding")
-    logp = token_logprobs(hidden, unembedding, batch["targets"], temperature)
+    logp = token_logprobs(hidden, unembedding, batch["targets"], temperature,
+                          impl=model.config.logprob_impl or None)
     first = batch["first_pass"][:, None] > 0
     old_logp = jnp.where(first, jax.lax.stop_gradient(logp), batch["old_logp"])
     per_token, clipped = clipped_surrogate(logp, old_logp, batch["advantages"], clip_low, clip_high)

@@ -32,7 +32,7 @@ def sft_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, normali
         raise ValueError(f"loss normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     unembedding = model.apply({"params": params}, method="unembedding")
-    nll = -token_logprobs(hidden, unembedding, batch["targets"])
+    nll = -token_logprobs(hidden, unembedding, batch["targets"], impl=model.config.logprob_impl or None)
     mask = batch["loss_mask"].astype(jnp.float32)
     token_sum, tokens_in_loss = jnp.sum(nll * mask), jnp.sum(mask)
     if normalization == "token":

@@ -29,7 +29,8 @@ def load_prompts(sources: Mapping, *, seed: int, num_embedded: int, skip_bad_rec
     by_category: dict[str, list[dict]] = collections.defaultdict(list)
     for index, (category, source) in enumerate(sorted(sources.items())):
         records, _ = load_records(source.path, category=category, fmt=source.get("format", "auto"),
-                                  skip_bad_records=skip_bad_records, seed=seed + index, num_embedded=num_embedded)
+                                  skip_bad_records=skip_bad_records, seed=seed + index, num_embedded=num_embedded,
+                                  embedded=source.get("embedded", None))
         for number, record in enumerate(records):
             record.setdefault("prompt_id", f"{category}-{number}")
             by_category[record["category"]].append(record)

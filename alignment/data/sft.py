@@ -72,7 +72,8 @@ def load_source(category: str, source: ml_collections.ConfigDict, data: ml_colle
     encode = functools.partial(chat_example, tokenizer, template, data.train_on)
     records, stats = load_records(source.path, category=category, fmt=source.get("format", "auto"),
                                   skip_bad_records=data.skip_bad_records, seed=seed, num_embedded=num_embedded,
-                                  tfds_data_dir=source.get("tfds_data_dir", None), encode=encode)
+                                  embedded=source.get("embedded", None), tfds_data_dir=source.get("tfds_data_dir", None),
+                                  encode=encode)
     report.read, report.skipped = stats.read, dict(stats.skipped)
     examples = []
     for record in records:

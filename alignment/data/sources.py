@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from alignment.data.synthetic import arithmetic_dataset
 
@@ -149,7 +149,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def load_records(path: str, *, category: str, fmt: str = "auto", skip_bad_records: bool = False,
-                 seed: int = 0, num_embedded: int = 0, tfds_data_dir: str | None = None,
+                 seed: int = 0, num_embedded: int = 0, embedded: Mapping[str, Any] | None = None,
+                 tfds_data_dir: str | None = None,
                  encode: Callable[[list[dict]], Any] | None = None) -> tuple[list[dict], SourceStats]:
     """All usable records of one source, in chat form, tagged with `category`.
 
@@ -160,7 +161,8 @@ def load_records(path: str, *, category: str, fmt: str = "auto", skip_bad_record
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
     stats = SourceStats()
     if path == EMBEDDED:
-        raw_records = ((f"embedded[{i}]", r) for i, r in enumerate(arithmetic_dataset(num_embedded, seed)))
+        generated = arithmetic_dataset(num_embedded, seed, **dict(embedded or {}))
+        raw_records = ((f"embedded[{i}]", r) for i, r in enumerate(generated))
     elif path.startswith(TFDS_PREFIX):
         raw_records = _tfds_records(path, tfds_data_dir)
     else:

@@ -8,8 +8,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def arithmetic_record(rng: np.random.Generator, max_operand: int = 9, num_ops: int = 2) -> dict:
-    """One problem such as 'What is 12 + 7 - 5?' with a worked solution ending in 'The answer is N.'"""
+def arithmetic_record(rng: np.random.Generator, max_operand: int = 9, num_ops: int = 2,
+                      answer_noise: float = 0.0) -> dict:
+    """One problem such as 'What is 8 + 7 - 5?' with a worked solution ending in 'The answer is N.'
+
+    With probability `answer_noise` the solution's final answer is off by one (the reference `answer`
+    stays right): imperfect demonstrations, the kind of SFT data RL with a verifiable reward corrects.
+    """
     value = int(rng.integers(1, max_operand + 1))
     expression, steps = str(value), []
     for _ in range(num_ops):
@@ -19,7 +24,8 @@ def arithmetic_record(rng: np.random.Generator, max_operand: int = 9, num_ops: i
         steps.append(f"{value} {op} {operand} = {result}.")
         expression += f" {op} {operand}"
         value = result
-    solution = " ".join(steps) + f" The answer is {value}."
+    stated = value + 1 if rng.random() < answer_noise else value
+    solution = " ".join(steps) + f" The answer is {stated}."
     return {
         "messages": [
             {"role": "user", "content": f"What is {expression}?"},
@@ -30,6 +36,7 @@ def arithmetic_record(rng: np.random.Generator, max_operand: int = 9, num_ops: i
     }
 
 
-def arithmetic_dataset(num_records: int, seed: int, max_operand: int = 9, num_ops: int = 2) -> list[dict]:
+def arithmetic_dataset(num_records: int, seed: int, max_operand: int = 9, num_ops: int = 2,
+                       answer_noise: float = 0.0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [arithmetic_record(rng, max_operand, num_ops) for _ in range(num_records)]
+    return [arithmetic_record(rng, max_operand, num_ops, answer_noise) for _ in range(num_records)]

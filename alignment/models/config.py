@@ -47,6 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and losses always accumulate in float32
     attention_impl: str = "xla"
+    logprob_impl: str = ""  # output-head log-prob kernel (kernels/logprob_kl); '' = the backend's default
     remat_policy: str = "none"  # what the backward pass may keep instead of recomputing
     remat_group_size: int = 1  # remat every group of this many consecutive layers (the paper's grouping)
     value_head: bool = False  # scalar head for reward models and critics

@@ -77,7 +77,7 @@ class Rollouts:
 
 def make_scorer(model: Transformer, config) -> callable:
     """Jitted: old log-probs of the rollout tokens and what the KL mode needs from the reference."""
-    rl = config.rl
+    rl, impl = config.rl, model.config.logprob_impl or None
 
     @jax.jit
     def score(params, ref_params, batch):
@@ -88,12 +88,13 @@ def make_scorer(model: Transformer, config) -> callable:
         if rl.kl_mode == "token_reward":
             ids, ref_lp = grpo.reference_topk(ref_hidden, unembed(ref_params), rl.kl_top_k, rl.temperature)
             scored = logprobs_entropy_kl(hidden, unembed(params), batch["targets"], temperature=rl.temperature,
-                                         ref_topk_ids=ids, ref_topk_logprobs=ref_lp, with_entropy=True)
+                                         ref_topk_ids=ids, ref_topk_logprobs=ref_lp, with_entropy=True, impl=impl)
             out["kl"] = scored.kl
         else:
             scored = logprobs_entropy_kl(hidden, unembed(params), batch["targets"], temperature=rl.temperature,
-                                         with_entropy=True)
-            out["ref_logp"] = token_logprobs(ref_hidden, unembed(ref_params), batch["targets"], rl.temperature)
+                                         with_entropy=True, impl=impl)
+            out["ref_logp"] = token_logprobs(ref_hidden, unembed(ref_params), batch["targets"], rl.temperature,
+                                             impl=impl)
             out["kl"] = grpo.k3(scored.logp, out["ref_logp"])
         out["old_logp"], out["entropy"] = scored.logp, scored.entropy
         return out

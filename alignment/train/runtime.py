@@ -15,7 +15,8 @@ from alignment.models import ModelConfig, from_hf_config
 
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
 # top of an imported checkpoint's own config.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "remat_group_size", "value_head")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "logprob_impl", "remat_policy", "remat_group_size",
+                  "value_head")
 
 logger = logging.getLogger(__name__)
 
