@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
 import ml_collections
 

@@ -24,16 +24,9 @@ from jax.sharding import PartitionSpec
 from alignment import sharding
 from kernels.attention import api as kernel_api
 from kernels.attention import xla as flash
+from kernels.attention.reference import mask as attention_mask
 
 AttentionFn = Callable[..., jax.Array]
-
-
-def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> jax.Array:
-    """[batch, q_len, kv_len] bool: same non-padding segment and causal by position."""
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    real = (q_segment_ids != 0)[:, :, None]
-    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
-    return same & real & causal
 
 
 def xla_dense(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> jax.Array:

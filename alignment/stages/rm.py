@@ -11,7 +11,6 @@ import numpy as np
 from absl import logging
 
 from alignment.algorithms import reward
-from alignment.checkpoint import Checkpointer
 from alignment.data import preference
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
@@ -19,7 +18,7 @@ from alignment.train import runtime
 from alignment.train.loop import train_loop
 from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
-from alignment.train.state import init_state, state_shardings
+from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 
@@ -45,16 +44,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_inputs = dummy_inputs()
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
     batches = iter(preference.shuffled_batches(train_rows, config.batch_size, config.seed).to_iter_dataset())
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(abstract, shardings)
+    checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer, abstract,
+                                                             shardings, init_inputs)
+    if data_state is not None:
         batches.set_state(data_state)
-        logging.info("resumed from step %d", int(state.step))
-    else:
-        params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
-        state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
 
     layout = preference.leaf_shardings(train_rows[0], runtime.batch_sharding(mesh, rules))
     loss_fn = functools.partial(reward.reward_loss, model, alpha=config.rm.alpha, use_margin=config.rm.use_margin)

@@ -12,7 +12,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from alignment.algorithms.sft import sft_loss
-from alignment.checkpoint import Checkpointer
 from alignment.data import sft as sft_data
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import Transformer
@@ -21,7 +20,7 @@ from alignment.train import runtime
 from alignment.train.loop import train_loop
 from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
-from alignment.train.state import init_state, state_shardings
+from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -75,15 +74,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     optimizer, schedule = make_optimizer(config.optimizer, config.steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(abstract, shardings)
+    checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer, abstract,
+                                                             shardings, dummy_inputs())
+    if data_state is not None:
         batches.set_state(data_state)
-        logger.info("resumed from step %d", int(state.step))
-    else:
-        params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
-        state = init_state(model, optimizer, shardings, config.seed, dummy_inputs(), params)
 
     target = runtime.batch_sharding(mesh, rules)
     loss_fn = functools.partial(sft_loss, model, normalization=config.loss_normalization)

@@ -11,7 +11,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from alignment import sharding
+from alignment.checkpoint import Checkpointer
 from alignment.models import ModelConfig, from_hf_config
+from alignment.train.state import init_state
 
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
 # top of an imported checkpoint's own config.
@@ -54,6 +56,20 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, ab
     from alignment.checkpoint import load_params
 
     return load_params(config.init_from, abstract_params, param_shardings)
+
+
+def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model, model_cfg: ModelConfig, optimizer,
+                   abstract, shardings, init_inputs: tuple):
+    """(checkpointer, state, data_state): the newest checkpoint in workdir/checkpoints when there is one
+    (data_state is what was saved with it), else a fresh state from `config.init_from` or the seed (None)."""
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(abstract, shardings)
+        logger.info("resumed from step %d", int(state.step))
+        return checkpointer, state, data_state
+    params = initial_params(config, model_cfg, abstract.params, shardings.params)
+    return checkpointer, init_state(model, optimizer, shardings, config.seed, init_inputs, params), None
 
 
 def check_vocab(tokenizer, model_cfg: ModelConfig) -> None:
