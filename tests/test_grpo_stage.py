@@ -59,7 +59,7 @@ def params_at(workdir, step):
 def test_short_run_raises_reward_and_resumes_exactly(tmp_path):
     summary = grpo.run(config(12), str(tmp_path / "full"))
     curve = rewards(tmp_path / "full")
-    assert np.mean(curve[-3:]) > np.mean(curve[:3]) + 0.05, curve
+    assert np.mean(curve[-3:]) > 1.25 * np.mean(curve[:3]), curve  # the space share rises by about half
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
 
     space_share.calls = 0
