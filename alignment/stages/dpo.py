@@ -18,7 +18,6 @@ from absl import logging
 from alignment.algorithms import dpo
 from alignment.checkpoint import Checkpointer
 from alignment.data import preference
-from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
 from alignment.train.loop import train_loop
@@ -64,10 +63,7 @@ def score_rows(logps_fn, params, rows: list[dict], batch_size: int, layout: dict
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_config(config)
-    model_cfg = runtime.model_config(config)
-    model = Transformer(model_cfg)
-    mesh, rules = runtime.mesh_and_rules(config)
-    runtime.log_run_header(config, model_cfg, mesh)
+    model_cfg, model, mesh, rules = runtime.setup_model(config)
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size,
                                                                   unpaired=config.loss == "kto")

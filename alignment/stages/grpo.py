@@ -26,7 +26,6 @@ from alignment.data import sft as sft_data
 from alignment.data.chat import encode_chat
 from alignment.data.prompts import PromptStream, load_prompts, prompt_messages, reweight_by_accuracy
 from alignment.data.rollouts import rollout_rows
-from alignment.data.tokenizer import load_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish, stop_token_ids
@@ -133,12 +132,8 @@ def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int) -> 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl = config.rl
-    model_cfg = runtime.model_config(config)
-    model = Transformer(model_cfg)
-    mesh, rules = runtime.mesh_and_rules(config)
-    runtime.log_run_header(config, model_cfg, mesh)
-    tokenizer = load_tokenizer(config.tokenizer)
-    runtime.check_vocab(tokenizer, model_cfg)
+    model_cfg, model, mesh, rules = runtime.setup_model(config)
+    tokenizer = runtime.checked_tokenizer(config, model_cfg)
 
     prompts = load_prompts(config.data.train, seed=config.seed, num_embedded=config.data.num_embedded)
     held_out = load_prompts(config.data.eval, seed=config.seed + 1000, num_embedded=config.data.num_embedded_eval)

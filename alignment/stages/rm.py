@@ -12,7 +12,6 @@ from absl import logging
 
 from alignment.algorithms import reward
 from alignment.data import preference
-from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
 from alignment.train.loop import train_loop
@@ -31,12 +30,9 @@ def write_summary(workdir: str, config: ml_collections.ConfigDict, summary: dict
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    model_cfg = runtime.model_config(config)
-    if not model_cfg.value_head:
+    if not config.model.get("value_head", False):
         raise ValueError("the rm stage needs config.model.value_head=True")
-    model = Transformer(model_cfg)
-    mesh, rules = runtime.mesh_and_rules(config)
-    runtime.log_run_header(config, model_cfg, mesh)
+    model_cfg, model, mesh, rules = runtime.setup_model(config)
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size)
     logging.info("data: %s", data_summary)

@@ -13,8 +13,6 @@ from jax.experimental import multihost_utils
 
 from alignment.algorithms.sft import sft_loss
 from alignment.data import sft as sft_data
-from alignment.data.tokenizer import load_tokenizer
-from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
 from alignment.train.loop import train_loop
@@ -57,13 +55,8 @@ def make_evaluator(loss_fn, eval_sets: dict[str, list[dict]], target) -> callabl
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    model_cfg = runtime.model_config(config)
-    model = Transformer(model_cfg)
-    mesh, rules = runtime.mesh_and_rules(config)
-    runtime.log_run_header(config, model_cfg, mesh)
-
-    tokenizer = load_tokenizer(config.tokenizer)
-    runtime.check_vocab(tokenizer, model_cfg)
+    model_cfg, model, mesh, rules = runtime.setup_model(config)
+    tokenizer = runtime.checked_tokenizer(config, model_cfg)
     d = config.data
     load = functools.partial(sft_data.load_sources, data=d, tokenizer=tokenizer, template=config.chat_template)
     train_examples, reports = load(d.train, seed=config.seed, num_embedded=d.num_embedded)

@@ -12,7 +12,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from alignment import sharding
 from alignment.checkpoint import Checkpointer
-from alignment.models import ModelConfig, from_hf_config
+from alignment.data.tokenizer import load_tokenizer
+from alignment.models import ModelConfig, Transformer, from_hf_config
 from alignment.train.state import init_state
 
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
@@ -34,6 +35,21 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
         return from_hf_config(config.init_from, **runtime)
     return ModelConfig.from_dict(fields)
+
+
+def setup_model(config: ml_collections.ConfigDict):
+    """(model config, Transformer, mesh, rules) of a training stage, with the run header logged."""
+    model_cfg = model_config(config)
+    mesh, rules = mesh_and_rules(config)
+    log_run_header(config, model_cfg, mesh)
+    return model_cfg, Transformer(model_cfg), mesh, rules
+
+
+def checked_tokenizer(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
+    """`config.tokenizer`, refused when it has more ids than the model's vocabulary."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    check_vocab(tokenizer, model_cfg)
+    return tokenizer
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, dict]:

@@ -1,22 +1,10 @@
-"""Llama-3-70B / 3.1-70B shapes."""
-import ml_collections
+"""Llama-3-70B / 3.1-70B shapes: the 8B preset, widened and deepened."""
+from alignment.config import model_preset
 
 
 def get_config():
-    return ml_collections.ConfigDict(dict(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        rope_theta=500000.0,
-        rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        param_dtype="bfloat16",
-        dtype="bfloat16",
-        remat_policy="full",
-        remat_group_size=2,
-    ))
+    c = model_preset("llama3_8b")
+    c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads = 8192, 28672, 80, 64
+    c.param_dtype = "bfloat16"
+    c.remat_policy, c.remat_group_size = "full", 2
+    return c
