@@ -306,6 +306,24 @@ def _records(source: str, *, seed: int, num_embedded: int, skip_bad_records: boo
             yield where, item
 
 
+def _encode_two(encoder: Encoder, prompt, first, second, where: str, stats: PreferenceStats,
+                skip_bad_records: bool) -> dict | None:
+    """One row holding prompt + `first` (segment 1) and prompt + `second` (segment 2); None when the record
+    is skipped as bad or dropped as too long (both counted in `stats`)."""
+    try:
+        a = encoder.sequence(prompt, first, stats)
+        b = encoder.sequence(prompt, second, stats)
+    except (ValueError, KeyError, TypeError) as e:
+        if not skip_bad_records:
+            raise ValueError(f"{where}: {e}") from None
+        stats.bad(f"{where}: {e}")
+        return None
+    if a is None or b is None:
+        stats.dropped_too_long += 1
+        return None
+    return pack_two(a, b, 2 * encoder.max_length)
+
+
 def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: int = 0,
                  skip_bad_records: bool = False, score_range: Sequence[float] = (0.0, 1.0)
                  ) -> tuple[list[dict], PreferenceStats]:
@@ -315,25 +333,16 @@ def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: 
     for where, pair in _records(source, seed=seed, num_embedded=num_embedded, skip_bad_records=skip_bad_records,
                                 stats=stats, convert=convert):
         stats.examples += 1
-        try:
-            chosen = encoder.sequence(pair.prompt, pair.chosen, stats)
-            rejected = encoder.sequence(pair.prompt, pair.rejected, stats)
-        except (ValueError, KeyError, TypeError) as e:
-            if not skip_bad_records:
-                raise ValueError(f"{where}: {e}") from None
-            stats.bad(f"{where}: {e}")
+        row = _encode_two(encoder, pair.prompt, pair.chosen, pair.rejected, where, stats, skip_bad_records)
+        if row is None:
             continue
-        if chosen is None or rejected is None:
-            stats.dropped_too_long += 1
-            continue
-        row = pack_two(chosen, rejected, 2 * encoder.max_length)
         has_score = pair.chosen_score is not None and pair.rejected_score is not None
         row.update(chosen_score=np.float32(pair.chosen_score or 0.0), rejected_score=np.float32(pair.rejected_score or 0.0),
                    has_score=np.float32(has_score), margin=np.float32(pair.margin))
         rows.append(row)
         stats.kept += 1
         stats.scored += has_score
-        stats.real_tokens += len(chosen[0]) + len(rejected[0])
+        stats.real_tokens += int((row["segment_ids"] > 0).sum())
         stats.padded_slots += 2 * encoder.max_length
     if not rows:
         raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")
@@ -354,22 +363,14 @@ def encode_unpaired(source: str, encoder: Encoder, *, seed: int = 0, num_embedde
     rows = []
     for i, (where, example) in enumerate(examples):
         other = examples[(i + 1) % len(examples)][1]
-        try:
-            seq = encoder.sequence(example.prompt, example.completion, stats)
-            kl = encoder.sequence(example.prompt, other.completion, stats)
-        except (ValueError, KeyError, TypeError) as e:
-            if not skip_bad_records:
-                raise ValueError(f"{where}: {e}") from None
-            stats.bad(f"{where}: {e}")
+        row = _encode_two(encoder, example.prompt, example.completion, other.completion, where, stats,
+                          skip_bad_records)
+        if row is None:
             continue
-        if seq is None or kl is None:
-            stats.dropped_too_long += 1
-            continue
-        row = pack_two(seq, kl, 2 * encoder.max_length)
         row["desirable"] = np.bool_(example.desirable)
         rows.append(row)
         stats.kept += 1
-        stats.real_tokens += len(seq[0]) + len(kl[0])
+        stats.real_tokens += int((row["segment_ids"] > 0).sum())
         stats.padded_slots += 2 * encoder.max_length
     if not rows:
         raise ValueError(f"{source}: no usable examples ({stats.summary()})")
