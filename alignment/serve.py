@@ -77,9 +77,11 @@ def _stops(body: dict) -> tuple[str, ...]:
 class Service:
     """Turns request bodies into engine calls and OpenAI response bodies; thread-safe."""
 
-    def __init__(self, engine: Engine, tokenizer, chat_template: str, model_name: str, default_max_tokens: int = 256):
+    def __init__(self, engine: Engine, tokenizer, chat_template: str, model_name: str, default_max_tokens: int = 256,
+                 pas=None):
+        """pas: an `alignment.pas.augment.Pas` put in front of the model for chat requests, or None."""
         self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
-        self.model_name, self.default_max_tokens = model_name, default_max_tokens
+        self.model_name, self.default_max_tokens, self.pas = model_name, default_max_tokens, pas
         self._lock = threading.Lock()
 
     def models(self) -> dict:
@@ -90,6 +92,8 @@ class Service:
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                                param="messages")
+        if self.pas is not None:
+            messages = self._with_pas(messages, body.get("pas_keywords") or [])
         try:
             ids = encode_chat(self.tokenizer, messages, self.chat_template, add_generation_prompt=True).ids.tolist()
         except ValueError as e:
@@ -99,6 +103,16 @@ class Service:
                 "model": self.model_name, "usage": usage,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
                              "finish_reason": c["finish_reason"], "logprobs": None} for i, c in enumerate(choices)]}
+
+    def _with_pas(self, messages: list, keywords) -> list:
+        """The last user turn with the PAS complement appended; `pas_keywords` (search keywords of a
+        retrieval-augmented prompt) are passed to PAS as constraints."""
+        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+            raise RequestError("'pas_keywords' must be a list of strings", param="pas_keywords")
+        try:
+            return self.pas.augment_messages(messages, keywords)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RequestError(f"messages: PAS cannot complement them ({e})", param="messages") from None
 
     def completions(self, body: dict) -> dict:
         prompt = body.get("prompt")
@@ -239,6 +253,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "New tokens when a request does not say.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random-init seed for --checkpoint=embedded.")
+_PAS = flags.DEFINE_string("pas", "", "PAS model in front of chat requests: a pas run's pas_model directory or "
+                                      "an API root; '' = off.")
 
 
 def main(argv):
@@ -249,7 +265,12 @@ def main(argv):
     config = engine_config(_CHECKPOINT.value, _MODEL.value, _TOKENIZER.value, _TEMPLATE.value, _SEED.value)
     engine, tokenizer = build_engine(config)
     name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
-    server = make_server(Service(engine, tokenizer, _TEMPLATE.value, name, _MAX_TOKENS.value), _HOST.value,
+    pas = None
+    if _PAS.value:
+        from alignment.pas.augment import load_pas
+
+        pas = load_pas(_PAS.value)
+    server = make_server(Service(engine, tokenizer, _TEMPLATE.value, name, _MAX_TOKENS.value, pas), _HOST.value,
                          _PORT.value)
     logging.info("serving %s on http://%s:%d/v1", name, *server.server_address[:2])
     try:

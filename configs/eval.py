@@ -44,9 +44,9 @@ def get_config():
         timeout=300.0,  # seconds per endpoint request
     ))
     c.pas = ml_collections.ConfigDict(dict(
-        endpoint="",  # prompt-augmentation model's API root; '' = prompts go to the model unchanged
-        model="default",  # `model` sent to the PAS endpoint
-        max_tokens=256,  # length of the complementary instruction
+        target="",  # PAS model: a pas run's pas_model directory or an API root; '' = prompts go in unchanged
+        model="default",  # `model` sent to a PAS endpoint
+        max_tokens=64,  # length of the complementary instruction
     ))
     c.judge = ml_collections.ConfigDict(dict(
         endpoint="",  # API root of the judge for cfbench/sysbench/fbbench/ux; any OpenAI-compatible server

@@ -35,5 +35,10 @@ def get_config():
         top_p=1.0,  # nucleus mass to keep; 1 = off
         min_p=0.0,  # keep tokens with probability >= min_p * the top probability; 0 = off
     ))
+    c.pas = ml_collections.ConfigDict(dict(
+        target="",  # PAS in front of the model: a pas run's pas_model directory or an API root; '' = off
+        model="default",  # `model` sent to a PAS endpoint
+        max_tokens=64,  # complement length
+    ))
     c.stop = ()  # stop strings: the text is cut before the first one (EOS and end-of-turn always stop)
     return c

@@ -6,11 +6,9 @@ model in front, which appends its complementary instruction to the last user tur
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import ml_collections
 
-from alignment.eval.endpoint import GenerateFn, chat_completion, endpoint_generate_fn
+from alignment.eval.endpoint import GenerateFn, endpoint_generate_fn
 
 # Token that ends an assistant turn, per chat template.
 _END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": None}
@@ -20,26 +18,14 @@ def is_endpoint(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
-def with_prompt_augmentation(generate_fn: GenerateFn, augment: Callable[[str], str]) -> GenerateFn:
-    """Append augment(last user text) to the last user turn before generating (PAS: the original prompt is
-    kept whole and the complement follows it)."""
+def with_prompt_augmentation(generate_fn: GenerateFn, pas) -> GenerateFn:
+    """PAS in front of the model: each prompt's last user turn gets the PAS complement appended (the original
+    prompt is kept whole and the complement follows it)."""
 
     def generate(prompts: list[list[dict]]) -> list[str]:
-        augmented = []
-        for messages in prompts:
-            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            text = messages[last]["content"]
-            updated = {**messages[last], "content": f"{text}\n\n{augment(text)}"}
-            augmented.append(messages[:last] + [updated] + messages[last + 1:])
-        return generate_fn(augmented)
+        return generate_fn([pas.augment_messages(messages) for messages in prompts])
 
     return generate
-
-
-def pas_augmenter(base_url: str, model: str, max_tokens: int) -> Callable[[str], str]:
-    """The PAS model behind an endpoint: it reads the user prompt and answers with the complement."""
-    return lambda text: chat_completion(base_url, [{"role": "user", "content": text}], model=model,
-                                        temperature=0.0, max_tokens=max_tokens).strip()
 
 
 def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> GenerateFn:
@@ -91,7 +77,9 @@ def make_generate_fn(config: ml_collections.ConfigDict, target: str, name: str) 
                                            max_tokens=g.max_tokens, timeout=g.timeout)
     else:
         generate_fn = local_generate_fn(config, target)
-    if config.pas.endpoint:
-        augment = pas_augmenter(config.pas.endpoint, config.pas.model, config.pas.max_tokens)
-        generate_fn = with_prompt_augmentation(generate_fn, augment)
+    if config.pas.target:
+        from alignment.pas.augment import load_pas
+
+        generate_fn = with_prompt_augmentation(generate_fn, load_pas(config.pas.target, config.pas.max_tokens,
+                                                                     config.pas.model))
     return generate_fn

@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {}
     for name, target in targets.items():
         generate_fn = generation.make_generate_fn(config, target, name)
-        generator_id = f"{target}|{name}|{g.temperature}|{g.max_tokens}|{config.pas.endpoint}|{config.seed}"
+        generator_id = f"{target}|{name}|{g.temperature}|{g.max_tokens}|{config.pas.target}|{config.seed}"
         results[name] = {}
         for bench, bench_samples in samples.items():
             cache = JsonlCache(os.path.join(workdir, "cache", name, f"{bench}.jsonl"))

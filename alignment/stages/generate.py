@@ -46,6 +46,24 @@ def split_prompt(record: dict) -> tuple[list[dict], list[dict]]:
     return messages[:end], messages[end:]
 
 
+def with_pas(pas_config: ml_collections.ConfigDict, prompts: list[tuple]) -> list[tuple]:
+    """The prompts with the PAS complement appended to each last user turn (a record's `keywords` go with it)."""
+    from alignment.pas.augment import load_pas
+    from alignment.pas.template import augment_last_user_turn
+
+    pas = load_pas(pas_config.target, pas_config.max_tokens, pas_config.model)
+    texts = []
+    for where, _, messages, _ in prompts:
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError(f"{where}: PAS needs a user message to complement; the prompt has none")
+        texts.append(users[-1])
+    complements = pas.complements(texts, [r.get("keywords", ()) for _, r, _, _ in prompts])
+    logging.info("PAS complemented %d prompts", len(prompts))
+    return [(where, record, augment_last_user_turn(messages, lambda _, c=c: c), reference)
+            for (where, record, messages, reference), c in zip(prompts, complements)]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.too_long not in TOO_LONG:
         raise ValueError(f"config.too_long={config.too_long!r} must be one of {TOO_LONG}")
@@ -57,9 +75,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     records = load_prompts(config)  # before the engine is built: a bad file fails fast
     engine, tokenizer = build_engine(config, stop)
 
+    prompts = [(where, record, *split_prompt(record)) for where, record in records]
+    if config.pas.target:
+        prompts = with_pas(config.pas, prompts)
     encoded, skipped = [], []
-    for where, record in records:
-        messages, reference = split_prompt(record)
+    for where, record, messages, reference in prompts:
         try:
             ids = encode_chat(tokenizer, messages, config.chat_template, add_generation_prompt=True).ids.tolist()
         except ValueError as e:

@@ -1,0 +1,93 @@
+"""PAS inference: put the prompt-augmentation model in front of any main model.
+
+    pas = load_pas("/tmp/pas/pas_model")               # a trained PAS run (or "http://host:port" of a served one)
+    pas.complement("Write a poem about the sea.")      # -> 'Write about the sea with vivid, concrete detail ...'
+    pas.augment("Write a poem about the sea.")         # -> the prompt, a blank line, then the complement
+
+The command line is `python -m alignment.pas` (see alignment/pas/__main__.py).
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+from typing import Sequence
+
+import ml_collections
+
+from alignment.data.chat import encode_chat
+from alignment.generation.client import chat
+from alignment.generation.sampling import SamplingParams
+from alignment.generation.text import finish
+from alignment.pas.template import augment_last_user_turn, combine, pas_messages
+
+
+class Pas(abc.ABC):
+    """complement(prompt, keywords) from a PAS model; augment() joins it to the prompt (see template.combine)."""
+
+    @abc.abstractmethod
+    def complements(self, prompts: Sequence[str], keywords: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """One complement per prompt (keywords: per prompt, the search keywords of a retrieval-augmented one)."""
+
+    def complement(self, prompt: str, keywords: Sequence[str] = ()) -> str:
+        return self.complements([prompt], [keywords])[0]
+
+    def augment(self, prompt: str, keywords: Sequence[str] | None = None) -> str:
+        return combine(prompt, self.complement(prompt, keywords or ()))
+
+    def augment_messages(self, messages: list[dict], keywords: Sequence[str] = ()) -> list[dict]:
+        """A chat with the complement appended to its last user turn."""
+        return augment_last_user_turn(messages, lambda text: self.complement(text, keywords))
+
+
+class LocalPas(Pas):
+    """A PAS model trained by the pas stage (an SFT run directory), run in-process by the rollout engine."""
+
+    def __init__(self, path: str, max_new_tokens: int = 64, batch_size: int = 32):
+        from alignment.generation.build import build_engine
+
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path} is not a PAS model run: no config.json (train one with "
+                                    f"configs/pas.py; the model is <workdir>/pas_model)")
+        with open(config_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        config.init_from = os.path.join(path, "checkpoints")
+        self.engine, self.tokenizer = build_engine(config)
+        self.template, self.max_new_tokens, self.batch_size = config.chat_template, max_new_tokens, batch_size
+
+    def complements(self, prompts: Sequence[str], keywords: Sequence[Sequence[str]] | None = None) -> list[str]:
+        keywords = keywords or [()] * len(prompts)
+        ids = [encode_chat(self.tokenizer, pas_messages(p, k), self.template, add_generation_prompt=True).ids
+               .tolist() for p, k in zip(prompts, keywords)]
+        room = self.engine.max_len - self.max_new_tokens
+        too_long = [i for i, x in enumerate(ids) if len(x) > room]
+        if too_long:
+            raise ValueError(f"prompt {too_long[0]} (and {len(too_long) - 1} more) leaves no room for "
+                             f"{self.max_new_tokens} complement tokens in the PAS model's {self.engine.max_len}")
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start:start + self.batch_size]
+            result = self.engine.generate(chunk, self.max_new_tokens, SamplingParams(temperature=0.0))
+            out += [finish(self.tokenizer, result.row(i), bool(result.stopped[i]))["text"].strip()
+                    for i in range(len(chunk))]
+        return out
+
+
+class EndpointPas(Pas):
+    """A PAS model behind an OpenAI-compatible endpoint (e.g. `python -m alignment.serve` on the PAS run)."""
+
+    def __init__(self, url: str, model: str = "default", max_new_tokens: int = 64, timeout: float = 120.0):
+        self.url, self.model, self.max_new_tokens, self.timeout = url, model, max_new_tokens, timeout
+
+    def complements(self, prompts: Sequence[str], keywords: Sequence[Sequence[str]] | None = None) -> list[str]:
+        keywords = keywords or [()] * len(prompts)
+        return [chat(self.url, pas_messages(p, k), model=self.model, temperature=0.0, max_tokens=self.max_new_tokens,
+                     timeout=self.timeout).strip() for p, k in zip(prompts, keywords)]
+
+
+def load_pas(target: str, max_new_tokens: int = 64, model: str = "default") -> Pas:
+    """A PAS model from a run directory or an http(s) URL."""
+    if target.startswith(("http://", "https://")):
+        return EndpointPas(target, model, max_new_tokens)
+    return LocalPas(target, max_new_tokens)
