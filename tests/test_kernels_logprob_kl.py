@@ -54,15 +54,16 @@ def weighted_loss(fn, targets, ids, ref_logp, weights, with_topk=True):
     return loss
 
 
-def check_against_reference(fn, seed, dtype, with_topk=True):
-    hidden, unembedding, targets, ids, ref_logp, weights = make_inputs(seed, dtype)
+def check_against_reference(fn, seed, dtype, with_topk=True, **sizes):
+    """Outputs and gradients of `fn` against the dense oracle on fresh inputs (sizes: make_inputs' n, vocab, k)."""
+    hidden, unembedding, targets, ids, ref_logp, weights = make_inputs(seed, dtype, **sizes)
     kw = dict(temperature=TEMPERATURE, with_entropy=True)
     topk = (ids, ref_logp) if with_topk else (None, None)
     out = jax.jit(lambda h, w: fn(h, w, targets, *topk, **kw))(hidden, unembedding)
     expected = reference.logprob_kl(hidden, unembedding, targets, *topk, **kw)
     for name in ("logp", "entropy") + (("kl",) if with_topk else ()):
         got = getattr(out, name)
-        assert got.dtype == jnp.float32 and got.shape == (N,)
+        assert got.dtype == jnp.float32 and got.shape == targets.shape
         assert rel_err(got, getattr(expected, name)) < TOLERANCE[dtype], name
     if not with_topk:
         assert out.kl is None
@@ -86,29 +87,35 @@ def test_xla_matches_reference(dtype):
     check_against_reference(functools.partial(xla.logprob_kl, block_n=8, block_v=32), 1, dtype)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_gpu_interpret_matches_reference(dtype):
-    fn = functools.partial(pallas_gpu.logprob_kl, block_n=16, block_v=64, interpret=True)
-    check_against_reference(fn, 2, dtype, with_topk=False)
+# Interpret mode is slow: the Pallas kernels run at the test sizes (N, V, K = 37, 203, 11: every block and
+# the top-K width padded) with the top-K in fp32 and bf16, and once without it (the kernels' other path).
+PALLAS = {
+    "pallas_gpu": functools.partial(pallas_gpu.logprob_kl, block_n=16, block_v=64, interpret=True),
+    "pallas_tpu": functools.partial(pallas_tpu.logprob_kl, block_n=16, block_v=128, interpret=True),
+}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_tpu_interpret_matches_reference(dtype):
-    fn = functools.partial(pallas_tpu.logprob_kl, block_n=16, block_v=128, interpret=True)
-    check_against_reference(fn, 3, dtype, with_topk=False)
+@pytest.mark.parametrize("dtype, with_topk", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)])
+@pytest.mark.parametrize("impl", sorted(PALLAS))
+def test_pallas_interpret_matches_reference(impl, dtype, with_topk):
+    check_against_reference(PALLAS[impl], 2 if impl == "pallas_gpu" else 3, dtype, with_topk)
 
 
-def test_topk_equal_to_vocab_is_the_full_kl():
-    hidden, unembedding, targets, _, _, _ = make_inputs(4, vocab=50)
+@pytest.mark.parametrize("impl", ["xla"] + sorted(PALLAS))
+def test_topk_equal_to_vocab_is_the_full_kl(impl):
+    fn = PALLAS.get(impl, functools.partial(xla.logprob_kl, block_n=8, block_v=16))
+    n, vocab = 16, 40
+    hidden, unembedding, targets, _, _, _ = make_inputs(4, n=n, vocab=vocab)
     rng = np.random.default_rng(4)
-    ref_full = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((N, 50)), jnp.float32), axis=-1)
-    order = jnp.asarray(np.stack([rng.permutation(50) for _ in range(N)]), jnp.int32)  # K = V, any order
-    out = xla.logprob_kl(hidden, unembedding, targets, order, jnp.take_along_axis(ref_full, order, -1),
-                         temperature=TEMPERATURE, block_n=8, block_v=16)
+    ref_full = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((n, vocab)), jnp.float32), axis=-1)
+    order = jnp.asarray(np.stack([rng.permutation(vocab) for _ in range(n)]), jnp.int32)  # K = V, any order
+    out = fn(hidden, unembedding, targets, order, jnp.take_along_axis(ref_full, order, -1), temperature=TEMPERATURE)
     log_p = jax.nn.log_softmax(hidden @ unembedding / TEMPERATURE, axis=-1)
     full_kl = jnp.sum(jnp.exp(log_p) * (log_p - ref_full), axis=-1)
     assert rel_err(out.kl, full_kl) < 1e-5
     assert np.all(np.asarray(out.kl) >= 0)
+    # The gradient too, with K = V over a vocabulary no block size divides.
+    check_against_reference(fn, 8, jnp.float32, n=n, vocab=vocab, k=vocab)
 
 
 def test_kl_and_k3_are_nonnegative():
@@ -141,8 +148,11 @@ def test_dispatch_and_input_errors():
     assert api.get_impl(None)[0] == "xla"
     assert api.get_impl("pallas")[0] == "xla"  # logged fallback on CPU
     assert api.get_impl("pallas_gpu", interpret=True)[0] == "pallas_gpu"
-    assert api.get_impl("pallas_gpu", interpret=True, with_topk=True)[0] == "xla"  # the KL lives in xla
-    hidden, unembedding, targets, ids, ref_logp, _ = make_inputs(6)
+    assert api.get_impl("pallas_tpu", interpret=True)[0] == "pallas_tpu"
+    hidden, unembedding, targets, ids, ref_logp, _ = make_inputs(6, n=16)
+    # A top-K request stays on the named Pallas kernel: no fallback to xla.
+    out = api.logprob_kl(hidden, unembedding, targets, ids, ref_logp, impl="pallas_gpu", interpret=True)
+    assert rel_err(out.kl, reference.logprob_kl(hidden, unembedding, targets, ids, ref_logp).kl) < 1e-5
     with pytest.raises(ValueError, match="both ref_topk_ids and ref_topk_logprobs"):
         api.logprob_kl(hidden, unembedding, targets, ids, None)
     with pytest.raises(ValueError, match=r"must have the same \[N, K\] shape"):

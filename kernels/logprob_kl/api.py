@@ -1,15 +1,13 @@
 """Fused output-head log-probs / entropy / top-K KL by implementation name, chosen per backend.
 
 Names: "reference" (materialises [N, V]; tests only), "xla" (blockwise, the CPU default),
-"pallas_gpu", "pallas_tpu", "pallas" (this backend's flavour). The Pallas kernels compute log-probs
-and entropy; a request with the reference top-K (the KL) runs on "xla", logged once.
+"pallas_gpu", "pallas_tpu", "pallas" (this backend's flavour). Every implementation computes all three
+outputs; the only logged fallback is a Pallas kernel named on a backend it cannot compile for
+(`kernels.dispatch.pick`).
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
-
-from absl import logging
 
 from kernels import dispatch
 from kernels.logprob_kl import pallas_gpu, pallas_tpu, reference, xla
@@ -23,18 +21,9 @@ IMPLEMENTATIONS: dict[str, Callable[..., LogprobKL]] = {
 }
 
 
-@functools.cache
-def _log_topk_fallback(name: str) -> None:
-    logging.warning("kernels.logprob_kl: %r has no top-K KL; running the request with the reference top-K on 'xla'", name)
-
-
-def get_impl(name: str | None = None, *, interpret: bool = False, with_topk: bool = False) -> tuple[str, Callable]:
+def get_impl(name: str | None = None, *, interpret: bool = False) -> tuple[str, Callable]:
     """(chosen name, fn(hidden, unembedding, targets, ref_topk_ids, ref_topk_logprobs, *, temperature, with_entropy))."""
-    chosen, fn = dispatch.pick("logprob_kl", name, IMPLEMENTATIONS, interpret=interpret)
-    if with_topk and chosen.startswith("pallas"):
-        _log_topk_fallback(chosen)
-        return "xla", IMPLEMENTATIONS["xla"]
-    return chosen, fn
+    return dispatch.pick("logprob_kl", name, IMPLEMENTATIONS, interpret=interpret)
 
 
 def logprob_kl(hidden, unembedding, targets, ref_topk_ids=None, ref_topk_logprobs=None, *,
@@ -49,6 +38,6 @@ def logprob_kl(hidden, unembedding, targets, ref_topk_ids=None, ref_topk_logprob
     if ref_topk_ids is not None and ref_topk_ids.shape != ref_topk_logprobs.shape:
         raise ValueError(f"logprob_kl: ref_topk_ids {ref_topk_ids.shape} and ref_topk_logprobs "
                          f"{ref_topk_logprobs.shape} must have the same [N, K] shape")
-    _, fn = get_impl(impl, interpret=interpret, with_topk=ref_topk_ids is not None)
+    _, fn = get_impl(impl, interpret=interpret)
     return fn(hidden, unembedding, targets, ref_topk_ids, ref_topk_logprobs,
               temperature=temperature, with_entropy=with_entropy)

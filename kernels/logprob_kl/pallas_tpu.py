@@ -1,11 +1,13 @@
-"""Fused output-head log-probs and entropy as Pallas kernels for TPUs (Mosaic lowering).
+"""Fused output-head log-probs, entropy and top-K KL as Pallas kernels for TPUs (Mosaic lowering).
 
 The TPU style: both axes are grid axes, the reduction axis last ("arbitrary"), running sums in VMEM
 scratch. Per-token vectors travel lane-broadcast as [tokens, 128] tiles.
   forward   grid (token blocks, vocab blocks)
   dhidden   grid (token blocks, vocab blocks), accumulating [block_n, D]
   dW        grid (vocab blocks, token blocks), accumulating [D, block_v]
-A block holds whole hidden rows; the top-K KL is not in these kernels (see api.py).
+A block holds whole hidden rows. With the top-K, `topk` = K (static): the forward kernel picks up the
+logits at the reference's top-K ids [*, Kp] into a [block_n, Kp] scratch as their vocabulary blocks
+pass, and the backward kernels add kl_coef [*, Kp] at those ids; the [N, K] KL math is in common.py.
 Pallas calls are not partitioned by XLA: `alignment/algorithms/logprobs.py` runs this under shard_map.
 """
 from __future__ import annotations
@@ -23,8 +25,11 @@ LANES = 128
 _PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, logp_ref, ent_ref, m_scr, l_scr, s1_scr, zt_scr,
-                    *, temperature, vocab):
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, temperature, vocab, topk):
+    if topk:
+        ids_ref, lse_ref, logp_ref, ent_ref, z_topk_ref, m_scr, l_scr, s1_scr, zt_scr, z_topk_scr = refs
+    else:
+        lse_ref, logp_ref, ent_ref, m_scr, l_scr, s1_scr, zt_scr = refs
     j = pl.program_id(1)
     scratch = (m_scr, l_scr, s1_scr, zt_scr)
 
@@ -32,6 +37,8 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, logp_ref, ent_ref, m_scr, l_sc
     def _init():
         for ref, value in zip(scratch, common.stats_init(m_scr.shape[0])):
             ref[...] = value
+        if topk:
+            z_topk_scr[...] = jnp.zeros(z_topk_scr.shape, jnp.float32)
 
     block_v = w_ref.shape[1]
     cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
@@ -39,30 +46,36 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, logp_ref, ent_ref, m_scr, l_sc
     stats = common.stats_step(tuple(ref[...] for ref in scratch), z, cols, t_ref[:, :1], vocab)
     for ref, value in zip(scratch, stats):
         ref[...] = value
+    if topk:
+        z_topk_scr[...] = common.topk_pick(z_topk_scr[...], z, cols, ids_ref[...], topk)
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _store():
         for ref, value in zip((lse_ref, logp_ref, ent_ref), common.stats_finish(*stats)):
             ref[...] = jnp.broadcast_to(value, ref.shape)
+        if topk:
+            z_topk_ref[...] = z_topk_scr[...]
 
 
-def _dz(h_ref, w_ref, vec_refs, col_block, temperature, vocab):
+def _dz(h_ref, w_ref, in_refs, col_block, temperature, vocab, topk):
+    """in_refs: the lane-broadcast (targets, lse, g_logp, g_ent, g_ent_h), then (ids, kl_coef) with the top-K."""
     block_v = w_ref.shape[1]
     cols = col_block * block_v + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
-    t, lse, g, ge, geh = (ref[:, :1] for ref in vec_refs)
+    t, lse, g, ge, geh = (ref[:, :1] for ref in in_refs[:5])
+    kl_grad = (*(ref[...] for ref in in_refs[5:]), topk) if topk else None
     return common.dlogits(common.logits(h_ref[...], w_ref[...], temperature), cols, t, vocab, lse, g, ge, geh,
-                          temperature)
+                          temperature, kl_grad)
 
 
-def _dh_kernel(h_ref, w_ref, *rest, temperature, vocab):
-    *vec_refs, dh_ref, dh_scr = rest
+def _dh_kernel(h_ref, w_ref, *rest, temperature, vocab, topk):
+    *in_refs, dh_ref, dh_scr = rest
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         dh_scr[...] = jnp.zeros(dh_scr.shape, jnp.float32)
 
-    dz = _dz(h_ref, w_ref, vec_refs, j, temperature, vocab)
+    dz = _dz(h_ref, w_ref, in_refs, j, temperature, vocab, topk)
     w = w_ref[...]
     dh_scr[...] += jnp.dot(dz.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
 
@@ -71,15 +84,15 @@ def _dh_kernel(h_ref, w_ref, *rest, temperature, vocab):
         dh_ref[...] = dh_scr[...].astype(dh_ref.dtype)
 
 
-def _dw_kernel(h_ref, w_ref, *rest, temperature, vocab):
-    *vec_refs, dw_ref, dw_scr = rest
+def _dw_kernel(h_ref, w_ref, *rest, temperature, vocab, topk):
+    *in_refs, dw_ref, dw_scr = rest
     i = pl.program_id(1)
 
     @pl.when(i == 0)
     def _init():
         dw_scr[...] = jnp.zeros(dw_scr.shape, jnp.float32)
 
-    dz = _dz(h_ref, w_ref, vec_refs, pl.program_id(0), temperature, vocab)
+    dz = _dz(h_ref, w_ref, in_refs, pl.program_id(0), temperature, vocab, topk)
     h = h_ref[...]
     dw_scr[...] += jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=jnp.float32)
 
@@ -95,53 +108,56 @@ def _lanes(x):
 def logprob_kl(hidden, unembedding, targets, ref_topk_ids=None, ref_topk_logprobs=None, *,
                temperature: float = 1.0, with_entropy: bool = False, block_n: int = 256, block_v: int = 512,
                interpret: bool = False):
-    """Same contract as `reference.logprob_kl` without the top-K KL (kl is None)."""
-    del ref_topk_logprobs
-    common.check_no_topk("pallas_tpu", ref_topk_ids)
-    kw = dict(temperature=float(temperature), vocab=unembedding.shape[1])
+    """Same contract as `reference.logprob_kl`."""
+    topk = 0 if ref_topk_ids is None else ref_topk_ids.shape[1]
+    kw = dict(temperature=float(temperature), vocab=unembedding.shape[1], topk=topk)
     mode = pltpu.InterpretParams() if interpret else False
 
-    def forward(h, w, t):
+    def forward(h, w, t, ids):
         (n, d), vp = h.shape, w.shape[1]
         vec = pl.BlockSpec((block_n, LANES), lambda i, j: (i, 0))
+        in_specs = [pl.BlockSpec((block_n, d), lambda i, j: (i, 0)), pl.BlockSpec((d, block_v), lambda i, j: (0, j)),
+                    vec]
+        out_specs, out_shape = [vec] * 3, [jax.ShapeDtypeStruct((n, LANES), jnp.float32)] * 3
+        scratch, operands = [pltpu.VMEM((block_n, 1), jnp.float32)] * 4, [h, w, _lanes(t)]
+        if topk:
+            slots = pl.BlockSpec((block_n, ids.shape[1]), lambda i, j: (i, 0))
+            in_specs, out_specs, operands = in_specs + [slots], out_specs + [slots], operands + [ids]
+            out_shape = out_shape + [jax.ShapeDtypeStruct(ids.shape, jnp.float32)]
+            scratch = scratch + [pltpu.VMEM((block_n, ids.shape[1]), jnp.float32)]
         outs = pl.pallas_call(
             functools.partial(_forward_kernel, **kw),
-            grid=(n // block_n, vp // block_v),
-            in_specs=[pl.BlockSpec((block_n, d), lambda i, j: (i, 0)),
-                      pl.BlockSpec((d, block_v), lambda i, j: (0, j)), vec],
-            out_specs=[vec] * 3,
-            out_shape=[jax.ShapeDtypeStruct((n, LANES), jnp.float32)] * 3,
-            scratch_shapes=[pltpu.VMEM((block_n, 1), jnp.float32)] * 4,
-            compiler_params=_PARAMS, interpret=mode, name="logprob_forward",
-        )(h, w, _lanes(t))
-        return tuple(x[:, 0] for x in outs)
+            grid=(n // block_n, vp // block_v), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+            scratch_shapes=scratch, compiler_params=_PARAMS, interpret=mode, name="logprob_forward",
+        )(*operands)
+        return (*(x[:, 0] for x in outs[:3]), outs[3] if topk else None)
 
-    def backward(h, w, t, lse, g, ge, geh):
+    def backward(h, w, t, lse, g, ge, geh, ids, kl_coef):
         (n, d), vp = h.shape, w.shape[1]
-        vectors = [_lanes(x) for x in (t, lse, g, ge, geh)]
-        vec = pl.BlockSpec((block_n, LANES), lambda i, j: (i, 0))
+        operands = [_lanes(x) for x in (t, lse, g, ge, geh)] + ([ids, kl_coef] if topk else [])
+        row_spec = lambda x: pl.BlockSpec((block_n, x.shape[1]), lambda i, j: (i, 0))
         dh = pl.pallas_call(
             functools.partial(_dh_kernel, **kw),
             grid=(n // block_n, vp // block_v),
             in_specs=[pl.BlockSpec((block_n, d), lambda i, j: (i, 0)),
-                      pl.BlockSpec((d, block_v), lambda i, j: (0, j))] + [vec] * 5,
+                      pl.BlockSpec((d, block_v), lambda i, j: (0, j))] + [row_spec(x) for x in operands],
             out_specs=pl.BlockSpec((block_n, d), lambda i, j: (i, 0)),
             out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
             scratch_shapes=[pltpu.VMEM((block_n, d), jnp.float32)],
             compiler_params=_PARAMS, interpret=mode, name="logprob_dhidden",
-        )(h, w, *vectors)
-        vec = pl.BlockSpec((block_n, LANES), lambda j, i: (i, 0))
+        )(h, w, *operands)
+        row_spec = lambda x: pl.BlockSpec((block_n, x.shape[1]), lambda j, i: (i, 0))
         dw = pl.pallas_call(
             functools.partial(_dw_kernel, **kw),
             grid=(vp // block_v, n // block_n),
             in_specs=[pl.BlockSpec((block_n, d), lambda j, i: (i, 0)),
-                      pl.BlockSpec((d, block_v), lambda j, i: (0, j))] + [vec] * 5,
+                      pl.BlockSpec((d, block_v), lambda j, i: (0, j))] + [row_spec(x) for x in operands],
             out_specs=pl.BlockSpec((d, block_v), lambda j, i: (0, j)),
             out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),
             scratch_shapes=[pltpu.VMEM((d, block_v), jnp.float32)],
             compiler_params=_PARAMS, interpret=mode, name="logprob_dw",
-        )(h, w, *vectors)
+        )(h, w, *operands)
         return dh, dw
 
     fn = common.make_logprob(forward, backward, block_n, block_v)
-    return fn(hidden, unembedding, targets, with_entropy=with_entropy)
+    return fn(hidden, unembedding, targets, ref_topk_ids, ref_topk_logprobs, with_entropy=with_entropy)
