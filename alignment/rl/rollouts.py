@@ -1,0 +1,84 @@
+"""Prompts -> completions -> rewards, the held-out evaluation, and the minibatches of a rollout batch."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from alignment.data.chat import encode_chat
+from alignment.data.prompts import prompt_messages
+from alignment.generation.engine import Engine
+from alignment.generation.sampling import SamplingParams
+from alignment.generation.text import finish, stop_token_ids
+from alignment.rewards.registry import RewardFunction, Sample
+
+
+class Rollouts:
+    """Prompts -> completions -> rewards -> training rows, for one RL step or one evaluation."""
+
+    def __init__(self, config, tokenizer, engine: Engine, rewards: RewardFunction):
+        self.config, self.tokenizer, self.engine, self.rewards = config, tokenizer, engine, rewards
+        self.stop = stop_token_ids(tokenizer, config.chat_template)
+
+    def prompt_ids(self, records: list[dict]) -> list[list[int]]:
+        ids = []
+        for record in records:
+            encoded = encode_chat(self.tokenizer, prompt_messages(record), self.config.chat_template,
+                                  add_generation_prompt=True)
+            if len(encoded.ids) > self.config.rl.max_prompt_length:
+                raise ValueError(f"prompt {record.get('prompt_id')} has {len(encoded.ids)} tokens, more than "
+                                 f"rl.max_prompt_length={self.config.rl.max_prompt_length}")
+            ids.append(encoded.ids.tolist())
+        return ids
+
+    def sample(self, records: list[dict], num_samples: int, sampling: SamplingParams, seed: int):
+        prompts = self.prompt_ids(records)
+        out = self.engine.generate(prompts, self.config.rl.max_new_tokens, sampling, num_samples=num_samples,
+                                   seeds=seed)
+        samples = []
+        for row in range(len(out.lengths)):
+            record = records[row // num_samples]
+            text = finish(self.tokenizer, out.row(row), bool(out.stopped[row]))["text"]
+            samples.append(Sample(prompt_id=str(record.get("prompt_id", row // num_samples)),
+                                  prompt=prompt_messages(record), completion=text, record=record))
+        return prompts, out, self.rewards(samples)
+
+
+def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int) -> dict:
+    """Greedy reward and accuracy (reward >= threshold) per category on held-out prompts."""
+    metrics = {}
+    for category, records in sorted(held_out.items()):
+        _, _, result = rollouts.sample(records, 1, SamplingParams(temperature=0.0), seed=step)
+        metrics[f"reward/{category}"] = float(np.nanmean(result.total))
+        metrics[f"accuracy/{category}"] = float(np.nanmean(result.total >= rollouts.config.rl.correct_threshold))
+    metrics["accuracy"] = float(np.mean([v for k, v in metrics.items() if k.startswith("accuracy/")]))
+    return metrics
+
+
+def rollout_metrics(rewards, out, scored: dict, mask: np.ndarray) -> dict:
+    """What every RL step reports about its rollouts: rewards, KL to the reference, entropy, lengths.
+
+    scored: the scorer's [rows, tokens] kl and entropy; mask [rows, tokens] the completion tokens.
+    """
+    tokens = max(float(mask.sum()), 1.0)
+    return {
+        "reward": float(np.nanmean(rewards.total)),
+        "reward_std": float(np.nanstd(rewards.total)),
+        "kl": float((scored["kl"] * mask).sum() / tokens),
+        "entropy": float((scored["entropy"] * mask).sum() / tokens),
+        "completion_length": float(np.mean(out.lengths)),
+        "reward_errors": len(rewards.errors),
+        **{f"reward_{name}": float(np.nanmean(v)) for name, v in rewards.components.items()},
+    }
+
+
+def minibatches(rows: dict[str, np.ndarray], rl, seed: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+    """`rl.ppo_epochs` passes over the rows [rows, ...] in `rl.minibatches` shuffled minibatches (one order
+    per RL step). `first_pass` [rows] is 1.0 in the first minibatch of the first pass, where the parameters
+    are still the rollout's, so the loss may take its own log-probs as the old ones (ratio exactly 1)."""
+    order = np.random.default_rng([seed, step]).permutation(len(rows["loss_mask"]))
+    for epoch in range(rl.ppo_epochs):
+        for index, chunk in enumerate(np.array_split(order, rl.minibatches)):
+            minibatch = {k: v[chunk] for k, v in rows.items()}
+            minibatch["first_pass"] = np.full(len(chunk), float(epoch == 0 and index == 0), np.float32)
+            yield minibatch
