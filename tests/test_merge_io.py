@@ -10,7 +10,7 @@ import pytest
 
 from alignment import config as config_lib
 from alignment.checkpoint import load_params
-from alignment.merge import METHODS, merge_checkpoints
+from alignment.merge import merge_checkpoints, streaming
 from alignment.merge.demo import make_demo_checkpoints, random_params, save_params
 from alignment.merge.io import open_source
 from alignment.models import Transformer
@@ -106,6 +106,57 @@ def test_hf_and_orbax_paths_agree(demo, tmp_path):
     assert cfg.num_layers == CONFIG.num_layers
 
 
+def ref_ties(models, base, density, lam=1.0):
+    """TIES in float64 on one tensor: trim each task vector to its top `density` by magnitude, elect, disjoint mean."""
+    taus = []
+    for m in models:
+        tau = m - base
+        k = int(round(density * tau.size))
+        threshold = np.sort(np.abs(tau).ravel())[::-1][k - 1]
+        taus.append(np.where(np.abs(tau) >= threshold, tau, 0.0))
+    taus = np.stack(taus)
+    agree = (np.sign(taus) == np.sign(taus.sum(0))) & (taus != 0)
+    count = agree.sum(0)
+    return base + lam * np.where(count > 0, (taus * agree).sum(0) / np.maximum(count, 1), 0.0)
+
+
+def test_ties_trims_each_layer_of_a_stacked_tensor_and_chunking_changes_nothing(demo, tmp_path):
+    base, models = demo
+    kwargs = dict(base=base, params=dict(density=0.3, lam=1.2))
+    merge_checkpoints(models, "ties", output=str(tmp_path / "whole"), **kwargs)
+    merge_checkpoints(models, "ties", output=str(tmp_path / "chunked"), max_chunk_elements=100, **kwargs)
+    whole, chunked = read_all(tmp_path / "whole"), read_all(tmp_path / "chunked")
+    b, ms = read_all(base), [read_all(m) for m in models]
+    for name, value in b.items():
+        np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+        if name.startswith("layers/"):  # per layer, as mergekit: each layer keeps its own top 30%
+            want = np.stack([ref_ties([m[name][i] for m in ms], value[i], 0.3, 1.2) for i in range(CONFIG.num_layers)])
+        else:
+            want = ref_ties([m[name] for m in ms], value, 0.3, 1.2)
+        np.testing.assert_allclose(whole[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "model_stock"])
+def test_merge_on_the_mesh_equals_host(demo, tmp_path, method):
+    base, models = demo
+    kwargs = dict(base=base, params=dict(density=0.5) if "ties" in method else {})
+    merge_checkpoints(models, method, output=str(tmp_path / "host"), shard_min_elements=0, **kwargs)
+    merge_checkpoints(models, method, output=str(tmp_path / "mesh"), shard_min_elements=1, **kwargs)
+    host, mesh = read_all(tmp_path / "host"), read_all(tmp_path / "mesh")
+    for name in host:
+        np.testing.assert_allclose(mesh[name], host[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_orbax_output_is_stored_one_layer_per_chunk(demo, tmp_path):
+    _, models = demo
+    merge_checkpoints(models, "linear", output=str(tmp_path / "out"))
+    source = open_source(str(tmp_path / "out"))
+    try:
+        assert source.layers_per_chunk("layers/up_proj") == 1
+    finally:
+        source.close()
+
+
 def test_dare_seed_reproducible_and_independent_of_workers(demo, tmp_path):
     base, models = demo
     run = lambda name, seed, workers: read_all(merge_checkpoints(
@@ -174,15 +225,15 @@ def test_nan_input_is_reported_and_nothing_written(demo, tmp_path):
 def test_interrupted_merge_leaves_no_partial_output(demo, tmp_path, monkeypatch, outputs):
     base, models = demo
     calls = []
-    real = METHODS["linear"]
+    real = streaming.merge_tensor
 
     def interrupt_on_fifth(*args):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real.fn(*args)
+        return real(*args)
 
-    monkeypatch.setitem(METHODS, "linear", dataclasses.replace(real, fn=interrupt_on_fifth))
+    monkeypatch.setattr(streaming, "merge_tensor", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoints(models, "linear", model_config=CONFIG, workers=1,
                           **{o: str(tmp_path / o) for o in outputs})

@@ -4,8 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from alignment.merge.methods import METHODS, drop_and_rescale, trim_by_magnitude
+from alignment.merge.methods import METHODS, Slabs, _kth_largest, magnitude_thresholds, merge_tensor
 from alignment.merge.params import at_depth, depth, make_spec
+from alignment.merge.sharded import merge_tensor_sharded, shard_axis
 
 SHAPE = (6, 7, 5)
 
@@ -18,10 +19,10 @@ def draw(rng, n, shape=SHAPE):
     return models, base
 
 
-def merge(method, models, base, rng=None, **params):
+def merge(method, models, base, seed=(0,), max_chunk_elements=1 << 26, **params):
     params.setdefault("weights", (1.0,) * len(models))
     spec = make_spec(method, len(models), params)
-    return METHODS[method].fn(models, base, spec.resolve("layers/q_proj", 0, 1), rng)
+    return merge_tensor(method, models, base, spec.resolve("layers/q_proj", 0, 1), seed, max_chunk_elements)
 
 
 # ----------------------------------------------------------------------------- float64 references
@@ -88,7 +89,8 @@ def test_ties(election, density):
 
 def test_trim_keeps_the_requested_fraction():
     tau = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
-    kept = trim_by_magnitude(tau, 0.25)
+    (threshold,) = magnitude_thresholds(Slabs([tau], None, 1 << 26), 0.25)
+    kept = np.where(np.abs(tau) >= threshold, tau, 0)
     assert np.count_nonzero(kept) == 250
     assert np.abs(kept[kept != 0]).min() >= np.abs(tau[kept == 0]).max()
 
@@ -100,24 +102,24 @@ def test_dare(method, rescale):
     models, base = draw(rng, 3)
     density, w = 0.6, rng.uniform(0.5, 1.5, 3)
     b = base.astype(np.float64)
-    masks_rng = np.random.default_rng(42)  # the documented draw: U_i ~ U[0,1) float32, model order
     taus = []
-    for m in f64(models):
+    for i, m in enumerate(f64(models)):  # the documented draw: model i's U[0,1) float32 from default_rng([*seed, i])
         tau = m - b
-        kept = np.where(masks_rng.random(SHAPE, dtype=np.float32) < density, tau, 0.0)
+        kept = np.where(np.random.default_rng([42, i]).random(SHAPE, dtype=np.float32) < density, tau, 0.0)
         scale = 1 / density if rescale == "inverse" else np.abs(tau).sum() / np.abs(kept).sum()
         taus.append(kept * scale)
     delta = sum(wi * t for wi, t in zip(w, taus)) if method == "dare_linear" else ref_disjoint_mean(taus, w, "sum")
-    got = merge(method, models, base, np.random.default_rng(42), weights=tuple(w), density=density, rescale=rescale)
+    got = merge(method, models, base, (42,), weights=tuple(w), density=density, rescale=rescale)
     np.testing.assert_allclose(got, b + delta, rtol=2e-6, atol=5e-6)
 
 
 def test_dare_keeps_density_and_is_unbiased():
     tau = np.random.default_rng(7).standard_normal(200_000).astype(np.float32)
-    kept = drop_and_rescale(tau, 0.3, "inverse", np.random.default_rng(0))
+    zero = np.zeros_like(tau)
+    kept = merge("dare_linear", [tau], zero, density=0.3)
     assert abs(np.count_nonzero(kept) / tau.size - 0.3) < 0.01
     assert abs(kept.sum() - tau.sum()) < 0.03 * np.abs(tau).sum()
-    l1 = drop_and_rescale(tau, 0.3, "l1", np.random.default_rng(0))
+    l1 = merge("dare_linear", [tau], zero, density=0.3, rescale="l1")
     np.testing.assert_allclose(np.abs(l1).sum(), np.abs(tau).sum(), rtol=1e-5)
 
 
@@ -174,8 +176,7 @@ def test_merging_identical_models_returns_that_model(method):
     models, base = draw(rng, 1)
     n = 2 if method in ("slerp", "model_stock") else 3
     # Weights summing to 1: task arithmetic and DARE-linear add task vectors up rather than averaging them.
-    got = merge(method, [models[0]] * n, base if METHODS[method].needs_base else None, np.random.default_rng(0),
-                weights=(1 / n,) * n)
+    got = merge(method, [models[0]] * n, base if METHODS[method].needs_base else None, weights=(1 / n,) * n)
     np.testing.assert_allclose(got, models[0], rtol=1e-6, atol=1e-6)
 
 
@@ -183,8 +184,7 @@ def test_merging_identical_models_returns_that_model(method):
 def test_weights_one_zero_return_the_first_model(method):
     rng = np.random.default_rng(14)
     models, base = draw(rng, 2)
-    got = merge(method, models, base if METHODS[method].needs_base else None, np.random.default_rng(0),
-                weights=(1.0, 0.0))
+    got = merge(method, models, base if METHODS[method].needs_base else None, weights=(1.0, 0.0))
     np.testing.assert_allclose(got, models[0], rtol=1e-6, atol=1e-6)
 
 
@@ -230,10 +230,49 @@ def test_unknown_method_suggests():
 
 
 def test_kth_largest_is_exact_with_ties_and_edges():
-    from alignment.merge.methods import _kth_largest
-
     rng = np.random.default_rng(15)
     for values in (np.abs(rng.standard_normal(5000)), rng.integers(0, 4, 5000), np.float32([0.0, 3.0])):
         values = np.asarray(values, np.float32)
         for k in {1, 2, max(1, values.size // 3), values.size}:
-            assert _kth_largest(values, k) == np.sort(values)[::-1][k - 1]
+            for chunk in (1 << 26, 7, 1):  # one slab, uneven slabs, one element per slab
+                assert _kth_largest(Slabs([values], None, chunk), 0, k) == np.sort(values)[::-1][k - 1]
+
+
+# ----------------------------------------------------------------------------- chunked and sharded
+
+
+CASES = [("linear", {}), ("task_arithmetic", dict(lam=0.8)), ("ties", dict(density=0.3)),
+         ("ties", dict(density=0.5, election="count")), ("dare_linear", dict(density=0.6)),
+         ("dare_ties", dict(density=0.4, rescale="l1")), ("slerp", dict(t=0.3)), ("model_stock", {})]
+
+
+def case_inputs(method, shape=SHAPE):
+    rng = np.random.default_rng(16)
+    models, base = draw(rng, 2 if method in ("slerp", "model_stock") else 3, shape)
+    base = base if METHODS[method].needs_base else None
+    return models, base, tuple(rng.uniform(0.5, 1.5, len(models)))
+
+
+@pytest.mark.parametrize("method, params", CASES)
+def test_chunked_equals_unchunked(method, params):
+    models, base, w = case_inputs(method)
+    whole = merge(method, models, base, weights=w, **params)
+    for chunk in (1, 13, 100):  # 210 elements: one per slab, uneven slabs, a short last slab
+        got = merge(method, models, base, max_chunk_elements=chunk, weights=w, **params)
+        if method in ("slerp", "model_stock") or params.get("rescale") == "l1":  # reductions summed per slab
+            np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6, err_msg=f"{method} chunk {chunk}")
+        else:  # elementwise given exact statistics: bit for bit
+            np.testing.assert_array_equal(got, whole, err_msg=f"{method} chunk {chunk}")
+
+
+def test_shard_axis_is_the_largest_divisible():
+    assert shard_axis((3, 16, 24), 8) == 2 and shard_axis((16, 16), 8) == 0 and shard_axis((6, 7), 8) is None
+
+
+@pytest.mark.parametrize("method, params", CASES)
+def test_sharded_equals_host(method, params):
+    models, base, w = case_inputs(method, shape=(5, 16, 3))  # 8 simulated devices split the 16 axis
+    p = make_spec(method, len(models), dict(weights=w, **params)).resolve("layers/q_proj", 0, 1)
+    want = merge_tensor(method, models, base, p, (3,), 64)
+    got = merge_tensor_sharded(method, models, base, p, (3,), 64)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

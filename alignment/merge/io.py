@@ -3,14 +3,15 @@
 Sources name tensors by project parameter path ('embed', 'layers/q_proj', ...) and describe them in the
 project layout: stacked layer tensors are [num_layers, ...]. `read(name, layer, layout)` returns one
 layer slice (or a whole top-level tensor) without reading anything else: Orbax arrays are opened with
-tensorstore and sliced, safetensors tensors are located by the header reader of `alignment.models.hf` and
-copied with pread. Layout 'hf' returns HF's own layout (Linear
-weights [out, in]), only offered by HF sources, so HF -> HF merges never transpose.
+tensorstore and sliced (`read_layers` reads a block of layers, `layers_per_chunk` says how many
+share a stored chunk), safetensors tensors are located by the header reader of `alignment.models.hf`
+and copied with pread. Layout 'hf' returns HF's own layout (Linear weights [out, in]), only offered
+by HF sources, so HF -> HF merges never transpose.
 
 Writers: `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so
 tensors can arrive in any order from any thread. `write_orbax` drives an Orbax save whose leaves are
-computed on demand (`Lazy`), so the params tree is never in memory at once. `atomic_output` makes
-either appear at its path only when complete.
+computed on demand and written block by block (`Lazy`), so the params tree is never in memory at
+once. `atomic_output` makes either appear at its path only when complete.
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Generator, Iterator, Mapping
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from orbax.checkpoint._src.futures import future
-from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
 from alignment.models import hf
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -87,6 +87,14 @@ class OrbaxSource:
         array = self._arrays[name] if layer is None else self._arrays[name][layer]
         return array.read().result()
 
+    def read_layers(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Layers [start, stop) of a stacked tensor: [stop - start, ...]."""
+        return self._arrays[name][start:stop].read().result()
+
+    def layers_per_chunk(self, name: str) -> int:
+        """Layers in one stored chunk: reading fewer would decompress that chunk once per read."""
+        return int(self._arrays[name].chunk_layout.read_chunk.shape[0])
+
     def close(self) -> None:
         self._arrays = {}
 
@@ -139,6 +147,13 @@ class HFSource:
             return raw
         conversion = self._top[name][1] if layer is None else self._layer[name][1]
         return np.ascontiguousarray(conversion.to_project(raw))
+
+    def read_layers(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Layers [start, stop) of a stacked tensor in the project layout: [stop - start, ...]."""
+        return np.stack([self.read(name, i) for i in range(start, stop)])
+
+    def layers_per_chunk(self, name: str) -> int:
+        return 1  # every layer is its own safetensors tensor
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -287,13 +302,17 @@ def hf_config_for(sources: list, config: ModelConfig | None, model_type: str) ->
 
 @dataclasses.dataclass
 class Lazy:
-    """An Orbax leaf computed only when Orbax writes it: `compute()` returns the array of `shape`/`dtype`;
-    `release()` is called once that array is written (the memory it held may be reused)."""
+    """An Orbax leaf produced only while Orbax writes it, in pieces.
+
+    `blocks()` returns a generator of (first layer, array) pieces that tile the leaf along its leading
+    axis, or of one (None, whole array); each piece is written before the next is asked for, and the
+    generator is closed once the leaf is written or failed (its `finally` may free what it held).
+    """
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    compute: Callable[[], np.ndarray]
-    release: Callable[[], None] = lambda: None
+    blocks: Callable[[], Generator[tuple[int | None, np.ndarray], None, None]]
+    layered: bool = False  # written in layer blocks: stored one layer per chunk
 
     @property
     def ndim(self) -> int:
@@ -308,11 +327,13 @@ class Lazy:
         return self.size * np.dtype(self.dtype).itemsize
 
 
-class _LazyHandler(type_handlers.NumpyHandler):
-    """Orbax's numpy handler, computing each `Lazy` leaf in a worker thread just before it is written.
+class _LazyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler (metadata, restore) with a save that writes each `Lazy` leaf block by block.
 
-    Orbax writes the on-disk format and metadata exactly as for numpy leaves (`load_params` reads the
-    result); memory is bounded by whatever `compute` holds, not by the tree.
+    The tensorstore spec is Orbax's own (`get_json_tspec_write`), so the on-disk format and metadata are
+    exactly those of numpy leaves and `load_params` reads the result; memory is bounded by one block
+    per leaf being written, not by the tree. Only public Orbax names are used: the numpy handler's
+    write internals are private, so the save is re-implemented on the public spec builder.
     """
 
     def __init__(self):
@@ -321,23 +342,41 @@ class _LazyHandler(type_handlers.NumpyHandler):
     def typestr(self) -> str:
         return "np.ndarray"  # restored as numpy: the checkpoint must not depend on this class
 
-    async def _open_and_write(self, value, tspec, ts_context):
+    async def _write(self, value: Lazy, info, arg) -> None:
+        await info.await_path_creation()
+        tspec = ocp.type_handlers.get_json_tspec_write(
+            info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
+            dtype=np.dtype(value.dtype), process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+            arg=arg)
+        array = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
+        blocks = value.blocks()
         try:
-            array = await asyncio.to_thread(value.compute)
-            await super()._open_and_write(array, tspec, ts_context)
+            while (piece := await asyncio.to_thread(next, blocks, None)) is not None:
+                start, block = piece
+                await (array if start is None else array[start:start + block.shape[0]]).write(block)
         finally:
-            value.release()  # only now: tensorstore may hold the array until its write commits
+            blocks.close()
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [future.CommitFutureAwaitingContractedSignals(self._background_serialize(values, infos, args),
-                                                             name="lazy_merge")]
+
+        async def write_all():
+            await asyncio.gather(*(self._write(v, i, a) for v, i, a in zip(values, infos, args)))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write_all(), name="lazy_merge")]
 
 
 def write_orbax(directory: str, params: dict[str, Any]) -> None:
-    """Save `params` (a tree of Lazy leaves) as step 0 of an `alignment.checkpoint` layout under `directory`."""
-    registry = type_handler_registry.create_type_handler_registry((Lazy, _LazyHandler()))
+    """Save `params` (a tree of Lazy leaves) as step 0 of an `alignment.checkpoint` layout under `directory`.
+
+    `layered` leaves are stored one layer per chunk (Orbax's `shard_axes=(0,)`), so every block write
+    covers whole chunks and later per-layer reads decompress only their layer.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry((Lazy, _LazyHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    save_args = jax.tree.map(lambda leaf: ocp.SaveArgs(shard_axes=(0,) if leaf.layered else ()), params,
+                             is_leaf=lambda x: isinstance(x, Lazy))
     with ocp.CheckpointManager(directory, item_handlers={STATE: handler}) as manager:
-        manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave({PARAMS: params})}))
+        manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave({PARAMS: params},
+                                                                              save_args={PARAMS: save_args})}))
         manager.wait_until_finished()

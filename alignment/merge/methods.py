@@ -1,32 +1,47 @@
-"""Merge methods: pure functions of one tensor slice of every model (and the base).
+"""Merge methods on one tensor: whole-tensor statistics taken in passes over slabs, then an elementwise combine.
 
-Every function takes `models`, N arrays of one shape S (one layer slice, any layout, any float
-dtype), `base` (shape S, or None where the method has no base), resolved `TensorParams` and a numpy
-`Generator` (used by DARE only), and returns a float32 array of shape S. Arithmetic is float32;
-reductions (norms, dot products) go through BLAS in float32. Whole-tensor statistics (TIES' magnitude
-threshold, DARE's L1 rescale, Model Stock's and SLERP's angles) are taken over the slice given, so the
-caller decides their scope; `alignment.merge.streaming` passes one layer at a time.
+`merge_tensor(method, models, base, p, seed)` takes N arrays of one shape S (any float dtype), the base
+(shape S, or None where the method has no base) and resolved `TensorParams`, and returns float32 of
+shape S. Every method works on task vectors tau_i = theta_i - base (tau_i = theta_i without a base).
 
-Task vectors are tau_i = theta_i - base. One function covers linear, task arithmetic, TIES and DARE:
+Scope of "tensor": whole-tensor statistics (TIES' magnitude threshold, DARE's L1 rescale, SLERP's and
+Model Stock's angles) are taken over the array given. `alignment.merge.streaming` passes each layer
+slice of a stacked [num_layers, ...] parameter separately, so for stacked parameters they are per
+layer, as in mergekit, whose tensors are per layer (TIES keeps the top `density` of each layer's task
+vector, not of the whole stack).
+
+One task-vector combine covers linear, task arithmetic, TIES and DARE:
 
     sparsify:  none | magnitude (TIES: keep the round(density * n) largest |tau|, ties at the threshold kept)
                     | random (DARE: keep each entry with probability density, mask_i = U_i < density with
-                      U_i ~ U[0, 1) float32 drawn from `rng` in model order)
+                      U_i ~ U[0, 1) float32 drawn in C order from model i's own generator,
+                      numpy default_rng([*seed, i]))
     rescale:   after DARE, 'inverse' multiplies by 1/density (unbiased, the DARE paper) or 'l1' restores
                each tau's L1 norm (mergekit's behaviour)
     consensus: none     -> delta = sum_i w_i tau_i  (/ sum_i w_i when normalize: default for linear only)
                election -> TIES: s = sign(sum_i w_i tau_i) ('sum') or sign(sum_i sign(tau_i)) ('count');
                            delta = sum_{i in A} w_i tau_i / sum_{i in A} w_i, A = {i: sign(tau_i) = s != 0}
                            (the disjoint mean, always normalised by the agreeing weights; 0 where A is empty)
-    result:    base + lam * delta; with no base (linear) tau_i = theta_i and the result is lam * delta.
+    result:    base + lam * delta; with no base (linear) the result is lam * delta.
+
+Chunking: a tensor of more than `max_chunk_elements` is processed as slabs of its C-order flattening,
+so temporaries are bounded by the slab, not the tensor. Statistics accumulate over slabs (TIES'
+threshold exactly, by a histogram pass then a pass over one histogram bucket; sums and dot products in
+float64), then each slab is combined into the output. Chunked results equal unchunked ones exactly for
+linear, task arithmetic, TIES and DARE with 'inverse' (elementwise given exact statistics), and to
+float32 rounding of the reductions for DARE 'l1', SLERP and Model Stock. `combine` is written for any
+array module, so `alignment.merge.sharded` runs the same arithmetic jitted on sharded jax arrays.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22  # 16 MB per float32 temporary: keeps peak memory a small multiple of it
+SLERP_PARALLEL = 0.9995  # |cos| above this is treated as (anti)parallel: SLERP becomes linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,160 +57,230 @@ class TensorParams:
     election: str = "sum"  # TIES sign election: 'sum' (weighted sum of values) or 'count' (majority of signs)
 
 
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    """A 1-D view in memory order (no copy for any contiguous layout, transposed views included)."""
-    return x.ravel(order="K")
-
-
-def trim_by_magnitude(tau: np.ndarray, density: float) -> np.ndarray:
-    """tau with all but its round(density * size) largest-magnitude entries zeroed (ties at the threshold kept)."""
-    k = int(round(density * tau.size))
-    if k >= tau.size:
-        return tau
-    if k <= 0:
-        return np.zeros_like(tau)
-    magnitude = np.abs(tau)
-    return np.where(magnitude >= _kth_largest(_flat(magnitude), k), tau, np.float32(0))
-
-
-def _kth_largest(values: np.ndarray, k: int) -> np.float32:
-    """The k-th largest of 1-D non-negative float32 `values`, exactly, in a few linear passes.
-
-    Non-negative floats order like their bit patterns read as uint32, so a histogram of the top 16 bits
-    finds the bucket holding the k-th largest and only that bucket is partitioned (about 3x faster than
-    partitioning everything, which dominates TIES otherwise).
-    """
-    high = values.view(np.uint32) >> 16
-    at_least = np.cumsum(np.bincount(high, minlength=1 << 16)[::-1])  # [j]: count in buckets >= 65535 - j
-    j = int(np.searchsorted(at_least, k))
-    in_bucket = values[high == (1 << 16) - 1 - j]
-    rank = k - (int(at_least[j - 1]) if j else 0)  # rank of the answer inside its bucket, from the top
-    return np.partition(in_bucket, in_bucket.size - rank)[in_bucket.size - rank]
-
-
-def drop_and_rescale(tau: np.ndarray, density: float, rescale: str, rng: np.random.Generator) -> np.ndarray:
-    """DARE: keep each entry with probability `density`, then rescale by 1/density or to the original L1 norm."""
-    if density >= 1.0:
-        return tau
-    kept = np.where(rng.random(tau.shape, dtype=np.float32) < density, tau, np.float32(0))
-    if rescale == "inverse":
-        kept *= np.float32(1.0 / density)
-    elif rescale == "l1":
-        before, after = float(np.abs(tau).sum(dtype=np.float64)), float(np.abs(kept).sum(dtype=np.float64))
-        if after > 0:
-            kept *= np.float32(before / after)
-    else:
-        raise ValueError(f"rescale must be 'inverse' or 'l1', got {rescale!r}")
-    return kept
-
-
-def task_vector_merge(models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-                      rng: np.random.Generator | None, *, sparsify: str = "none",
-                      consensus: str = "none") -> np.ndarray:
-    """The one parametrised task-vector merge (see the module docstring for the formula)."""
-    taus = [_f32(m) - _f32(base) if base is not None else _f32(m) for m in models]
-    if sparsify == "magnitude":
-        taus = [trim_by_magnitude(tau, p.density) for tau in taus]
-    elif sparsify == "random":
-        taus = [drop_and_rescale(tau, p.density, p.rescale, rng) for tau in taus]
-    weights = [np.float32(w) for w in p.weights]
-    total = np.zeros(taus[0].shape, np.float32)
-    for w, tau in zip(weights, taus):
-        total += w * tau
-    if consensus == "none":
-        delta = total / np.float32(sum(p.weights)) if p.normalize else total
-    else:
-        # tau_i agrees with the elected sign s when tau_i * s > 0 (same sign, both non-zero); a product
-        # test is one pass where comparing signs would be three.
-        elected = sum(np.sign(tau) for tau in taus) if p.election == "count" else total
-        numerator = np.zeros_like(total)
-        denominator = np.zeros_like(total)
-        for w, tau in zip(weights, taus):
-            agree = (tau * elected > 0).view(np.uint8)
-            numerator += (w * tau) * agree
-            denominator += w * agree
-        delta = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
-    delta *= np.float32(p.lam)
-    return delta if base is None else _f32(base) + delta
-
-
-def _norm(x: np.ndarray) -> float:
-    flat = _flat(x)
-    return float(np.sqrt(np.dot(flat, flat)))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """cos(a, b), 0 when either is zero (no direction to compare)."""
-    na, nb = _norm(a), _norm(b)
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.clip(np.dot(_flat(a), _flat(b)) / (na * nb), -1.0, 1.0))
-
-
-def slerp(models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-          rng: np.random.Generator | None, parallel_threshold: float = 0.9995) -> np.ndarray:
-    """Spherical interpolation from models[0] (t=0) to models[1] (t=1) along the angle between them.
-
-    result = sin((1-t) W)/sin W * a + sin(t W)/sin W * b with cos W = <a, b> / (|a| |b|); when
-    |cos W| > parallel_threshold (nearly (anti)parallel, sin W ~ 0) it is the linear (1-t) a + t b.
-    """
-    a, b = _f32(models[0]), _f32(models[1])
-    t = p.t
-    na, nb = _norm(a), _norm(b)
-    cos = float(np.dot(_flat(a), _flat(b)) / (na * nb)) if na and nb else 1.0  # a zero tensor: no angle
-    if abs(cos) > parallel_threshold:
-        return np.float32(1 - t) * a + np.float32(t) * b
-    omega = float(np.arccos(cos))
-    sin = np.sin(omega)
-    return np.float32(np.sin((1 - t) * omega) / sin) * a + np.float32(np.sin(t * omega) / sin) * b
-
-
-def model_stock(models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-                rng: np.random.Generator | None) -> np.ndarray:
-    """Model Stock: t * mean_i(theta_i) + (1 - t) * base with t = N cos / (1 + (N - 1) cos).
-
-    cos is the mean pairwise cosine of the task vectors, clipped to [0, 1] so t stays in [0, 1]: a
-    negative mean cosine means the fine-tuned models disagree, and the base is then the point kept.
-    """
-    b = _f32(base)
-    taus = [_f32(m) - b for m in models]
-    n = len(models)
-    cos = float(np.mean([_cosine(x, y) for x, y in itertools.combinations(taus, 2)]))
-    cos = min(max(cos, 0.0), 1.0)
-    t = n * cos / (1 + (n - 1) * cos)
-    mean = sum(taus) / np.float32(n)  # mean(theta_i) - base, so the result is base + t * (mean - base)
-    return b + np.float32(t) * mean
-
-
-MergeFn = Callable[[Sequence[np.ndarray], "np.ndarray | None", TensorParams, "np.random.Generator | None"], np.ndarray]
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
-    fn: MergeFn
+    kind: str  # 'task_vector' | 'slerp' | 'model_stock': which statistics and combine
     needs_base: bool
     min_models: int = 1
     max_models: int | None = None
-    random: bool = False  # draws from the generator (DARE)
+    sparsify: str = "none"  # task_vector: none | magnitude (TIES) | random (DARE)
+    consensus: str = "none"  # task_vector: none | election (TIES sign election + disjoint mean)
     defaults: tuple[tuple[str, object], ...] = ()  # TensorParams fields this method defaults differently
 
-
-def _task_vector(**options) -> MergeFn:
-    return lambda models, base, p, rng: task_vector_merge(models, base, p, rng, **options)
+    @property
+    def random(self) -> bool:
+        return self.sparsify == "random"
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method(_task_vector(), needs_base=False),
+    "linear": Method("task_vector", needs_base=False),
     # The published task arithmetic sums weighted task vectors; only the plain average is normalised.
-    "task_arithmetic": Method(_task_vector(), needs_base=True, defaults=(("normalize", False),)),
-    "ties": Method(_task_vector(sparsify="magnitude", consensus="election"), needs_base=True),
-    "dare_linear": Method(_task_vector(sparsify="random"), needs_base=True, random=True,
-                          defaults=(("normalize", False),)),
-    "dare_ties": Method(_task_vector(sparsify="random", consensus="election"), needs_base=True, random=True),
-    "slerp": Method(slerp, needs_base=False, min_models=2, max_models=2),
-    "model_stock": Method(model_stock, needs_base=True, min_models=2),
+    "task_arithmetic": Method("task_vector", needs_base=True, defaults=(("normalize", False),)),
+    "ties": Method("task_vector", needs_base=True, sparsify="magnitude", consensus="election"),
+    "dare_linear": Method("task_vector", needs_base=True, sparsify="random", defaults=(("normalize", False),)),
+    "dare_ties": Method("task_vector", needs_base=True, sparsify="random", consensus="election"),
+    "slerp": Method("slerp", needs_base=False, min_models=2, max_models=2),
+    "model_stock": Method("model_stock", needs_base=True, min_models=2),
 }
+
+
+# ----------------------------------------------------------------------------- slabs
+
+
+@dataclasses.dataclass(frozen=True)
+class Slab:
+    """One piece [start, stop) of the C-order flattening of a tensor, as float32 1-D arrays."""
+
+    start: int
+    stop: int
+    taus: list[np.ndarray]  # N task vectors (the models themselves without a base)
+    base: np.ndarray | None
+
+
+class Slabs:
+    """Iterates the slabs of one tensor, as often as the statistics need; a single slab is computed once."""
+
+    def __init__(self, models: Sequence[np.ndarray], base: np.ndarray | None, max_chunk_elements: int):
+        self.flat = [np.ascontiguousarray(m).reshape(-1) for m in models]
+        self.base = None if base is None else np.ascontiguousarray(base).reshape(-1)
+        self.size = self.flat[0].size
+        self.step = max(1, min(max_chunk_elements, self.size))
+        self._single = self._slab(0, self.size) if self.step >= self.size else None
+
+    def _slab(self, start: int, stop: int) -> Slab:
+        b = None if self.base is None else self.base[start:stop].astype(np.float32)
+        taus = [m[start:stop].astype(np.float32) if b is None else m[start:stop].astype(np.float32) - b
+                for m in self.flat]
+        return Slab(start, stop, taus, b)
+
+    def __iter__(self) -> Iterator[Slab]:
+        if self._single is not None:
+            yield self._single
+            return
+        for start in range(0, self.size, self.step):
+            yield self._slab(start, min(start + self.step, self.size))
+
+    def uniforms(self, seed: Sequence[int]) -> Iterator[list[np.ndarray]]:
+        """Per slab, model i's U[0, 1) float32 draws for that slab (the documented DARE stream)."""
+        rngs = [np.random.default_rng([*seed, i]) for i in range(len(self.flat))]
+        for start in range(0, self.size, self.step):
+            n = min(start + self.step, self.size) - start
+            yield [rng.random(n, dtype=np.float32) for rng in rngs]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _kth_largest(slabs: Slabs, model: int, k: int) -> np.float32:
+    """The k-th largest |tau_model| over all slabs, exactly, in two passes.
+
+    Non-negative floats order like their bit patterns read as uint32, so a histogram of the top 16 bits
+    finds the bucket holding the k-th largest and only that bucket's values are kept and partitioned
+    (about 3x faster than partitioning everything, which dominates TIES otherwise).
+    """
+    counts = np.zeros(1 << 16, np.int64)
+    for slab in slabs:
+        counts += np.bincount(np.abs(slab.taus[model]).view(np.uint32) >> 16, minlength=1 << 16)
+    at_least = np.cumsum(counts[::-1])  # [j]: count in buckets >= 65535 - j
+    j = int(np.searchsorted(at_least, k))
+    bucket = (1 << 16) - 1 - j
+    rank = k - (int(at_least[j - 1]) if j else 0)  # rank of the answer inside its bucket, from the top
+    in_bucket = []
+    for slab in slabs:
+        magnitude = np.abs(slab.taus[model])
+        in_bucket.append(magnitude[(magnitude.view(np.uint32) >> 16) == bucket])
+    values = np.concatenate(in_bucket)
+    return np.partition(values, values.size - rank)[values.size - rank]
+
+
+def magnitude_thresholds(slabs: Slabs, density: float) -> tuple[float, ...]:
+    """Per model, the |tau| an entry must reach to survive TIES' trim (0 keeps all, inf keeps none)."""
+    k = int(round(density * slabs.size))
+    if k >= slabs.size:
+        return (0.0,) * len(slabs.flat)
+    if k <= 0:
+        return (float("inf"),) * len(slabs.flat)
+    return tuple(float(_kth_largest(slabs, i, k)) for i in range(len(slabs.flat)))
+
+
+def dare_scales(slabs: Slabs, p: TensorParams, seed: Sequence[int]) -> tuple[float, ...]:
+    """Per model, the factor kept DARE entries are multiplied by: 1/density, or L1 before / L1 after the drop."""
+    n = len(slabs.flat)
+    if p.density >= 1.0:
+        return (1.0,) * n
+    if p.rescale == "inverse":
+        return (1.0 / p.density,) * n
+    if p.rescale != "l1":
+        raise ValueError(f"rescale must be 'inverse' or 'l1', got {p.rescale!r}")
+    before, after = np.zeros(n), np.zeros(n)
+    for slab, uniforms in zip(slabs, slabs.uniforms(seed)):
+        for i, (tau, u) in enumerate(zip(slab.taus, uniforms)):
+            magnitude = np.abs(tau)
+            before[i] += magnitude.sum(dtype=np.float64)
+            after[i] += magnitude.sum(dtype=np.float64, where=u < np.float32(p.density))
+    return tuple(float(b / a) if a > 0 else 1.0 for b, a in zip(before, after))
+
+
+def _gram(slabs: Slabs) -> np.ndarray:
+    """[N, N] float64 dot products of the task vectors, float32 BLAS per slab."""
+    n = len(slabs.flat)
+    gram = np.zeros((n, n))
+    for slab in slabs:
+        for i, j in itertools.combinations_with_replacement(range(n), 2):
+            gram[i, j] += float(np.dot(slab.taus[i], slab.taus[j]))
+    return gram
+
+
+def slerp_coefficients(gram: np.ndarray, t: float) -> tuple[float, float]:
+    """(c_a, c_b) with result = c_a a + c_b b: sin((1-t) W)/sin W and sin(t W)/sin W, cos W = <a, b>/(|a| |b|).
+
+    When |cos W| > SLERP_PARALLEL (nearly (anti)parallel, sin W ~ 0), or a tensor is zero, it is the
+    linear (1-t, t).
+    """
+    na, nb = np.sqrt(gram[0, 0]), np.sqrt(gram[1, 1])
+    cos = gram[0, 1] / (na * nb) if na and nb else 1.0
+    if abs(cos) > SLERP_PARALLEL:
+        return 1.0 - t, t
+    omega = float(np.arccos(cos))
+    return float(np.sin((1 - t) * omega) / np.sin(omega)), float(np.sin(t * omega) / np.sin(omega))
+
+
+def model_stock_t(gram: np.ndarray) -> float:
+    """Model Stock's t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors.
+
+    cos is clipped to [0, 1] so t stays in [0, 1]: a negative mean cosine means the fine-tuned models
+    disagree, and the base is then the point kept. A zero task vector has no direction: cosine 0.
+    """
+    n = gram.shape[0]
+    norms = np.sqrt(np.diag(gram))
+    cosines = [gram[i, j] / (norms[i] * norms[j]) if norms[i] and norms[j] else 0.0
+               for i, j in itertools.combinations(range(n), 2)]
+    cos = min(max(float(np.mean(np.clip(cosines, -1.0, 1.0))), 0.0), 1.0)
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def statistics(method: Method, slabs: Slabs, p: TensorParams, seed: Sequence[int]) -> dict[str, Any]:
+    """The whole-tensor numbers `combine` needs, as keyword arguments for it."""
+    if method.kind == "slerp":
+        return dict(coefficients=slerp_coefficients(_gram(slabs), p.t))
+    if method.kind == "model_stock":
+        return dict(t=model_stock_t(_gram(slabs)))
+    stats: dict[str, Any] = {}
+    if method.sparsify == "magnitude":
+        stats["thresholds"] = magnitude_thresholds(slabs, p.density)
+    elif method.sparsify == "random":
+        stats["scales"] = dare_scales(slabs, p, seed)
+    return stats
+
+
+# ----------------------------------------------------------------------------- combine
+
+
+def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams, *, thresholds=None, scales=None,
+            keeps=None, coefficients=None, t=None) -> Any:
+    """The merged float32 values of one slab (or tensor) from its task vectors, any shape S.
+
+    xp: numpy or jax.numpy. taus: N float32 arrays [S]; base: float32 [S] or None. The keyword
+    arguments are `statistics`' output (floats, or traced scalars under jit); keeps: N bool masks [S]
+    (DARE, True = kept).
+    """
+    f32 = xp.float32
+    if method.kind == "slerp":
+        return f32(coefficients[0]) * taus[0] + f32(coefficients[1]) * taus[1]
+    if method.kind == "model_stock":
+        return base + f32(t) * (sum(taus) / f32(len(taus)))
+    if thresholds is not None:
+        taus = [xp.where(xp.abs(tau) >= f32(c), tau, f32(0)) for tau, c in zip(taus, thresholds)]
+    if keeps is not None:
+        taus = [xp.where(keep, tau * f32(s), f32(0)) for tau, keep, s in zip(taus, keeps, scales)]
+    weights = [f32(w) for w in p.weights]
+    total = sum(w * tau for w, tau in zip(weights, taus))
+    if method.consensus == "none":
+        delta = total / f32(sum(p.weights)) if p.normalize else total
+    else:
+        # tau_i agrees with the elected sign s when tau_i * s > 0 (same sign, both non-zero): one product
+        # where comparing signs would take three passes.
+        elected = sum(xp.sign(tau) for tau in taus) if p.election == "count" else total
+        agree = [(tau * elected > 0).astype(xp.float32) for tau in taus]
+        numerator = sum(w * tau * a for w, tau, a in zip(weights, taus, agree))
+        denominator = sum(w * a for w, a in zip(weights, agree))
+        delta = xp.where(denominator != 0, numerator / xp.where(denominator != 0, denominator, f32(1)), f32(0))
+    delta = delta * f32(p.lam)
+    return delta if base is None else base + delta
+
+
+def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
+                 seed: Sequence[int] = (), max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> np.ndarray:
+    """Merge one tensor of shape S with METHODS[name]: float32 [S], in slabs of at most `max_chunk_elements`.
+
+    seed: entropy of the DARE generators (model i draws from default_rng([*seed, i])).
+    """
+    method = METHODS[name]
+    slabs = Slabs(models, base, max_chunk_elements)
+    stats = statistics(method, slabs, p, seed)
+    out = np.empty(slabs.size, np.float32)
+    uniforms = slabs.uniforms(seed) if method.random else itertools.repeat(None)
+    for slab, u in zip(slabs, uniforms):
+        keeps = None if u is None else [x < np.float32(p.density) for x in u]
+        out[slab.start:slab.stop] = combine(np, method, slab.taus, slab.base, p, keeps=keeps, **stats)
+    return out.reshape(np.shape(models[0]))

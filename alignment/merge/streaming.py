@@ -2,15 +2,18 @@
 
 Peak memory is a few tensors per worker, never the model: each unit of work holds its estimated bytes
 in a shared budget, so workers run in parallel only while their tensors fit (a unit larger than the
-budget runs alone). Everything is checked before the first byte is written: method, base, parameters,
-output paths, and that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an
-input aborts the merge, naming the checkpoint and tensor; outputs appear only when complete.
+budget runs alone). Inside a unit, a tensor of more than `max_chunk_elements` is merged in slabs
+(`methods.merge_tensor`), and with several local devices a tensor of `shard_min_elements` or more is
+merged sharded over them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are
+merged layer by layer, so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
+Everything is checked before the first byte is written: method, base, parameters, output paths, and
+that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
+merge, naming the checkpoint and tensor; outputs appear only when complete.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import os
 import threading
@@ -20,8 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from alignment.merge import io
-from alignment.merge.methods import METHODS
+from alignment.merge import io, sharded
+from alignment.merge.methods import DEFAULT_MAX_CHUNK_ELEMENTS, METHODS, merge_tensor
 from alignment.merge.params import make_spec
 from alignment.models.config import ModelConfig
 
@@ -58,7 +61,8 @@ def _check_finite(array: np.ndarray, label: str, name: str, layer: int | None) -
     # A sum is one cheap pass and is non-finite whenever an entry is; only then is the exact test paid for.
     if not np.isfinite(array.sum(dtype=np.float32)) and not np.isfinite(array).all():
         where = name if layer is None else f"{name} (layer {layer})"
-        first = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        # The index in the whole (stacked) tensor, as the user would look it up.
+        first = tuple(int(i) for i in ([] if layer is None else [layer]) + list(np.argwhere(~np.isfinite(array))[0]))
         raise ValueError(f"{label}: tensor {where} contains NaN or Inf (first at index {first}); nothing was written")
 
 
@@ -66,15 +70,18 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                       params: Mapping[str, Any] | None = None, overrides: Sequence = (), seed: int = 0,
                       overwrite: bool = False, workers: int = 0, memory_budget_bytes: int = 1 << 30,
                       model_config: ModelConfig | None = None, model_type: str = "llama",
-                      max_shard_bytes: int | None = None) -> dict[str, Any]:
+                      max_shard_bytes: int | None = None, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+                      shard_min_elements: int = 1 << 24) -> dict[str, Any]:
     """Merge `models` (Orbax checkpoints or HF directories) with `method`; returns a summary dict.
 
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
     hf_output: HF safetensors directory; at least one is required. params/overrides: see
     `alignment.merge.params`. seed: DARE masks depend on it, the tensor name and layer (not on order or
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
-bounded by the same memory budget). model_config: names HF tensors when HF output is made
-    from Orbax inputs only.
+    bounded by the same memory budget). model_config: names HF tensors when HF output is made
+    from Orbax inputs only. max_chunk_elements: largest slab merged at once (results do not depend on
+    it). shard_min_elements: tensors this large are merged sharded over the local devices when there
+    are several (0 = never).
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -98,6 +105,8 @@ bounded by the same memory budget). model_config: names HF tensors when HF outpu
         if out and os.path.exists(out) and not overwrite:
             raise FileExistsError(f"output {out} exists; set overwrite to replace it")
     spec = make_spec(method, len(models), dict(params or {}), overrides)
+    if max_chunk_elements < 1:
+        raise ValueError(f"max_chunk_elements must be at least 1, got {max_chunk_elements}")
 
     labels = {f"model {i} ({p})": p for i, p in enumerate(models)}
     if base:
@@ -124,17 +133,21 @@ bounded by the same memory budget). model_config: names HF tensors when HF outpu
 
         def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
             arrays = read(name, layer) if arrays is None else arrays
-            rng = None
-            if spec_method.random:
-                rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1])
+            # DARE's masks depend on the seed, the tensor and the layer only: not on order, workers or chunking.
+            key = (seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1)
             p = spec.resolve(name, layer, num_layers)
-            merged = spec_method.fn(arrays[: len(models)], arrays[len(models)] if base else None, p, rng)
+            on_mesh = sharded.use_mesh(arrays[0].shape, shard_min_elements)
+            merge = sharded.merge_tensor_sharded if on_mesh else merge_tensor
+            merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key,
+                           max_chunk_elements)
             return merged.astype(tensors[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
+            """Bytes one slice's merge holds: its inputs, the float32 result and a slab's float32 temporaries."""
             info = tensors[name]
             elements = int(np.prod(info.shape[1:] if info.stacked else info.shape))
-            return elements * 4 * (2 * len(sources) + 4)  # inputs, float32 task vectors and temporaries
+            slab = min(elements, max_chunk_elements)
+            return elements * (info.dtype.itemsize * len(sources) + 4) + slab * 4 * (len(models) + 6)
 
         budget = _Budget(memory_budget_bytes)
         writers = []
@@ -150,7 +163,7 @@ bounded by the same memory budget). model_config: names HF tensors when HF outpu
                     logger.warning("HF checkpoints have no place for %s; they are left out of %s", skipped, hf_output)
             if output:
                 orbax_dir = cleanup.enter_context(io.atomic_output(output, overwrite))
-                _merge_to_orbax(orbax_dir, tensors, read, merge_slice, slice_cost, len(sources), budget, hf_writer)
+                _merge_to_orbax(orbax_dir, tensors, sources, merge_slice, slice_cost, budget, hf_writer)
             else:
                 units = [(n, i) for n, t in tensors.items() if hf_writer.covers(n)
                          for i in (range(t.shape[0]) if t.stacked else [None])]
@@ -186,43 +199,70 @@ def _merge_to_hf(units, merge_slice, slice_cost, budget, writer, layout, workers
             raise
 
 
-def _merge_to_orbax(directory, tensors, read, merge_slice, slice_cost, num_sources, budget, hf_writer) -> None:
-    """Orbax pulls each whole (stacked) tensor when it writes it, merged one layer slice at a time.
+def _merge_to_orbax(directory, tensors, sources, merge_slice, slice_cost, budget, hf_writer) -> None:
+    """Orbax pulls each tensor as it writes it; a stacked one comes in blocks of layers, merged a layer at a time.
 
-    Inputs are read whole: Orbax stores each array as one compressed chunk, so reading a layer slice
-    would decompress the whole array once per layer. An error inside Orbax's background writes would
-    leave its other writes running after the temporary output is deleted, so a failed merge instead
-    lets the save finish with zeros and raises afterwards.
+    sources: label -> source, models first. A block is as many layers as the largest stored chunk of
+    any input holds (reading fewer would decompress that chunk once per read): one layer for HF
+    inputs and for outputs of this function, all of them for a checkpoint stored one chunk per
+    tensor. An error inside Orbax's background writes would leave its other writes running after the
+    temporary output is deleted, so a failed merge instead feeds zeros, lets the save finish and
+    raises afterwards.
     """
     failures: list[BaseException] = []
 
+    def block_layers(name: str) -> int:
+        return min(tensors[name].shape[0], max(s.layers_per_chunk(name) for s in sources.values()))
+
     def cost(name: str) -> int:
         info = tensors[name]
-        whole = int(np.prod(info.shape)) * info.dtype.itemsize
-        return whole * (num_sources + 1) + slice_cost(name)  # inputs, output, one slice's work
+        if not info.stacked:
+            return slice_cost(name)
+        layer_bytes = int(np.prod(info.shape[1:])) * info.dtype.itemsize
+        return block_layers(name) * layer_bytes * (len(sources) + 1) + slice_cost(name)  # inputs, output block
 
-    def compute(name: str):
-        def run() -> np.ndarray:  # the budget is held from here until Orbax has written the result
-            info = tensors[name]
-            budget.acquire(cost(name))
-            if failures:
-                return np.zeros(info.shape, info.dtype)
+    def merged_layers(name: str, start: int, stop: int) -> np.ndarray:
+        """Layers [start, stop) merged: [stop - start, ...] (also written to the HF output)."""
+        inputs = {label: s.read_layers(name, start, stop) for label, s in sources.items()}
+        block = np.empty((stop - start, *tensors[name].shape[1:]), tensors[name].dtype)
+        for layer in range(start, stop):
+            arrays = [x[layer - start] for x in inputs.values()]
+            for label, array in zip(inputs, arrays):
+                _check_finite(array, label, name, layer)
+            block[layer - start] = merge_slice(name, layer, arrays)
+            if hf_writer is not None and hf_writer.covers(name):
+                hf_writer.write(name, layer, block[layer - start])
+        return block
+
+    def merged_or_zeros(name: str, start: int | None, stop: int | None) -> np.ndarray:
+        """The merged tensor (start None) or layers [start, stop); zeros once any merge has failed."""
+        info = tensors[name]
+        shape = info.shape if start is None else (stop - start, *info.shape[1:])
+        if not failures:
             try:
-                if not info.stacked:
-                    merged = merge_slice(name, None)
-                else:
-                    inputs = read(name, None)
-                    merged = np.empty(info.shape, info.dtype)
-                    for layer in range(info.shape[0]):
-                        merged[layer] = merge_slice(name, layer, [x[layer] for x in inputs])
-                    del inputs
+                if start is not None:
+                    return merged_layers(name, start, stop)
+                merged = merge_slice(name, None)
                 if hf_writer is not None and hf_writer.covers(name):
-                    for layer in (range(info.shape[0]) if info.stacked else [None]):
-                        hf_writer.write(name, layer, merged if layer is None else merged[layer])
+                    hf_writer.write(name, None, merged)
                 return merged
             except BaseException as e:  # noqa: B036 (KeyboardInterrupt too: re-raised below)
                 failures.append(e)
-                return np.zeros(info.shape, info.dtype)
+        return np.zeros(shape, info.dtype)  # Orbax refuses a save with a tensor left unwritten
+
+    def blocks(name: str):
+        def run():  # the budget is held from the first block until Orbax has written the last
+            info = tensors[name]
+            budget.acquire(cost(name))
+            try:
+                if not info.stacked:
+                    yield None, merged_or_zeros(name, None, None)
+                    return
+                step = block_layers(name)
+                for start in range(0, info.shape[0], step):
+                    yield start, merged_or_zeros(name, start, min(start + step, info.shape[0]))
+            finally:
+                budget.release(cost(name))
         return run
 
     tree: dict[str, Any] = {}
@@ -231,7 +271,7 @@ def _merge_to_orbax(directory, tensors, read, merge_slice, slice_cost, num_sourc
         *parents, leaf = name.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = io.Lazy(info.shape, info.dtype, compute(name), functools.partial(budget.release, cost(name)))
+        node[leaf] = io.Lazy(info.shape, info.dtype, blocks(name), layered=info.stacked)
     io.write_orbax(directory, tree)
     if failures:
         raise failures[0]

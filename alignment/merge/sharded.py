@@ -1,0 +1,68 @@
+"""One large tensor merged sharded over this host's devices: statistics on the host, the combine jitted on device.
+
+The inputs [S] are placed with a NamedSharding over a 1-D mesh of the local devices, split along their
+largest axis divisible by the device count; the elementwise combine (`methods.combine`, the same code
+as the host path) runs jitted on the shards and the merged float32 [S] comes back to the host. The
+whole-tensor statistics (TIES thresholds, DARE rescales, angles) and DARE's masks are computed on the
+host from the documented numpy streams, so results equal `methods.merge_tensor` to float32 rounding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alignment.merge.methods import METHODS, Slabs, TensorParams, combine, statistics
+
+AXIS = "shard"
+
+
+def shard_axis(shape: Sequence[int], num_devices: int) -> int | None:
+    """The largest axis of `shape` divisible by `num_devices` (the first among equals); None if none is."""
+    divisible = [(size, -axis) for axis, size in enumerate(shape) if size % num_devices == 0]
+    return -max(divisible)[1] if divisible else None
+
+
+def use_mesh(shape: Sequence[int], min_elements: int) -> bool:
+    """Shard when there are several local devices, the tensor has `min_elements` (> 0) and an axis divides."""
+    n = jax.local_device_count()
+    return (n > 1 and 0 < min_elements <= int(np.prod(shape))
+            and shard_axis(shape, n) is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "normalize", "election"))
+def _combine(models, base, keeps, numbers, *, name: str, normalize: bool, election: str):
+    """`combine` on device: models/base/keeps sharded [S]; numbers: float32 weights [N], lam [] and the statistics."""
+    b = None if base is None else base.astype(jnp.float32)
+    taus = [m.astype(jnp.float32) if b is None else m.astype(jnp.float32) - b for m in models]
+    p = TensorParams(weights=tuple(numbers["weights"]), lam=numbers["lam"], normalize=normalize, election=election)
+    stats = {k: v for k, v in numbers.items() if k not in ("weights", "lam")}
+    return combine(jnp, METHODS[name], taus, b, p, keeps=keeps, **stats)
+
+
+def merge_tensor_sharded(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
+                         seed: Sequence[int], max_chunk_elements: int) -> np.ndarray:
+    """`methods.merge_tensor` with the combine on the local devices; models/base [S] -> float32 [S]."""
+    method = METHODS[name]
+    shape = np.shape(models[0])
+    devices = jax.local_devices()
+    spec = [None] * len(shape)
+    spec[shard_axis(shape, len(devices))] = AXIS
+    sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), PartitionSpec(*spec))
+    slabs = Slabs(models, base, max_chunk_elements)
+    numbers = {k: np.asarray(v, np.float32) for k, v in statistics(method, slabs, p, seed).items()}
+    numbers.update(weights=np.asarray(p.weights, np.float32), lam=np.float32(p.lam))
+    keeps = None
+    if method.random:  # the host's DARE stream, so both paths drop the same entries
+        draws = list(slabs.uniforms(seed))
+        keeps = [jax.device_put(np.concatenate([d[i] for d in draws]).reshape(shape) < np.float32(p.density),
+                                sharding) for i in range(len(models))]
+    del slabs
+    put = functools.partial(jax.device_put, device=sharding)
+    merged = _combine([put(m) for m in models], None if base is None else put(base), keeps, numbers,
+                      name=name, normalize=p.normalize, election=p.election)
+    return np.asarray(merged)
