@@ -13,9 +13,11 @@ STAGES = {
     "rm": "alignment.stages.rm",
     "dpo": "alignment.stages.dpo",  # also KTO: config.loss="kto"
     "grpo": "alignment.stages.grpo",
+    "ppo": "alignment.stages.ppo",
     "merge": "alignment.stages.merge",
     "eval": "alignment.stages.eval",
     "generate": "alignment.stages.generate",
+    "pas": "alignment.stages.pas",
 }
 
 

@@ -31,6 +31,8 @@ CRAFTED = [
     (MATH, "显示每一步计算并在最后一行给出最终价格。", "12", "switches_language"),
     (STORY, "Erzähle die Geschichte mit einem Anfang, einem Wendepunkt und einem Ende für Kinder.", None,
      "switches_language"),
+    ("Solve for x: 2x + 8 = 12.", "Réponds à la question sur le sujet avec des détails précis et une structure "
+                                  "claire, en français.", None, "switches_language"),
 ]
 
 
@@ -69,6 +71,15 @@ def test_shipped_seed_examples_pass_the_rules():
     for examples in load_seeds().values():
         for example in examples:
             assert critique.rule_failures(example["prompt"], example["complement"]) == (), example
+
+
+def test_short_prompts_take_the_default_language():
+    prompt = "Solve for x: 2x + 8 = 12."  # langdetect calls this Danish
+    english = "Isolate x one step at a time, show every operation on both sides, and check the solution."
+    assert not critique.switches_language(prompt, english)
+    assert critique.switches_language("Écris un poème sur la mer.", english,
+                                      critique.Rules(default_language="fr"))
+    assert not critique.switches_language("Écris un poème sur la mer.", english, critique.Rules(default_language=""))
 
 
 def test_numbers_of_the_prompt_are_not_an_answer():

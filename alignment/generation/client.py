@@ -33,6 +33,10 @@ def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, api_key
         raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
     except urllib.error.URLError as e:
         raise RuntimeError(f"{url}: cannot connect ({e.reason})") from None
+    except (TimeoutError, OSError) as e:  # a read timeout or a dropped connection after connecting
+        raise RuntimeError(f"{url}: no answer ({type(e).__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"{url}: the answer is not JSON ({e})") from None
     try:
         return body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):

@@ -23,6 +23,7 @@ class Rules:
     max_demands: int = 4  # more demand clauses than this is excessive
     min_words_for_language_id: int = 8  # shorter texts are too short for reliable language identification
     min_language_probability: float = 0.95  # both texts must be identified at least this surely
+    default_language: str = "en"  # the language of prompts too short to identify ('' = do not guess)
 
 
 @dataclasses.dataclass
@@ -84,14 +85,20 @@ def _language(text: str, min_probability: float) -> str | None:
 
 
 def switches_language(prompt: str, complement: str, rules: Rules = Rules()) -> bool:
+    """A different writing system, or (Latin script) a different language by langdetect. A prompt too short to
+    identify is taken to be in `rules.default_language`: language ID on a handful of words is unreliable
+    ('Solve for x: 2x + 8 = 12.' comes out Danish), while complements are long enough to identify."""
     prompt_script, complement_script = _script(prompt), _script(complement)
     if prompt_script and complement_script and prompt_script != complement_script:
         return True
-    if prompt_script != "latin" or min(len(_WORD.findall(prompt)), len(_WORD.findall(complement))) < \
-            rules.min_words_for_language_id:
+    if complement_script != "latin" or len(_WORD.findall(complement)) < rules.min_words_for_language_id:
         return False
-    a, b = _language(prompt, rules.min_language_probability), _language(complement, rules.min_language_probability)
-    return a is not None and b is not None and a != b
+    if len(_WORD.findall(prompt)) >= rules.min_words_for_language_id:
+        prompt_language = _language(prompt, rules.min_language_probability)
+    else:
+        prompt_language = rules.default_language or None
+    complement_language = _language(complement, rules.min_language_probability)
+    return None not in (prompt_language, complement_language) and prompt_language != complement_language
 
 
 def answers_prompt(prompt: str, complement: str, reference: str | None = None) -> bool:

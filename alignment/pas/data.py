@@ -17,31 +17,42 @@ from alignment.data.sources import read_jsonl
 SEEDS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds.jsonl")
 
 _TOPICS = ["the ocean", "a rainy city", "friendship", "autumn leaves", "a lost dog", "space travel", "a small bakery",
-           "the first day of school", "mountain hiking", "an old lighthouse", "a chess match", "a summer storm"]
-_FORMS = ["poem", "short story", "blog post", "letter", "product description", "speech"]
-_AUDIENCES = ["children", "teenagers", "busy parents", "retirees", "new employees", "travellers"]
-_ITEMS = ["pens", "apples", "tickets", "notebooks", "mugs", "candles"]
+           "the first day of school", "mountain hiking", "an old lighthouse", "a chess match", "a summer storm",
+           "a night train", "grandmother's garden", "a robot learning to cook", "the last bookshop in town",
+           "a desert sunrise", "moving to a new country", "a forgotten letter", "a village festival"]
+_FORMS = ["poem", "short story", "blog post", "letter", "product description", "speech", "diary entry", "haiku"]
+_AUDIENCES = ["children", "teenagers", "busy parents", "retirees", "new employees", "travellers", "students",
+              "nurses"]
+_TONES = ["cheerful", "melancholic", "formal", "playful", "hopeful", "mysterious"]
+_ITEMS = ["pens", "apples", "tickets", "notebooks", "mugs", "candles", "plants", "batteries"]
 _TASKS = ["reverses a string", "checks whether a number is prime", "counts the vowels in a sentence",
           "merges two sorted lists", "removes duplicates from a list", "computes the factorial of n",
-          "finds the largest word in a text", "converts Celsius to Fahrenheit"]
-_LANGUAGES = ["Python", "JavaScript", "Go", "Rust"]
+          "finds the largest word in a text", "converts Celsius to Fahrenheit", "validates an email address",
+          "parses a CSV line", "flattens a nested list", "computes a moving average", "checks for balanced brackets",
+          "counts word frequencies in a file"]
+_LANGUAGES = ["Python", "JavaScript", "Go", "Rust", "Java", "C++"]
 _CONCEPTS = ["photosynthesis", "inflation", "gravity", "the water cycle", "machine learning", "vaccines",
-             "plate tectonics", "compound interest", "the immune system", "renewable energy"]
-_SKILLS = ["public speaking", "time management", "cooking", "sleep", "running", "focus at work"]
-_EVENTS = ["a birthday party", "a team offsite", "a rainy weekend", "a family reunion", "a school fair"]
+             "plate tectonics", "compound interest", "the immune system", "renewable energy", "black holes",
+             "supply and demand", "the French Revolution", "DNA replication", "climate change", "encryption",
+             "the stock market", "volcanoes", "antibiotics", "the internet"]
+_SKILLS = ["public speaking", "time management", "cooking", "sleep", "running", "focus at work", "writing",
+           "negotiation", "learning a language", "saving money", "posture", "drawing"]
+_EVENTS = ["a birthday party", "a team offsite", "a rainy weekend", "a family reunion", "a school fair",
+           "a camping trip", "a wedding toast", "a job interview", "a charity run", "a book club meeting"]
 
 _TEMPLATES = {
     "writing": ["Write a {form} about {topic}.", "Write a {form} about {topic} for {audience}.",
-                "Draft a short {form} about {topic}.", "Compose a {form} on {topic} in a cheerful tone."],
+                "Draft a short {form} about {topic}.", "Compose a {form} on {topic} in a {tone} tone.",
+                "Write a {tone} {form} about {topic} for {audience}."],
     "math": ["A shop sells {item} for {a} dollars each. How much do {b} {item} cost?",
              "What is {p} percent of {c}?", "Solve for x: {a}x + {b} = {c}.",
              "A train travels {c} km in {a} hours. What is its average speed?"],
     "coding": ["Write a {lang} function that {task}.", "Explain how to write a {lang} program that {task}.",
-               "Write a function in {lang} that {task}, with tests."],
+               "Write a function in {lang} that {task}, with tests.", "Review my {lang} code that {task}."],
     "knowledge": ["What is {concept}?", "Explain {concept} in simple terms.", "Why does {concept} matter?",
-                  "Give a short overview of {concept}."],
+                  "Give a short overview of {concept}.", "Explain {concept} to {audience}."],
     "advice": ["How can I improve my {skill}?", "Give me ideas for {event}.", "What are good habits for {skill}?",
-               "Help me plan {event}."],
+               "Help me plan {event}.", "Give {audience} tips on {skill}."],
 }
 CATEGORIES = tuple(sorted(_TEMPLATES))
 
@@ -51,7 +62,8 @@ def _fill(template: str, rng: np.random.Generator) -> tuple[str, str]:
     pick = lambda options: options[int(rng.integers(len(options)))]
     a, b = int(rng.integers(2, 10)), int(rng.integers(2, 12))
     c = int(rng.integers(3, 30)) * a
-    values = dict(form=pick(_FORMS), topic=pick(_TOPICS), audience=pick(_AUDIENCES), item=pick(_ITEMS), a=a, b=b,
+    values = dict(form=pick(_FORMS), topic=pick(_TOPICS), audience=pick(_AUDIENCES), tone=pick(_TONES),
+                  item=pick(_ITEMS), a=a, b=b,
                   c=c, p=int(rng.choice([10, 20, 25, 50])), lang=pick(_LANGUAGES), task=pick(_TASKS),
                   concept=pick(_CONCEPTS), skill=pick(_SKILLS), event=pick(_EVENTS))
     prompt = template.format(**values)

@@ -44,6 +44,7 @@ from alignment.pas.data import prompt_text, write_jsonl
 
 logger = logging.getLogger(__name__)
 
+ANCHORS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "anchors.jsonl")  # shipped, 5 categories
 DIMENSIONS = ("clarity", "practicality", "complexity", "novelty")
 _VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
 
@@ -150,7 +151,7 @@ def _ask_until_parsed(ask: Callable[[str], str], request: str, attempts: int) ->
     for call in range(1, attempts + 1):
         try:
             raw = ask(request)
-        except (RuntimeError, OSError) as e:  # OSError: a read timeout escapes the client unwrapped
+        except RuntimeError as e:  # the endpoint failed (the client wraps HTTP, connection and timeout errors)
             failure = f"failed: {e}"
             continue
         verdict = parse_verdict(raw)

@@ -5,7 +5,8 @@ OpenAI-compatible service (vLLM, a hosted API, `python -m alignment.serve` with 
 URL. A fresh machine has none, so `teacher.url='embedded'` starts this one: a deterministic, rule-based writer of
 category-specific complements built from the prompt's topic, which on purpose writes a flawed complement (an
 answer, another language, a wall of demands, ...) for a `flaw_rate` share of requests, and a critic that applies
-the rule checks of `alignment.pas.critique`. It is there to exercise the pipeline (generation -> critique ->
+the rule checks of `alignment.pas.critique`, and a prompt judge for quality scoring (`alignment.pas.quality`) that
+prefers clear, specific prompts by surface features. It is there to exercise the pipeline (generation -> critique ->
 regeneration -> training) end to end over a real socket; it is not a language model and its complements are
 templates.
 """
@@ -19,6 +20,7 @@ import time
 import uuid
 
 from alignment.pas.critique import rule_failures
+from alignment.pas.quality import DIMENSIONS, JUDGE_TEMPLATE
 from alignment.pas.template import CRITIC_SYSTEM, TEACHER_SYSTEM
 from alignment.serve import RequestError, make_server
 
@@ -75,6 +77,21 @@ def topic(prompt: str, category: str) -> str:
     return " ".join(words[:4]) or "the request"
 
 
+_JUDGE_PREFIX = JUDGE_TEMPLATE.split("\n", 1)[0]
+_TASK = re.compile(r"^(write|draft|compose|explain|give|help|solve|compare|describe|list|plan|summari[sz]e|"
+                   r"translate|what|why|how|which|who|when)\b", re.IGNORECASE)
+
+
+def _prompt_features(prompt: str) -> tuple[int, int, int]:
+    """(clarity, practicality, complexity) of a prompt, each a small integer."""
+    words = re.findall(r"[A-Za-z]+", prompt)
+    shouting = sum(w.isupper() and len(w) > 1 for w in words) > len(words) / 2
+    clarity = int(not shouting) + int(prompt.strip()[-1:] in ".?!") + int(3 <= len(words) <= 40)
+    practicality = int(bool(_TASK.match(prompt.strip().removeprefix("Please ")))) + int("?" in prompt or "." in prompt)
+    complexity = len({w.lower() for w in words if w.lower() not in _STOP and len(w) > 2})
+    return clarity, practicality, complexity
+
+
 def _draw(*parts) -> float:
     """A number in [0, 1) fixed by the parts: the same request always gets the same answer."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
@@ -105,11 +122,13 @@ class TeacherService:
             kind, text = "complement", self._complement(request, body.get("seed", 0))
         elif system == CRITIC_SYSTEM:
             kind, text = "critique", self._critique(request)
+        elif request.startswith(_JUDGE_PREFIX):
+            kind, text = "judge", self._judge(request)
         else:
-            raise RequestError("the embedded teacher only writes and critiques PAS complements (system prompts of "
-                               "alignment.pas.template)", param="messages")
+            raise RequestError("the embedded teacher only writes and critiques PAS complements and judges prompts "
+                               "(the requests of alignment.pas.template and alignment.pas.quality)", param="messages")
         with self._lock:
-            self.requests[kind] += 1
+            self.requests[kind] = self.requests.get(kind, 0) + 1
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                                        "finish_reason": "stop", "logprobs": None}],
@@ -127,6 +146,21 @@ class TeacherService:
         if fields.get("Search keywords"):
             text += f" Stay consistent with the search results on {fields['Search keywords']}."
         return text
+
+    @staticmethod
+    def _judge(request: str) -> str:
+        """A prefers-the-more-specific-prompt judge: clarity (a sentence, not shouting), practicality (a task verb
+        or a question), complexity (distinct content words); novelty always ties."""
+        match = re.search(r"\[Prompt A\]\n(.*)\n\[End of prompt A\].*\[Prompt B\]\n(.*)\n\[End of prompt B\]", request,
+                          re.DOTALL)
+        if not match:
+            return "cannot read the two prompts"
+        features = [_prompt_features(match.group(i)) for i in (1, 2)]
+        verdict = {}
+        for index, dimension in enumerate(DIMENSIONS):
+            a, b = (f[index] for f in features) if index < 3 else (0, 0)
+            verdict[dimension] = "A" if a > b else "B" if b > a else "tie"
+        return json.dumps(verdict)
 
     @staticmethod
     def _critique(request: str) -> str:
