@@ -5,8 +5,8 @@
   time     median wall time of forward+backward on this backend: fused vs naive log-prob loss, and
            flash vs dense attention; on a GPU / TPU the Pallas (and cuDNN) versions are timed too
 
-python benchmarks/bench_kernels.py memory [--dtype float32]
-python benchmarks/bench_kernels.py time [--repeats 5]
+python -m benchmarks.bench_kernels memory [--dtype float32]
+python -m benchmarks.bench_kernels time [--repeats 5]
 """
 from __future__ import annotations
 

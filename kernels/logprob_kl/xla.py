@@ -21,11 +21,23 @@ DEFAULT_BLOCK_N = 1024
 DEFAULT_BLOCK_V = 4096
 
 
+def _loop_slice(x, start, size, axis, step):
+    """x[start:start + size] along `axis`, for a slice taken inside a loop at iteration `step`.
+
+    XLA:CPU has no bf16 dynamic-slice: it slices an upcast float32 operand. When x is loop invariant
+    that upcast is hoisted out of the loop, a float32 copy of all of x (1 GiB for W at D 2048,
+    V 128256). Tying x to `step` through an optimization barrier keeps the upcast in the loop, fused
+    into the slice, so only the block is converted. The barrier copies nothing.
+    """
+    x, _ = jax.lax.optimization_barrier((x, step))
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
 def _vocab_block(unembedding, i, block_v):
     """(W block [D, block_v], its first column, fresh [block_v] bool: columns no earlier block covered)."""
     vocab = unembedding.shape[1]
     start = jnp.minimum(i * block_v, vocab - block_v)
-    w = jax.lax.dynamic_slice_in_dim(unembedding, start, block_v, axis=1)
+    w = _loop_slice(unembedding, start, block_v, 1, i)
     fresh = start + jnp.arange(block_v) >= i * block_v
     return w, start, fresh
 
@@ -55,8 +67,10 @@ def _forward(hidden, unembedding, targets, ref_ids, ref_logp, temperature, block
     h, t, ids = (_pad_rows(x, padded) for x in (hidden, targets, ref_ids))
     with_topk = ref_ids is not None
 
-    def chunk_stats(args):
-        h_c, t_c, ids_c = args
+    def chunk_stats(c):
+        h_c = _loop_slice(h, c * block_n, block_n, 0, c)
+        t_c = jax.lax.dynamic_slice_in_dim(t, c * block_n, block_n)
+        ids_c = None if ids is None else jax.lax.dynamic_slice_in_dim(ids, c * block_n, block_n)
 
         def step(i, carry):
             m, l, s1, zt, zk = carry
@@ -82,8 +96,7 @@ def _forward(hidden, unembedding, targets, ref_ids, ref_logp, temperature, block
         lse = m + jnp.log(l)
         return lse, zt - lse, lse - s1 / l, zk
 
-    split = lambda x: None if x is None else x.reshape(chunks, block_n, *x.shape[1:])
-    lse, logp, entropy, zk = jax.lax.map(chunk_stats, (split(h), split(t), split(ids)))
+    lse, logp, entropy, zk = jax.lax.map(chunk_stats, jnp.arange(chunks))
     flat = lambda x: x.reshape(padded, *x.shape[2:])[:n]
     lse, logp, entropy = flat(lse), flat(logp), flat(entropy)
     log_q = kl = None
@@ -121,7 +134,7 @@ def _backward(hidden, unembedding, targets, ref_ids, ref_logp, lse, log_q, entro
 
         def chunk_step(c, carry):
             dh, dw_block = carry
-            h_c = rows(h, c)
+            h_c = _loop_slice(h, c * block_n, block_n, 0, c)
             z = _logits(h_c, w, temperature)
             log_p = z - rows(lse, c)[:, None]
             p = jnp.exp(log_p)
