@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignment.algorithms.logprobs import k3, logprobs_entropy_kl, token_logprobs  # noqa: F401 (k3 is part of the API)
+from alignment.algorithms.logprobs import k3, logprobs_entropy_kl, target_hidden  # noqa: F401 (k3 is part of the API)
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
@@ -115,18 +115,22 @@ def reference_topk(hidden: jax.Array, unembedding: jax.Array, k: int, temperatur
 
 
 def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float, clip_low: float,
-              clip_high: float, kl_mode: str, beta: float, aggregation: str, max_tokens: int):
-    """The policy update loss on a rollout batch (all [rows, tokens] unless noted):
+              clip_high: float, kl_mode: str, beta: float, aggregation: str, max_tokens: int, group: int = 1):
+    """The policy update loss on a rollout batch: inputs, positions, segment_ids [rows, W]; targets, loss_mask
+    (completion tokens), advantages, old_logp (from the rollout policy), ref_logp (k3 mode) [rows, C], over
+    the last C input columns (`logprobs.target_hidden`); first_pass [rows] (1.0 where the parameters are still
+    the rollout's, so old_logp is taken as this pass's own log-prob and the ratio is exactly 1). group > 1:
+    rows come in runs of that many samples of one prompt, which then runs once (`logprobs.target_hidden`).
 
-    inputs, targets, positions, segment_ids, loss_mask (completion tokens); advantages (per token);
-    old_logp (from the rollout policy); ref_logp (k3 mode); first_pass [rows] (1.0 where the parameters are
-    still the rollout's, so old_logp is taken as this pass's own log-prob and the ratio is exactly 1).
+    Metrics also hold the policy's entropy summed over the completion tokens (`entropy_sum`), so a step that
+    skips the separate scoring pass of the policy still reports it.
     """
     del rng
-    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = target_hidden(model, params, batch, group)
     unembedding = model.apply({"params": params}, method="unembedding")
-    logp = token_logprobs(hidden, unembedding, batch["targets"], temperature,
-                          impl=model.config.logprob_impl or None)
+    scored = logprobs_entropy_kl(hidden, unembedding, batch["targets"], temperature=temperature,
+                                 with_entropy=True, impl=model.config.logprob_impl or None)
+    logp = scored.logp
     first = batch["first_pass"][:, None] > 0
     old_logp = jnp.where(first, jax.lax.stop_gradient(logp), batch["old_logp"])
     per_token, clipped = clipped_surrogate(logp, old_logp, batch["advantages"], clip_low, clip_high)
@@ -135,6 +139,7 @@ def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float,
         "clip_fraction_sum": jnp.sum(clipped * mask),
         "ratio_sum": jnp.sum(jnp.exp(logp - old_logp) * mask),
         "tokens": jnp.sum(mask),
+        "entropy_sum": jnp.sum(jax.lax.stop_gradient(scored.entropy) * mask),
     }
     if kl_mode == "k3":
         kl = k3(logp, batch["ref_logp"])

@@ -8,9 +8,11 @@ gathered once and its gradient summed over the devices.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from alignment import sharding
+from alignment.models.transformer import KVCache, Transformer, init_cache
 from kernels.logprob_kl import api as kernel_api
 from kernels.logprob_kl.reference import LogprobKL, k3  # noqa: F401  (k3 re-exported for GRPO)
 
@@ -56,6 +58,33 @@ def logprobs_entropy_kl(hidden: jax.Array, unembedding: jax.Array, targets: jax.
 
     out = _per_device(run, flat(hidden), unembedding, flat(targets), flat(ref_topk_ids), flat(ref_topk_logprobs))
     return LogprobKL(*(None if x is None else x.reshape(batch, seq) for x in out))
+
+
+def target_hidden(model, params, batch: dict, group: int = 1) -> jax.Array:
+    """Final hidden states [rows, C, d] of the input columns that predict batch["targets"] [rows, C]: the last
+    C columns of batch["inputs"] [rows, W] (C = W for whole rows; the completion window of
+    `data.rollouts.completion_rows`, so the output head runs on completion tokens only).
+
+    group > 1: rows come in runs of `group` that share their first P = W - C + 1 columns (a prompt and its
+    samples, in `completion_rows` order). Each prompt then runs once into a KV cache that its samples attend
+    to, instead of once per sample: the same attention and values, about 40% fewer FLOPs for GRPO's groups.
+    """
+    new = batch["targets"].shape[1]
+    if group == 1:
+        hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return hidden[:, hidden.shape[1] - new:]
+    rows, width = batch["inputs"].shape
+    prompt = width - new + 1
+    decode = lambda cache, key, index: model.apply(
+        {"params": params}, batch["inputs"][key], batch["positions"][key], batch["segment_ids"][key], cache,
+        index, method=Transformer.decode)
+    cache = init_cache(model.config, rows // group, width)
+    prompt_hidden, cache = decode(cache, (slice(None, None, group), slice(None, prompt)), 0)
+    cache = KVCache(jnp.repeat(cache.k, group, axis=1), jnp.repeat(cache.v, group, axis=1),
+                    jnp.repeat(cache.segment_ids, group, axis=0), jnp.repeat(cache.positions, group, axis=0))
+    sample_hidden, _ = decode(cache, (slice(None), slice(prompt, None)), prompt)
+    # The prompt's last column predicts every sample's first token.
+    return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], group, axis=0), sample_hidden], axis=1)
 
 
 def token_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,

@@ -58,14 +58,14 @@ def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int) -> 
 def rollout_metrics(rewards, out, scored: dict, mask: np.ndarray) -> dict:
     """What every RL step reports about its rollouts: rewards, KL to the reference, entropy, lengths.
 
-    scored: the scorer's [rows, tokens] kl and entropy; mask [rows, tokens] the completion tokens.
+    scored: the scorer's [rows, tokens] kl and entropy (either may be absent when the update measures it
+    instead); mask [rows, tokens] the completion tokens.
     """
     tokens = max(float(mask.sum()), 1.0)
     return {
         "reward": float(np.nanmean(rewards.total)),
         "reward_std": float(np.nanstd(rewards.total)),
-        "kl": float((scored["kl"] * mask).sum() / tokens),
-        "entropy": float((scored["entropy"] * mask).sum() / tokens),
+        **{k: float((scored[k] * mask).sum() / tokens) for k in ("kl", "entropy") if k in scored},
         "completion_length": float(np.mean(out.lengths)),
         "reward_errors": len(rewards.errors),
         **{f"reward_{name}": float(np.nanmean(v)) for name, v in rewards.components.items()},
@@ -75,8 +75,13 @@ def rollout_metrics(rewards, out, scored: dict, mask: np.ndarray) -> dict:
 def minibatches(rows: dict[str, np.ndarray], rl, seed: int, step: int) -> Iterator[dict[str, np.ndarray]]:
     """`rl.ppo_epochs` passes over the rows [rows, ...] in `rl.minibatches` shuffled minibatches (one order
     per RL step). `first_pass` [rows] is 1.0 in the first minibatch of the first pass, where the parameters
-    are still the rollout's, so the loss may take its own log-probs as the old ones (ratio exactly 1)."""
-    order = np.random.default_rng([seed, step]).permutation(len(rows["loss_mask"]))
+    are still the rollout's, so the loss may take its own log-probs as the old ones (ratio exactly 1).
+
+    A single minibatch keeps the rollout's row order: shuffling it would change nothing but the order of
+    sums, and in that order each prompt's samples stay together (`logprobs.target_hidden` with a group)."""
+    rng = np.random.default_rng([seed, step])
+    n = len(rows["loss_mask"])
+    order = np.arange(n) if rl.minibatches == 1 else rng.permutation(n)
     for epoch in range(rl.ppo_epochs):
         for index, chunk in enumerate(np.array_split(order, rl.minibatches)):
             minibatch = {k: v[chunk] for k, v in rows.items()}

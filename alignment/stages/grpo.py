@@ -3,7 +3,9 @@
 One RL step (driven by `alignment.rl.loop`, which also evaluates, checkpoints and resumes): draw prompts
 by category weight -> G samples each from the rollout engine (same mesh, same parameters as the trainer)
 -> rewards -> group advantages -> score the rollouts (old log-probs, KL to the reference) -> `ppo_epochs`
-passes of clipped policy updates -> optionally one PTX-KL step on SFT data. Every `eval_every` steps:
+passes of clipped policy updates -> optionally one PTX-KL step on SFT data. Rows are `completion_rows` (the
+output head runs on completion tokens only), and each prompt runs once for its samples where rows keep their
+groups; with one on-policy pass and k3, scoring runs the reference only. Every `eval_every` steps:
 greedy accuracy per category on held-out prompts, which also re-weights the categories of the prompt stream.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from alignment.algorithms import grpo
 from alignment.data import sft as sft_data
-from alignment.data.rollouts import rollout_rows
+from alignment.data.rollouts import completion_rows
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models.transformer import dummy_inputs
@@ -67,10 +69,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
     rollouts = Rollouts(config, tokenizer, engine, from_config(config))
     target = runtime.batch_sharding(mesh, rules)
-    score = make_scorer(model, rl.temperature, "top_k" if rl.kl_mode == "token_reward" else "k3", rl.kl_top_k)
+    # One on-policy pass (k3 in the loss): the update recomputes the policy's log-probs with the rollout's own
+    # parameters (first_pass), so scoring only runs the reference; the update reports the KL and entropy.
+    single_pass = rl.kl_mode == "k3" and rl.ppo_epochs == 1 and rl.minibatches == 1
+    # Each prompt runs once for its samples (a KV cache they share) where rows keep their groups: always in
+    # scoring; in the update with one minibatch and no micro-batches (which regroup rows). The cached path
+    # has no remat and no Ulysses attention, so configs using those keep the plain forward.
+    share = mesh.shape.get("sequence", 1) == 1
+    score = make_scorer(model, rl.temperature, "top_k" if rl.kl_mode == "token_reward" else "k3", rl.kl_top_k,
+                        policy=not single_pass, group=rl.num_samples if share else 1)
+    share &= model_cfg.remat_policy == "none" and rl.minibatches == 1 and config.micro_batches == 1
+    update_group = rl.num_samples if share else 1
     loss = functools.partial(grpo.grpo_loss, model, temperature=rl.temperature, clip_low=rl.clip_low,
                              clip_high=rl.clip_high, kl_mode=rl.kl_mode, beta=rl.beta,
-                             aggregation=rl.aggregation, max_tokens=rl.max_new_tokens)
+                             aggregation=rl.aggregation, max_tokens=rl.max_new_tokens, group=update_group)
     # Batches keep the layout `place_batch` gives them (rows over the data axes, whatever their rank).
     update = jit_train_step(make_train_step(loss, optimizer, schedule, config.micro_batches), shardings, None)
     ptx = make_ptx_batches(config, tokenizer, model, ref_params)
@@ -86,10 +98,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seq_adv = np.asarray(grpo.group_advantages(jnp.asarray(group_rewards), rl.scale_rewards,
                                                    rl.advantage_estimator))
         seq_adv = (seq_adv * valid[:, None]).reshape(-1)  # groups with a skipped sample are left out
-        rows = rollout_rows(rollout.prompt_ids, rollout.out.tokens, rollout.out.lengths, rl.num_samples,
-                            rl.max_prompt_length, rl.max_new_tokens)
+        rows = completion_rows(rollout.prompt_ids, rollout.out.tokens, rollout.out.lengths, rl.num_samples,
+                               rl.max_prompt_length, rl.max_new_tokens)
         scored = jax.device_get(score(state.params, ref_params, runtime.place_batch(rows, target)))
         mask = rows["loss_mask"]
+        if single_pass:  # never read (first_pass), but kept meaningful: the sampler's own log-probs
+            scored["old_logp"] = np.zeros(mask.shape, np.float32)
+            width = min(mask.shape[1], rollout.out.logprobs.shape[1])
+            scored["old_logp"][:, :width] = rollout.out.logprobs[:, :width]
         if rl.kl_mode == "token_reward":
             advantages = np.asarray(grpo.token_advantages(jnp.asarray(seq_adv), scored["kl"], mask, rl.beta))
         else:
@@ -110,6 +126,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics = jax.device_get(metrics)
         record = {
             **rollout_metrics(rewards, rollout.out, scored, mask),
+            **({"kl": float(metrics[0]["k3_sum"] / max(metrics[0]["tokens"], 1.0)),
+                "entropy": float(metrics[0]["entropy_sum"] / max(metrics[0]["tokens"], 1.0))} if single_pass else {}),
             "loss": float(np.mean([m["loss"] for m in metrics if "loss" in m])),
             "clip_fraction": float(sum(m.get("clip_fraction_sum", 0) for m in metrics)
                                    / max(sum(m.get("tokens", 0) for m in metrics if "clip_fraction_sum" in m), 1)),

@@ -1,0 +1,87 @@
+"""GRPO step time on bench-small with GSM8K prompts, with the generation / scoring / update breakdown.
+
+    python -m benchmarks.bench_grpo [--steps 5] [--kl_mode k3] [--dtype float32]
+
+The same work as the TRL peer (`shared/peers/bench_grpo_trl.py`): bench-small with random weights, the llama2
+tokenizer, the first 200 GSM8K train questions, 2 prompts x 8 samples per step, 128 new tokens at temperature 1,
+beta 0.04, one policy update per step, fp32 on CPU (`--dtype bfloat16` computes in bf16 with fp32 parameters,
+closer to the peer's default bf16 autocast). It runs the GRPO stage itself (alignment/stages/grpo.py) and
+reads its per-step timings from metrics.jsonl; the first step (compilation) is left out of the median.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import ml_collections
+
+from alignment.config import load_config_file
+from alignment.stages import grpo
+from benchmarks import common
+
+PEER = {"median_step_s": [19.4, 22.2, 23.7], "setup": "TRL 1.16 GRPOTrainer, transformers generate, fp32 CPU"}
+
+
+def bench_small_fields() -> dict:
+    return dataclasses.asdict(common.bench_small_config())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--kl_mode", default="k3", choices=("k3", "token_reward"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    shared = common.require_shared()
+
+    workdir = tempfile.mkdtemp(prefix="bench-grpo-")
+    rows = [{"messages": [{"role": "user", "content": r["question"]}], "answer": r["answer"].split("####")[-1].strip()}
+            for r in common.gsm8k("train", 200)]
+    prompts, held_out = os.path.join(workdir, "gsm8k.jsonl"), os.path.join(workdir, "held_out.jsonl")
+    for path, subset in ((prompts, rows), (held_out, rows[:2])):  # the stage's before/after check: 2 prompts
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in subset)
+
+    config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "configs", "grpo.py"))
+    config.model.update(bench_small_fields())
+    config.model.dtype = args.dtype
+    config.tokenizer = str(shared / "tokenizers" / "llama2" / "tokenizer.model")
+    config.chat_template = "llama2"
+    config.warm_start = None
+    config.steps = args.steps
+    config.checkpoint.every = 0
+    config.rl.update(dict(prompts_per_step=2, num_samples=8, max_new_tokens=128, max_prompt_length=256,
+                          temperature=1.0, beta=0.04, kl_mode=args.kl_mode, eval_every=0, reweight_categories=False))
+    source = lambda path: ml_collections.ConfigDict(dict(path=path, weight=1.0, format="auto", tfds_data_dir=""))
+    config.data.train = ml_collections.ConfigDict({"gsm8k": source(prompts)})
+    config.data.eval = ml_collections.ConfigDict({"gsm8k": source(held_out)})
+    config.data.num_embedded_eval = 0
+    config.optimizer.lr = 1e-6
+
+    start = time.perf_counter()
+    grpo.run(config, workdir)
+    wall = time.perf_counter() - start
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "generation_s" in r]
+    timed = steps[1:]
+    parts = ("generation_s", "scoring_s", "update_s")
+    median = {p: statistics.median(r[p] for r in timed) for p in parts}
+    step_s = statistics.median(sum(r[p] for p in parts) for r in timed)
+    print(json.dumps({
+        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype, "steps_timed": len(timed),
+        "median_step_s": round(step_s, 3), **{f"median_{p}": round(v, 3) for p, v in median.items()},
+        "step_s": [round(sum(r[p] for p in parts), 2) for r in timed],
+        "mean_completion_length": round(statistics.mean(r["completion_length"] for r in steps), 1),
+        "speedup_vs_trl_median": round(statistics.median(PEER["median_step_s"]) / step_s, 2),
+        "peer": PEER, "wall_s": round(wall, 1), "peak_rss_mb": round(common.peak_rss_mb()),
+        "machine": common.machine()}))
+
+
+if __name__ == "__main__":
+    main()
