@@ -10,6 +10,7 @@ import pytest
 from alignment.config import load_config_file, validate
 from alignment.eval import endpoint, generation, judge
 from alignment.eval.cache import JsonlCache
+from alignment.pas.augment import Pas
 from alignment.stages import eval as eval_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,10 +120,15 @@ def test_parse_judgement():
     assert judge.parse_judgement("1: 1\n1: 0\n2: 1", 2) is None  # contradictory
 
 
+class _EchoPas(Pas):
+    def complements(self, prompts, keywords=None):
+        return [f"[more detail for {p}]" for p in prompts]
+
+
 def test_prompt_augmentation_appends_to_last_user_turn():
     seen = []
     generate = generation.with_prompt_augmentation(lambda prompts: seen.extend(prompts) or ["ok"] * len(prompts),
-                                                   lambda text: f"[more detail for {text}]")
+                                                   _EchoPas())
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
     assert generate([messages]) == ["ok"]
     assert seen[0][-1]["content"] == "Q\n\n[more detail for Q]" and messages[-1]["content"] == "Q"
