@@ -1,6 +1,7 @@
 """Every test process simulates 8 CPU devices, so multi-device meshes run on a laptop or CI box."""
 import os
 import pathlib
+import signal
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,3 +17,24 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def space_share(sample, params):
+    """A reward the tiny random model can learn in a few steps: the share of spaces in the completion. With
+    params["preempt_at"] = k, the k-th call sends this process SIGTERM (what a TPU preemption notice does)."""
+    text = sample.completion
+    if params.get("preempt_at") and space_share.calls == params["preempt_at"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+    space_share.calls += 1
+    return sum(c == " " for c in text) / max(len(text), 1)
+
+
+@pytest.fixture
+def space_share_reward():
+    """The 'space_share' reward registered for the test (its call counter reset); yields the function."""
+    from alignment.rewards import registry
+
+    registry.REWARDS["space_share"], registry.PARAMS["space_share"] = space_share, {"preempt_at": 0}
+    space_share.calls = 0
+    yield space_share
+    del registry.REWARDS["space_share"], registry.PARAMS["space_share"]

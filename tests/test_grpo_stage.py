@@ -1,7 +1,6 @@
 """GRPO end to end on CPU: rewards rise on a learnable task, and a run stopped by SIGTERM resumes exactly."""
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -9,26 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alignment.config import load_config_file
-from alignment.rewards import registry
 from alignment.stages import grpo
 from alignment.train.loop import Preempted
-
-
-def space_share(sample, params):
-    """A reward the tiny random model can learn in a few steps: the share of spaces in the completion."""
-    text = sample.completion
-    if params.get("preempt_at") and space_share.calls == params["preempt_at"]:
-        os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption notice does, at a known point
-    space_share.calls += 1
-    return sum(c == " " for c in text) / max(len(text), 1)
-
-
-@pytest.fixture(autouse=True)
-def registered_reward():
-    registry.REWARDS["space_share"], registry.PARAMS["space_share"] = space_share, {"preempt_at": 0}
-    space_share.calls = 0
-    yield
-    del registry.REWARDS["space_share"], registry.PARAMS["space_share"]
 
 
 def config(steps: int, preempt_at: int = 0):
@@ -56,18 +37,18 @@ def params_at(workdir, step):
     return ocp.StandardCheckpointer().restore(path)["params"]
 
 
-def test_short_run_raises_reward_and_resumes_exactly(tmp_path):
+def test_short_run_raises_reward_and_resumes_exactly(tmp_path, space_share_reward):
     summary = grpo.run(config(12), str(tmp_path / "full"))
     curve = rewards(tmp_path / "full")
     assert np.mean(curve[-3:]) > 1.25 * np.mean(curve[:3]), curve  # the space share rises by about half
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
 
-    space_share.calls = 0
+    space_share_reward.calls = 0
     with pytest.raises(Preempted) as stopped:
         # 4 prompts x 8 samples are scored per step, plus 8 held-out ones before RL: stop during step 6.
         grpo.run(config(12, preempt_at=8 + 5 * 32 + 3), str(tmp_path / "resumed"))
     assert stopped.value.step == 6
-    space_share.calls = 0
+    space_share_reward.calls = 0
     grpo.run(config(12), str(tmp_path / "resumed"))
     np.testing.assert_allclose(rewards(tmp_path / "resumed")[-6:], curve[-6:], rtol=1e-6)
     expected, actual = params_at(tmp_path / "full", 12), params_at(tmp_path / "resumed", 12)

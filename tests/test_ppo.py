@@ -2,7 +2,6 @@
 learns, rewards rise on a learnable task, and a run stopped by SIGTERM resumes exactly."""
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,6 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignment.algorithms import grpo, ppo
 from alignment.config import load_config_file
-from alignment.rewards import registry
 from alignment.stages import ppo as ppo_stage
 from alignment.train.loop import Preempted
 
@@ -95,23 +93,6 @@ def test_clipped_value_loss_matches_numpy():
 # --- the stage ---------------------------------------------------------------------------------------
 
 
-def space_share(sample, params):
-    """A reward the tiny random model can learn in a few steps: the share of spaces in the completion."""
-    text = sample.completion
-    if params.get("preempt_at") and space_share.calls == params["preempt_at"]:
-        os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption notice does, at a known point
-    space_share.calls += 1
-    return sum(c == " " for c in text) / max(len(text), 1)
-
-
-@pytest.fixture
-def registered_reward():
-    registry.REWARDS["space_share"], registry.PARAMS["space_share"] = space_share, {"preempt_at": 0}
-    space_share.calls = 0
-    yield
-    del registry.REWARDS["space_share"], registry.PARAMS["space_share"]
-
-
 PROMPTS = 16  # samples rewarded per RL step (G = 1) and per held-out evaluation (one generation program)
 
 
@@ -157,7 +138,7 @@ def state_at(workdir, step):
     return ocp.StandardCheckpointer().restore(path)
 
 
-def test_short_run_learns_and_resumes_exactly(tmp_path, registered_reward, compilation_cache):
+def test_short_run_learns_and_resumes_exactly(tmp_path, space_share_reward, compilation_cache):
     summary = ppo_stage.run(config(12), str(tmp_path / "full"))
     records = train_records(tmp_path / "full")
     rewards, value_losses = [r["reward"] for r in records], [r["value_loss"] for r in records]
@@ -165,11 +146,11 @@ def test_short_run_learns_and_resumes_exactly(tmp_path, registered_reward, compi
     assert np.mean(rewards[-3:]) > 1.25 * np.mean(rewards[:3]), rewards
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
 
-    space_share.calls = 0
+    space_share_reward.calls = 0
     with pytest.raises(Preempted) as stopped:
         ppo_stage.run(config(12, preempt_at=PROMPTS + 5 * PROMPTS + 3), str(tmp_path / "resumed"))
     assert stopped.value.step == 6
-    space_share.calls = 0
+    space_share_reward.calls = 0
     ppo_stage.run(config(12), str(tmp_path / "resumed"))
     resumed = train_records(tmp_path / "resumed")
     for key in ("reward", "value_loss"):
