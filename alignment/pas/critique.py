@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from typing import Callable
 
 from alignment.pas.template import FAILURES, critic_messages
@@ -72,15 +73,21 @@ def _script(text: str) -> str:
     return best if counts[best] else ""
 
 
+# langdetect loads its language profiles into a global factory on first use, and concurrent first calls (the
+# complement workers are threads) can load them twice and skew every later verdict; calls are serialised.
+_LANGDETECT_LOCK = threading.Lock()
+
+
 def _language(text: str, min_probability: float) -> str | None:
     """The language code langdetect gives with at least min_probability, else None (unsure)."""
     import langdetect
 
-    langdetect.DetectorFactory.seed = 0  # langdetect samples internally; fixed for reproducible verdicts
-    try:
-        best = langdetect.detect_langs(text)[0]
-    except langdetect.LangDetectException:
-        return None
+    with _LANGDETECT_LOCK:
+        langdetect.DetectorFactory.seed = 0  # langdetect samples internally; fixed for reproducible verdicts
+        try:
+            best = langdetect.detect_langs(text)[0]
+        except langdetect.LangDetectException:
+            return None
     return best.lang if best.prob >= min_probability else None
 
 
