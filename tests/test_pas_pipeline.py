@@ -13,7 +13,7 @@ from alignment.pas.augment import LocalPas, Pas, load_pas
 from alignment.pas.complement import Endpoint, generate_complements
 from alignment.pas.data import embedded_prompts, load_prompt_pool, load_seeds, write_jsonl
 from alignment.pas.teacher import TeacherService, start_teacher
-from alignment.pas.template import augment_last_user_turn, combine, pas_messages
+from alignment.pas.template import combine, pas_messages, with_complement
 from alignment.serve import make_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,15 +100,15 @@ def test_prompt_pool_errors_name_the_line(tmp_path):
         load_prompt_pool(str(path), 0, 0)
 
 
-def test_augment_last_user_turn_keeps_the_prompt():
+def test_complement_goes_to_the_last_user_turn_and_keeps_the_prompt():
     messages = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Write a poem."}]
-    out = augment_last_user_turn(messages, lambda text: f"[{text}]")
+    out = with_complement(messages, "[Write a poem.]")
     assert out[-1]["content"] == "Write a poem.\n\n[Write a poem.]" and out[:3] == messages[:3]
     assert messages[-1]["content"] == "Write a poem."  # input untouched
     assert combine("Prompt", "  ") == "Prompt"
     with pytest.raises(ValueError, match="no"):
-        augment_last_user_turn([{"role": "system", "content": "x"}], str)
+        with_complement([{"role": "system", "content": "x"}], "x")
 
 
 def pas_config(overrides: dict):

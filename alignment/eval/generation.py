@@ -23,7 +23,7 @@ def with_prompt_augmentation(generate_fn: GenerateFn, pas) -> GenerateFn:
     prompt is kept whole and the complement follows it)."""
 
     def generate(prompts: list[list[dict]]) -> list[str]:
-        return generate_fn([pas.augment_messages(messages) for messages in prompts])
+        return generate_fn(pas.augment_chats(prompts))
 
     return generate
 

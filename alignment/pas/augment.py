@@ -19,7 +19,7 @@ from alignment.data.chat import encode_chat
 from alignment.generation.client import chat
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
-from alignment.pas.template import augment_last_user_turn, combine, pas_messages
+from alignment.pas.template import combine, last_user_turn, pas_messages, with_complement
 
 
 class Pas(abc.ABC):
@@ -35,9 +35,16 @@ class Pas(abc.ABC):
     def augment(self, prompt: str, keywords: Sequence[str] | None = None) -> str:
         return combine(prompt, self.complement(prompt, keywords or ()))
 
+    def augment_chats(self, chats: Sequence[list[dict]], keywords: Sequence[Sequence[str]] | None = None
+                      ) -> list[list[dict]]:
+        """Each chat with the complement of its last user turn appended to that turn, from one batched
+        `complements` call."""
+        texts = [chat[last_user_turn(chat)]["content"] for chat in chats]
+        return [with_complement(chat, c) for chat, c in zip(chats, self.complements(texts, keywords))]
+
     def augment_messages(self, messages: list[dict], keywords: Sequence[str] = ()) -> list[dict]:
         """A chat with the complement appended to its last user turn."""
-        return augment_last_user_turn(messages, lambda text: self.complement(text, keywords))
+        return self.augment_chats([messages], [keywords])[0]
 
 
 class LocalPas(Pas):

@@ -6,7 +6,7 @@ always asked in the form it was trained on.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 # Short on purpose: every token of it is paid on every PAS call.
 PAS_INSTRUCTION = "Complement this prompt with a short instruction. Do not answer it."
@@ -64,11 +64,16 @@ def combine(prompt: str, complement: str) -> str:
     return f"{prompt}\n\n{complement}" if complement else prompt
 
 
-def augment_last_user_turn(messages: list[dict], complement_fn: Callable[[str], str]) -> list[dict]:
-    """messages with complement_fn(last user text) appended to the last user turn (a new list; input unchanged)."""
+def last_user_turn(messages: list[dict]) -> int:
+    """Index of the last user message (the one PAS complements); ValueError when there is none."""
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise ValueError("PAS needs a user message to complement; the conversation has none")
-    last = users[-1]
-    text = messages[last]["content"]
-    return messages[:last] + [{**messages[last], "content": combine(text, complement_fn(text))}] + messages[last + 1:]
+    return users[-1]
+
+
+def with_complement(messages: list[dict], complement: str) -> list[dict]:
+    """messages with `complement` appended to the last user turn (a new list; input unchanged)."""
+    last = last_user_turn(messages)
+    return messages[:last] + [{**messages[last], "content": combine(messages[last]["content"], complement)}] + \
+        messages[last + 1:]

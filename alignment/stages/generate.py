@@ -49,19 +49,17 @@ def split_prompt(record: dict) -> tuple[list[dict], list[dict]]:
 def with_pas(pas_config: ml_collections.ConfigDict, prompts: list[tuple]) -> list[tuple]:
     """The prompts with the PAS complement appended to each last user turn (a record's `keywords` go with it)."""
     from alignment.pas.augment import load_pas
-    from alignment.pas.template import augment_last_user_turn
+    from alignment.pas.template import last_user_turn
 
+    for where, _, messages, _ in prompts:  # every prompt checked before any PAS work, errors naming the line
+        try:
+            last_user_turn(messages)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     pas = load_pas(pas_config.target, pas_config.max_tokens, pas_config.model)
-    texts = []
-    for where, _, messages, _ in prompts:
-        users = [m["content"] for m in messages if m.get("role") == "user"]
-        if not users:
-            raise ValueError(f"{where}: PAS needs a user message to complement; the prompt has none")
-        texts.append(users[-1])
-    complements = pas.complements(texts, [r.get("keywords", ()) for _, r, _, _ in prompts])
+    chats = pas.augment_chats([m for _, _, m, _ in prompts], [r.get("keywords", ()) for _, r, _, _ in prompts])
     logging.info("PAS complemented %d prompts", len(prompts))
-    return [(where, record, augment_last_user_turn(messages, lambda _, c=c: c), reference)
-            for (where, record, messages, reference), c in zip(prompts, complements)]
+    return [(where, record, chat, reference) for (where, record, _, reference), chat in zip(prompts, chats)]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
