@@ -37,7 +37,11 @@ MERGEKIT_YAML = {  # mergekit's own spelling of the same merges
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS GB, stdout) of one child process."""
+    """(wall seconds, peak RSS GB, stdout) of one child process.
+
+    Dirty pages of the previous run's output are flushed first, so their writeback does not land in this run.
+    """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -78,6 +82,7 @@ def main() -> None:
     floor = []
     for _ in range(args.repeats):
         dest = tempfile.mkdtemp(prefix="merge-copy-floor-", dir="/tmp")
+        os.sync()
         start = time.perf_counter()
         subprocess.run(["cp", "-r", *inputs, dest], check=True)
         floor.append(time.perf_counter() - start)
