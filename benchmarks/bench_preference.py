@@ -43,8 +43,10 @@ def hh_rows(num_pairs: int, max_length: int, template: str) -> tuple[list[dict],
     return rows[:num_pairs], stats.summary()
 
 
-def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multiple: int) -> dict:
-    model_cfg = from_hf_config(os.path.join(SHARED, "peers", "bench-small", "config.json"), value_head=which == "rm")
+def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multiple: int,
+        attention_impl: str = "xla_flash") -> dict:
+    model_cfg = from_hf_config(os.path.join(SHARED, "peers", "bench-small", "config.json"), value_head=which == "rm",
+                               attention_impl=attention_impl)
     model = Transformer(model_cfg)
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     rules = dict(sharding.DEFAULT_RULES)
@@ -118,6 +120,8 @@ def main():
     parser.add_argument("--trim_multiple", type=int, default=64)
     parser.add_argument("--template", default="llama2")
     parser.add_argument("--which", default="dpo_precomputed,dpo_online,rm")
+    parser.add_argument("--attention_impl", default="xla_flash",
+                        help="xla_flash (as configs/rm.py and dpo.py: skips padding tiles) or xla (dense scores)")
     args = parser.parse_args()
     rows, data = hh_rows(args.pairs, args.max_length, args.template)
     tokens = [int(r["segment_ids"].astype(bool).sum()) for r in rows]
@@ -125,7 +129,7 @@ def main():
                       "max_tokens_per_pair": max(tokens), "truncated_sequences": data["truncated"],
                       "load_average": os.getloadavg()}))
     for which in args.which.split(","):
-        print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple)), flush=True)
+        print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple, args.attention_impl)), flush=True)
     print(json.dumps({"load_average_end": os.getloadavg()}))
 
 

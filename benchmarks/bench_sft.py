@@ -1,9 +1,11 @@
 """SFT throughput of bench-small on GSM8K train as chat, max length 1024, ~4096 tokens per step, fp32 CPU.
 
-    python -m benchmarks.bench_sft packed 12 [logprob_impl]
-    python -m benchmarks.bench_sft unpacked 12 [logprob_impl]
+    python -m benchmarks.bench_sft packed 12 [logprob_impl] [attention_impl]
+    python -m benchmarks.bench_sft unpacked 12 [logprob_impl] [attention_impl]
 
 logprob_impl: '' (the backend default: the fused blockwise kernel) or 'reference' (materialised logits).
+attention_impl: 'xla_flash' (default, as configs/sft.py: skips the tiles between packed samples) or 'xla'
+(dense scores).
 
 Same work as `../shared/peers/bench_sft_trl.py` (3000 GSM8K rows, assistant-only loss, 4 packed rows
 or 16 unpacked rows per step). Prints real tokens/s, token utilisation and MFU against the measured
@@ -32,7 +34,7 @@ from alignment.train.step import jit_train_step, make_train_step
 from benchmarks import common
 
 
-def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "") -> None:
+def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "", attention_impl: str = "xla_flash") -> None:
     packed = mode == "packed"
     tokenizer = common.llama2_tokenizer()
     rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
@@ -47,7 +49,7 @@ def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "") -> None:
     sources = ml_collections.ConfigDict(dict(gsm8k=dict(weight=1.0)))
     batches = iter(sft_data.train_batches({"gsm8k": examples}, sources, data, batch_size, seed=0))
 
-    config = common.bench_small_config(logprob_impl=logprob_impl)
+    config = common.bench_small_config(logprob_impl=logprob_impl, attention_impl=attention_impl)
     model = Transformer(config)
     mesh = sharding.make_mesh({"data": 1})
     opt_cfg = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", end_lr_factor=1.0,
@@ -76,9 +78,9 @@ def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "") -> None:
                 mfu=round(per_step * config.flops_per_token(max_length) / median / peak, 3),
                 matmul_peak_gflops=round(peak / 1e9, 1), peak_rss_mb=round(common.peak_rss_mb()),
                 compile_and_first_step_s=round(times[0], 1), precision="fp32",
-                logprob_impl=logprob_impl or "default")
+                logprob_impl=logprob_impl or "default", attention_impl=attention_impl)
 
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "packed", int(sys.argv[2]) if len(sys.argv) > 2 else 12,
-         sys.argv[3] if len(sys.argv) > 3 else "")
+         sys.argv[3] if len(sys.argv) > 3 else "", sys.argv[4] if len(sys.argv) > 4 else "xla_flash")

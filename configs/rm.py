@@ -12,6 +12,7 @@ def get_config():
     c = base_config()
     c.stage = "rm"
     c.model = model_preset("tiny")
+    c.model.attention_impl = "xla_flash"  # skips the padding and cross-sequence score tiles of pair rows
     c.model.value_head = True  # the scalar head on the policy trunk scores each sequence's last token
     c.tokenizer = "embedded"
     c.chat_template = "chatml"

@@ -66,7 +66,34 @@ CASES = [(jnp.float32, 64), (jnp.bfloat16, 128)]
 @pytest.mark.parametrize("dtype,head_dim", CASES)
 def test_xla_flash_matches_reference(dtype, head_dim):
     # block_k 16 does not divide the 37 keys: the last block is padded.
-    check_against_reference(functools.partial(xla.attention, block_k=16), 1, dtype, head_dim)
+    check_against_reference(functools.partial(xla.attention, block_q=8, block_k=16), 1, dtype, head_dim)
+
+
+def test_xla_flash_skips_tiles_between_packed_samples():
+    """Many short samples per row: the tile table is exactly the block-reduced mask, most tiles are skipped,
+    and values and gradients still match the oracle."""
+    rng = np.random.default_rng(11)
+    batch, seq = 2, 64
+    lengths = [[9, 12, 7, 15, 10, 6], [16, 5, 11, 13, 8, 6]]  # a padded tail of 5 in each row
+    seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for sample, n in enumerate(row_lengths):
+            seg[row, start:start + n], pos[row, start:start + n] = sample + 1, np.arange(n)
+            start += n
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, seq, n, 16)), jnp.float32) for n in (4, 2, 2))
+    args = (q, k, v, jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(pos))
+    tiles = xla._Tiles(*args, block_q=8, block_k=8)
+    expected_table = np.asarray(reference.mask(*args[3:])).reshape(batch, 8, 8, 8, 8).any(axis=(0, 2, 4))
+    np.testing.assert_array_equal(np.asarray(tiles.needed), expected_table)
+    assert expected_table.sum() < 0.6 * 36  # 36 tiles on or below the diagonal
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    flash = functools.partial(xla.attention, block_q=8, block_k=8)
+    assert rel_err(jax.jit(flash)(*args), reference.attention(*args)) < 1e-5
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, *args[3:]) * d_out)
+    grads = jax.jit(jax.grad(loss(flash), (0, 1, 2)))(q, k, v)
+    for g, e in zip(grads, jax.grad(loss(reference.attention), (0, 1, 2))(q, k, v)):
+        assert rel_err(g, e) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,head_dim", CASES)
@@ -106,7 +133,7 @@ def test_shard_over_mesh_matches_unsharded():
     """The shard_map wrapper used for Pallas kernels, exercised with the flash kernel on 8 devices."""
     args, d_out = make_inputs(6, batch=4, seq=20, heads=4, kv_heads=2, head_dim=16)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    wrapped = shard_over_mesh(functools.partial(xla.attention, block_k=8))
+    wrapped = shard_over_mesh(functools.partial(xla.attention, block_q=8, block_k=8))
 
     @jax.jit
     def value_and_grads(q, k, v):

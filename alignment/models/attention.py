@@ -8,7 +8,8 @@ and returns [batch, q_len, heads, head_dim]. A query attends to keys of its own 
 positions <= its own, so packed samples never see each other. Query rows that are padding return 0.
 
   xla_dense (alias xla)  materialises the [q_len, kv_len] scores; simplest, fine for short sequences
-  xla_flash              blockwise flash attention in pure JAX (kernels/attention/xla.py), linear memory
+  xla_flash              block-sparse flash attention in pure JAX (kernels/attention/xla.py), linear memory;
+                         skips score tiles the mask empties (causal triangle, between packed samples)
   pallas                 this backend's Pallas kernel (GPU or TPU), run per device under shard_map;
                          falls back to xla_flash with a logged warning where none compiles (CPU)
   cudnn                  jax.nn.dot_product_attention on cuDNN; falls back to xla_flash off GPU

@@ -1,9 +1,15 @@
-"""Blockwise (flash) attention in pure JAX: memory linear in sequence length, any backend.
+"""Block-sparse flash attention in pure JAX: memory linear in sequence length, any backend.
 
-The forward pass scans key/value blocks with an online softmax (running max `m`, running sum `l`),
-keeping only [batch, heads, q_len, block_k] scores alive. The custom VJP stores the output and the
-log-sum-exp per query and recomputes each block's probabilities in the backward scan, so no
-[q_len, kv_len] array exists in either direction.
+Queries and keys are cut into blocks ([block_q] x [block_k] tiles of the score matrix). A tile whose
+mask is all False is skipped with `lax.cond`: the causal upper triangle and, on packed rows, every
+tile between two different samples. On GSM8K rows packed to 1024 with 128-blocks about 19 of 64
+tiles hold an allowed pair, so attention costs ~30% of the dense computation instead of 100%.
+
+The forward pass runs an online softmax over a query block's key tiles (running max `m`, running
+sum `l`), keeping only [batch, heads, block_q, block_k] scores alive. The custom VJP stores the
+output and the log-sum-exp per query and recomputes each kept tile's probabilities, so no
+[q_len, kv_len] array exists in either direction (the [q_blocks, k_blocks] table of tiles to run is
+reduced from one query block's boolean mask at a time).
 """
 from __future__ import annotations
 
@@ -12,111 +18,164 @@ import functools
 import jax
 import jax.numpy as jnp
 
-DEFAULT_BLOCK_K = 512
+from kernels.attention.reference import mask as dense_mask
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 128
 
 
-def _pad_kv(x, length, value=0):
+def _pad(x, length):
+    """Pad axis 1 of [batch, len, ...] to `length`; padded entries are 0 (segment 0 = padding)."""
     pad = length - x.shape[1]
-    return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _kv_blocks(x, block_k):
-    """[batch, kv_len, ...] -> [num_blocks, batch, block_k, ...] for scanning."""
+def _blocks(x, block):
+    """[batch, len, ...] -> [len // block, batch, block, ...] for scanning."""
     b, n = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, n // block_k, block_k, *x.shape[2:]), 1, 0)
+    return jnp.moveaxis(x.reshape(b, n // block, block, *x.shape[2:]), 1, 0)
 
 
-def _block_mask(q_seg, q_pos, k_seg, k_pos):
-    """[batch, 1, 1, q_len, block_k] (broadcasts over kv heads and groups)."""
-    m = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg != 0)[:, :, None] & (k_pos[:, None, :] <= q_pos[:, :, None])
-    return m[:, None, None]
+def _unblock(x):
+    """[num_blocks, batch, block, ...] -> [batch, num_blocks * block, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-def _scores(q5, k_blk, scale):
-    """q5 [b, q, kvh, g, dh], k_blk [b, bk, kvh, dh] -> [b, kvh, g, q, bk] float32."""
-    return jnp.einsum("bqhgd,bkhd->bhgqk", q5, k_blk, preferred_element_type=jnp.float32) * scale
+def _tile_mask(q_seg, q_pos, k_seg, k_pos):
+    """[batch, 1, 1, block_q, block_k] (broadcasts over kv heads and groups)."""
+    return dense_mask(q_seg, k_seg, q_pos, k_pos)[:, None, None]
 
 
-def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_k):
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    scale = head_dim ** -0.5
-    block_k = min(block_k, k.shape[1])
-    kv_len = -(-k.shape[1] // block_k) * block_k
-    # Padded keys get segment 0, which no real query matches.
-    ks, vs, kss, kps = (_kv_blocks(_pad_kv(x, kv_len), block_k) for x in (k, v, kv_seg, kv_pos))
-    q5 = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+def _scores(q_blk, k_blk, scale):
+    """q_blk [b, bq, kvh, g, dh], k_blk [b, bk, kvh, dh] -> [b, kvh, g, bq, bk] float32."""
+    return jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
-    def step(carry, blk):
-        m, l, acc = carry
-        k_blk, v_blk, seg_blk, pos_blk = blk
-        allowed = _block_mask(q_seg, q_pos, seg_blk, pos_blk)
-        s = _scores(q5, k_blk, scale)
-        m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
-        p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
-        correction = jnp.exp(m - m_safe)
-        l = l * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
-        return (m_new, l, acc * correction[..., None] + pv), None
 
-    shape = (batch, kv_heads, groups, q_len)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (head_dim,), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, (ks, vs, kss, kps))
-    has_keys = l > 0
-    out = acc / jnp.where(has_keys, l, 1.0)[..., None]  # padding rows: acc is 0, so out is 0
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)  # [b, kvh, g, q]
-    out = jnp.moveaxis(out, 3, 1).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+class _Tiles:
+    """q, k, v and the mask vectors padded to whole blocks and cut into blocks, plus the table of tiles to run."""
+
+    def __init__(self, q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k):
+        batch, q_len, heads, head_dim = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        self.q_len, self.kv_len = q_len, kv_len
+        self.shape5 = (batch, q_len, kv_heads, heads // kv_heads, head_dim)
+        self.scale = head_dim ** -0.5
+        self.block_q, self.block_k = min(block_q, q_len), min(block_k, kv_len)
+        q_pad = -(-q_len // self.block_q) * self.block_q
+        kv_pad = -(-kv_len // self.block_k) * self.block_k
+        q_seg, q_pos = _pad(q_seg, q_pad), _pad(q_pos, q_pad)
+        kv_seg, kv_pos = _pad(kv_seg, kv_pad), _pad(kv_pos, kv_pad)
+        self.q_vectors = (_blocks(q_seg, self.block_q), _blocks(q_pos, self.block_q))
+        self.k_vectors = (_blocks(kv_seg, self.block_k), _blocks(kv_pos, self.block_k))
+        nk = kv_pad // self.block_k
+
+        def tiles_to_run(vectors):  # one query block's row of the table, from its [b, bq, kv_len] mask
+            allowed = dense_mask(vectors[0], kv_seg, vectors[1], kv_pos)
+            return allowed.reshape(batch, self.block_q, nk, self.block_k).any(axis=(0, 1, 3))
+
+        # [nq, nk]: does any row have an allowed (query, key) pair in this tile?
+        self.needed = jax.lax.map(tiles_to_run, self.q_vectors)
+        self.q = _blocks(_pad(q.reshape(self.shape5), q_pad), self.block_q)  # [nq, b, bq, kvh, g, dh]
+        self.k, self.v = (_blocks(_pad(x, kv_pad), self.block_k) for x in (k, v))  # [nk, b, bk, kvh, dh]
+
+    def query_blocks(self, x):
+        """[batch, q_len, heads, dh] -> [nq, b, bq, kvh, g, dh] (padded)."""
+        q_pad = self.q.shape[0] * self.block_q
+        return _blocks(_pad(x.reshape(self.shape5), q_pad), self.block_q)
+
+
+def _forward(tiles: _Tiles, dtype):
+    """(out [batch, q_len, heads, dh], lse [nq, b, kvh, g, bq] float32)."""
+    t = tiles
+
+    def query_block(_, xs):
+        q_blk, q_seg, q_pos, needed = xs
+
+        def key_block(carry, ys):
+            k_blk, v_blk, k_seg, k_pos, run = ys
+
+            def update(carry):
+                m, l, acc = carry
+                allowed = _tile_mask(q_seg, q_pos, k_seg, k_pos)
+                s = _scores(q_blk, k_blk, t.scale)
+                m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
+                p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
+                correction = jnp.exp(m - m_safe)
+                pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+                return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+            return jax.lax.cond(run, update, lambda c: c, carry), None
+
+        batch, _, kv_heads, groups, head_dim = q_blk.shape
+        shape = (batch, kv_heads, groups, q_blk.shape[1])
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (head_dim,), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(key_block, init, (t.k, t.v, *t.k_vectors, needed))
+        has_keys = l > 0
+        out = acc / jnp.where(has_keys, l, 1.0)[..., None]  # padding rows: acc is 0, so out is 0
+        lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
+        return None, (jnp.moveaxis(out, 3, 1).astype(dtype), lse)  # out block [b, bq, kvh, g, dh]
+
+    _, (out, lse) = jax.lax.scan(query_block, None, (t.q, *t.q_vectors, t.needed))
+    batch, q_len, kv_heads, groups, head_dim = t.shape5
+    out = _unblock(out)[:, :q_len].reshape(batch, q_len, kv_heads * groups, head_dim)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_k):
-    return _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k):
+    return _forward(_Tiles(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k), q.dtype)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_k):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_k)
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k):
+    out, lse = _forward(_Tiles(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k), q.dtype)
     return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
 
 
-def _flash_bwd(block_k, residuals, d_out):
+def _flash_bwd(block_q, block_k, residuals, d_out):
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = residuals
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    groups = heads // kv_heads
-    scale = head_dim ** -0.5
-    block_k = min(block_k, kv_len)
-    padded = -(-kv_len // block_k) * block_k
-    ks, vs, kss, kps = (_kv_blocks(_pad_kv(x, padded), block_k) for x in (k, v, kv_seg, kv_pos))
-    q5 = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    do5 = d_out.reshape(q5.shape)
+    t = _Tiles(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block_q, block_k)
+    d_out_blocks = t.query_blocks(d_out)
     # delta_i = sum_j P_ij dP_ij = <out_i, dout_i>: the softmax-backward correction per query.
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", out.reshape(q5.shape).astype(jnp.float32), do5.astype(jnp.float32))
+    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", t.query_blocks(out).astype(jnp.float32),
+                       d_out_blocks.astype(jnp.float32))
 
-    def step(dq, blk):
-        k_blk, v_blk, seg_blk, pos_blk = blk
-        allowed = _block_mask(q_seg, q_pos, seg_blk, pos_blk)
-        p = jnp.where(allowed, jnp.exp(_scores(q5, k_blk, scale) - lse[..., None]), 0.0)
-        dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do5.dtype), do5, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bqhgd,bkhd->bhgqk", do5, v_blk, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q5, preferred_element_type=jnp.float32)
-        return dq, (dk, dv)
+    def query_block(dkv, xs):
+        q_blk, do_blk, lse_blk, delta_blk, q_seg_blk, q_pos_blk, needed = xs
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q5.shape, jnp.float32), (ks, vs, kss, kps))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded, kv_heads, head_dim)[:, :kv_len]
-    return (dq.reshape(q.shape).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
-            None, None, None, None)
+        def key_block(dq, ys):
+            k_blk, v_blk, k_seg, k_pos, run = ys
+
+            def grads(dq):
+                allowed = _tile_mask(q_seg_blk, q_pos_blk, k_seg, k_pos)
+                p = jnp.where(allowed, jnp.exp(_scores(q_blk, k_blk, t.scale) - lse_blk[..., None]), 0.0)
+                dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_blk[..., None]) * t.scale).astype(q_blk.dtype)
+                dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk, preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk, preferred_element_type=jnp.float32)
+                return dq, (dk, dv)
+
+            zeros = jnp.zeros(k_blk.shape, jnp.float32)
+            return jax.lax.cond(run, grads, lambda dq: (dq, (zeros, zeros)), dq)
+
+        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_blk.shape, jnp.float32),
+                                    (t.k, t.v, *t.k_vectors, needed))
+        return (dkv[0] + dk, dkv[1] + dv), dq
+
+    dkv0 = (jnp.zeros(t.k.shape, jnp.float32), jnp.zeros(t.v.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(query_block, dkv0, (t.q, d_out_blocks, lse, delta, *t.q_vectors, t.needed))
+    dq = _unblock(dq)[:, :t.q_len].reshape(q.shape)
+    dk, dv = (_unblock(x)[:, :t.kv_len] for x in (dk, dv))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
-              block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
-    """Same contract as `reference.attention`; any kv_len (the last block is padded)."""
-    return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block_k)
+              block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+    """Same contract as `reference.attention`; any lengths (the last blocks are padded)."""
+    return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block_q, block_k)
