@@ -44,7 +44,7 @@ def hh_rows(num_pairs: int, max_length: int, template: str) -> tuple[list[dict],
 
 
 def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multiple: int,
-        attention_impl: str = "xla_flash") -> dict:
+        attention_impl: str = "xla_flash", pairs_per_row: int = 1) -> dict:
     model_cfg = from_hf_config(os.path.join(SHARED, "peers", "bench-small", "config.json"), value_head=which == "rm",
                                attention_impl=attention_impl)
     model = Transformer(model_cfg)
@@ -56,7 +56,7 @@ def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multipl
     state = init_state(model, optimizer, shardings, 0, dummy_inputs())
     layout = preference.leaf_shardings(dict(rows[0], ref_logps=None),
                                        sharding.named_sharding(mesh, rules, "batch", "seq"))
-    batches = [preference.trim(b, trim_multiple) for b in preference.fixed_batches(rows, batch_pairs)]
+    batches = [preference.compact(b, pairs_per_row, trim_multiple) for b in preference.fixed_batches(rows, batch_pairs)]
 
     precompute_s = 0.0
     logps_fn = jax.jit(functools.partial(dpo.sequence_logps, model))
@@ -122,6 +122,7 @@ def main():
     parser.add_argument("--which", default="dpo_precomputed,dpo_online,rm")
     parser.add_argument("--attention_impl", default="xla_flash",
                         help="xla_flash (as configs/rm.py and dpo.py: skips padding tiles) or xla (dense scores)")
+    parser.add_argument("--pairs_per_row", type=int, default=1, help="pairs packed back to back in one row")
     args = parser.parse_args()
     rows, data = hh_rows(args.pairs, args.max_length, args.template)
     tokens = [int(r["segment_ids"].astype(bool).sum()) for r in rows]
@@ -129,7 +130,8 @@ def main():
                       "max_tokens_per_pair": max(tokens), "truncated_sequences": data["truncated"],
                       "load_average": os.getloadavg()}))
     for which in args.which.split(","):
-        print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple, args.attention_impl)), flush=True)
+        print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple, args.attention_impl,
+                             args.pairs_per_row)), flush=True)
     print(json.dumps({"load_average_end": os.getloadavg()}))
 
 

@@ -39,5 +39,6 @@ def get_config():
         skip_bad_records=False,  # skip and count malformed records instead of stopping at the first
         score_range=(1.0, 10.0),  # range of annotated scores (unused by the loss; validated when present)
         trim_multiple=32,  # cut shared padding of each batch to a multiple of this; 0 keeps full rows
+        pairs_per_row=1,  # pairs (KTO: examples) packed back to back in one row (must divide batch_size): less padding
     ))
     return c

@@ -1,4 +1,5 @@
 """Preference losses through the model: packed vs separate sequences, reference paths, short stage runs."""
+import functools
 import json
 import os
 import subprocess
@@ -8,12 +9,14 @@ import jax
 import numpy as np
 import pytest
 
+from alignment import sharding
 from alignment.algorithms import dpo, reward
 from alignment.config import load_config_file
 from alignment.data import preference
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
+from alignment.train.step import accumulate_gradients
 
 MICRO = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -61,6 +64,72 @@ def test_packed_pair_matches_separate_sequences(model_and_params, rows):
     np.testing.assert_allclose(rp, np.stack([ra[:, 0], rb[:, 0]], 1), rtol=1e-5, atol=1e-5)
 
 
+def pair_batch(rows):
+    """The fixture's pairs as one-pair rows plus every per-pair field the RM and DPO losses read."""
+    return preference.stack([dict(preference.pack_two(a, b, 80), chosen_score=np.float32(0.1 * i),
+                                  rejected_score=np.float32(0.9 - 0.1 * i), has_score=np.float32(i % 2),
+                                  margin=np.float32(0.2 * i), ref_logps=np.asarray([-30.0 - i, -28.0 + i], np.float32))
+                             for i, (a, b) in enumerate(rows)])
+
+
+def test_pack_pairs_layout(rows):
+    batch = pair_batch(rows)
+    packed = preference.pack_pairs(batch, 3)  # 6 pairs -> 2 rows; row r holds pairs r, r + 2, r + 4
+    assert packed["segment_ids"].shape == (2, 240) and packed["margin"] is batch["margin"]
+    for r in range(2):
+        start = 0
+        for j, pair in enumerate((r, r + 2, r + 4)):
+            n = int((batch["segment_ids"][pair] > 0).sum())
+            for key in preference.SEQUENCE_FIELDS:
+                expected = batch[key][pair, :n] + (2 * j if key == "segment_ids" else 0)
+                np.testing.assert_array_equal(packed[key][r, start:start + n], expected)
+            start += n
+        assert not packed["segment_ids"][r, start:].any()
+    per_segment = np.arange(12).reshape(2, 6)  # [rows, 2k]: pair j of row r in columns 2j, 2j + 1
+    np.testing.assert_array_equal(preference.pair_columns(per_segment, 3),
+                                  [[0, 1], [6, 7], [2, 3], [8, 9], [4, 5], [10, 11]])
+    with pytest.raises(ValueError, match="pairs_per_row=4 must be >= 1 and divide the 6 pairs"):
+        preference.pack_pairs(batch, 4)
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "xla_flash"])
+def test_several_pairs_per_row_give_the_same_losses_and_gradients(rows, attention_impl):
+    """RM and DPO losses and gradients of 6 pairs packed 1, 2, 3 or 6 to a row agree (fp32, 1e-5), also when
+    the packed rows are split into micro-batches."""
+    model = Transformer(ModelConfig(**MICRO, value_head=True, attention_impl=attention_impl))
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
+                          model.init(jax.random.key(2), *dummy_inputs())["params"])
+    batch = pair_batch(rows)
+    losses = {"dpo": functools.partial(dpo.dpo_loss, model, beta=0.1),
+              "rm": functools.partial(reward.reward_loss, model, alpha=0.5, use_margin=True)}
+    for name, loss_fn in losses.items():
+        grad_fn = jax.jit(functools.partial(accumulate_gradients, loss_fn), static_argnums=3)
+        expected_grads, expected_loss, expected_count, _ = grad_fn(params, batch, jax.random.key(0), 1)
+        assert float(expected_count) == 6
+        for k, micro in ((2, 1), (3, 1), (6, 1), (3, 2)):
+            packed = preference.compact(batch, k, 16)
+            assert packed["segment_ids"].shape[0] == 6 // k
+            grads, loss, count, _ = grad_fn(params, packed, jax.random.key(0), micro)
+            assert float(count) == 6
+            np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5, err_msg=f"{name} k={k}")
+            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-6,
+                                           err_msg=f"{name} k={k} micro={micro}")
+
+
+def test_pairs_per_row_must_divide_the_batch():
+    config = stage_config("rm", **{"data.pairs_per_row": 3})
+    with pytest.raises(ValueError, match="data.pairs_per_row=3 must divide batch_size=8"):
+        preference.prepare_data(config, 1024)
+    config = stage_config("rm", micro_batches=4, **{"data.pairs_per_row": 4})  # 2 rows do not split into 4
+    with pytest.raises(ValueError, match="micro_batches=4 divides"):
+        preference.prepare_data(config, 1024)
+    mesh = sharding.make_mesh({"data": 8})
+    target = sharding.named_sharding(mesh, sharding.DEFAULT_RULES, "batch", "seq")
+    with pytest.raises(ValueError, match=r"rows per micro-batch \(batch_size / data.pairs_per_row / micro_batches\)"):
+        preference.check_rows_split(stage_config("rm", **{"data.pairs_per_row": 4}), target)  # 2 rows, 8 devices
+
+
 def test_sequence_logps_match_a_float64_numpy_forward_of_the_logits(model_and_params, rows):
     """Summed completion log-probs equal log-softmax of the model's logits (float64) at the masked targets."""
     model, params = model_and_params
@@ -102,7 +171,8 @@ def test_precomputed_and_online_reference_give_the_same_losses(tmp_path):
     for mode in dpo_stage.REFERENCE:
         workdir = tmp_path / mode
         workdir.mkdir()
-        summary = dpo_stage.run(stage_config("dpo", reference=mode), str(workdir))
+        packing = {"data.pairs_per_row": 2} if mode == "online" else {}  # same losses with 2 pairs per row
+        summary = dpo_stage.run(stage_config("dpo", reference=mode, batch_size=16, **packing), str(workdir))
         runs[mode] = (train_records(workdir), summary["final_eval"])
     (pre, pre_eval), (online, online_eval) = runs["precomputed"], runs["online"]
     assert len(pre) == len(online) == 3
@@ -127,7 +197,8 @@ def test_reward_model_learns_and_scores_chats(tmp_path):
     chance; load_reward_model then scores chats. One device in a subprocess: eight simulated devices on a busy
     2-core machine can stall XLA's collective rendezvous past its timeout."""
     overrides = {"steps": 80, "data.num_embedded": 2560, "optimizer.warmup_steps": 5, "optimizer.schedule": "constant",
-                 "log_every": 40, "eval_every": 0, "checkpoint.async_save": False}
+                 "log_every": 40, "eval_every": 0, "checkpoint.async_save": False,
+                 "data.pairs_per_row": 4, "data.trim_multiple": 128}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     command = [sys.executable, "-m", "alignment.launch", "--config=configs/rm.py", f"--workdir={tmp_path}",
                *[f"--config.{k}={v}" for k, v in overrides.items()]]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from alignment.algorithms.logprobs import token_logprobs
+from alignment.data import preference
 
 
 def segment_sums(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
@@ -32,12 +33,15 @@ def segment_sums(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax
 
 
 def sequence_logps(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(summed completion log-probs [batch, 2], completion lengths [batch, 2]) of the packed rows in `batch`."""
+    """(summed completion log-probs [pairs, 2], completion lengths [pairs, 2]) of the pair rows in `batch`
+    (one pair per row, or several: `data.preference.pack_pairs`)."""
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     unembedding = model.apply({"params": params}, method="unembedding")
     mask = batch["loss_mask"].astype(jnp.float32)
     logp = token_logprobs(hidden, unembedding, batch["targets"], impl=model.config.logprob_impl or None) * mask
-    return segment_sums(logp, batch["segment_ids"], 2), segment_sums(mask, batch["segment_ids"], 2)
+    k = preference.pairs_per_row(batch)
+    per_pair = lambda x: preference.pair_columns(segment_sums(x, batch["segment_ids"], 2 * k), k)  # noqa: E731
+    return per_pair(logp), per_pair(mask)
 
 
 # --- paired losses: (logratios [pairs, 2], lengths [pairs, 2], beta, label_smoothing) -> [pairs] --------------
@@ -86,7 +90,7 @@ def dpo_terms(logps: jax.Array, lengths: jax.Array, ref_logps: jax.Array, *, los
 
 def dpo_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, loss_type: str = "sigmoid",
              beta: float = 0.1, label_smoothing: float = 0.0):
-    """batch: packed pair rows (inputs, targets, loss_mask, positions, segment_ids [batch, seq]), ref_logps [batch, 2].
+    """batch: pair rows (inputs, targets, loss_mask, positions, segment_ids [rows, seq]), ref_logps [pairs, 2].
 
     Returns (summed loss, (pairs, metric sums)); `finalize_metrics` turns the sums into means.
     """
@@ -126,7 +130,7 @@ def kto_terms(logps: jax.Array, lengths: jax.Array, ref_logps: jax.Array, desira
 
 def kto_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, beta: float = 0.1,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
-    """batch: rows packing (example, mismatched KL completion), ref_logps [batch, 2], desirable [batch] bool.
+    """batch: rows packing (example, mismatched KL completion), ref_logps [examples, 2], desirable [examples] bool.
 
     The KL reference point is the mean over this (micro-)batch, as TRL estimates it per device batch.
     """

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from alignment.checkpoint import load_params
+from alignment.data import preference
 from alignment.data.chat import encode_chat
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import Transformer
@@ -46,10 +47,12 @@ def segment_last(values: jax.Array, segment_ids: jax.Array, num_segments: int) -
 
 
 def pair_rewards(model: nn.Module, params: Any, batch: dict) -> jax.Array:
-    """Rewards [batch, 2] (chosen, rejected) of the packed pair rows in `batch` (inputs, positions, segment_ids)."""
+    """Rewards [pairs, 2] (chosen, rejected) of the pair rows in `batch` (inputs, positions, segment_ids; one pair
+    per row, or several: `data.preference.pack_pairs`)."""
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     values = model.apply({"params": params}, hidden, method="values")
-    return segment_last(values, batch["segment_ids"], 2)
+    k = preference.pairs_per_row(batch)
+    return preference.pair_columns(segment_last(values, batch["segment_ids"], 2 * k), k)
 
 
 def bradley_terry_losses(r_chosen: jax.Array, r_rejected: jax.Array, s_chosen: jax.Array, s_rejected: jax.Array,
@@ -80,7 +83,7 @@ def score_pairs(rewards: jax.Array, batch: dict, alpha: float, use_margin: bool)
 
 def reward_loss(model: nn.Module, params: Any, batch: dict, rng: jax.Array, *, alpha: float = 0.0,
                 use_margin: bool = False):
-    """batch: packed pair rows [batch, seq] plus per-pair [batch] chosen_score, rejected_score, has_score, margin.
+    """batch: pair rows [rows, seq] plus per-pair [pairs] chosen_score, rejected_score, has_score, margin.
 
     Returns (summed loss, (pairs, metric sums)); `finalize_metrics` turns the sums into means.
     """

@@ -29,12 +29,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alignment import sharding
 from alignment.data.chat import encode_chat
 from alignment.data.synthetic import arithmetic_record
 from alignment.data.tokenizer import load_tokenizer
 
 EMBEDDED = "embedded"
-SEQUENCE_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")  # [seq] per row
+SEQUENCE_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")  # [seq] per row; the rest is per pair
 TRUNCATION = ("truncate", "drop")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -377,6 +378,50 @@ def encode_unpaired(source: str, encoder: Encoder, *, seed: int = 0, num_embedde
     return rows, stats
 
 
+def pack_pairs(batch: dict[str, np.ndarray], pairs_per_row: int) -> dict[str, np.ndarray]:
+    """P pair rows [P, L] -> R = P / k rows [R, k * L] holding k pairs each, back to back; per-pair fields stay [P].
+
+    Row r packs pairs r, r + R, ..., r + (k - 1) R (strided, like `train.step.split_micro_batches`, so every
+    micro-batch of rows holds exactly its micro-batch of pairs); pair j of a row has segments 2j + 1 (chosen or
+    the example) and 2j + 2. `pair_columns` maps per-segment results back to pair order. Rows then carry
+    ~k times less padding, and the attention of `xla_flash` skips the tiles between pairs.
+    """
+    pairs = batch["segment_ids"].shape[0]
+    if pairs_per_row == 1:
+        return batch
+    if pairs_per_row < 1 or pairs % pairs_per_row:
+        raise ValueError(f"data.pairs_per_row={pairs_per_row} must be >= 1 and divide the {pairs} pairs of a batch")
+    rows, width = pairs // pairs_per_row, batch["segment_ids"].shape[1]
+    out = {k: (np.zeros((rows, pairs_per_row * width), v.dtype) if k in SEQUENCE_FIELDS else v) for k, v in batch.items()}
+    used = (batch["segment_ids"] > 0).sum(axis=1)  # each pair row is real tokens first, then padding
+    for r in range(rows):
+        start = 0
+        for j in range(pairs_per_row):
+            pair, n = r + j * rows, int(used[r + j * rows])
+            for key in SEQUENCE_FIELDS:
+                out[key][r, start:start + n] = batch[key][pair, :n]
+            out["segment_ids"][r, start:start + n] += 2 * j
+            start += n
+    return out
+
+
+def pair_columns(per_segment, pairs_per_row: int):
+    """[R, 2k] per-segment values of `pack_pairs` rows -> [R * k, 2] (chosen, rejected) in the batch's pair order."""
+    rows = per_segment.shape[0]
+    return per_segment.reshape(rows, pairs_per_row, 2).transpose(1, 0, 2).reshape(rows * pairs_per_row, 2)
+
+
+def pairs_per_row(batch: dict) -> int:
+    """k of a `pack_pairs` batch (static): its pairs (the length of any per-pair field) over its rows."""
+    per_pair = next((v for k, v in batch.items() if k not in SEQUENCE_FIELDS), None)
+    return 1 if per_pair is None else per_pair.shape[0] // batch["segment_ids"].shape[0]
+
+
+def compact(batch: dict[str, np.ndarray], pairs_per_row: int, trim_multiple: int) -> dict[str, np.ndarray]:
+    """`pack_pairs`, then `trim`: the rows a train or eval step runs on."""
+    return trim(pack_pairs(batch, pairs_per_row), trim_multiple)
+
+
 def trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
     """Cut the padding columns every row of `batch` shares, keeping a multiple of `multiple` columns, so a
     batch of short pairs costs less while the number of compiled shapes stays small. 0 keeps the full length."""
@@ -385,7 +430,7 @@ def trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
         return batch
     used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
     keep = min(length, -(-used // multiple) * multiple)
-    return {k: v[:, :keep] if v.ndim == 2 and v.shape[1] == length else v for k, v in batch.items()}
+    return {k: v[:, :keep] if k in SEQUENCE_FIELDS else v for k, v in batch.items()}
 
 
 def split_held_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -422,6 +467,10 @@ def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: b
         raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
                          f"vocab_size is {vocab_size}")
     d = config.data
+    rows, rest = divmod(config.batch_size, d.pairs_per_row) if d.pairs_per_row >= 1 else (0, 1)
+    if rest or rows % config.micro_batches:
+        raise ValueError(f"data.pairs_per_row={d.pairs_per_row} must divide batch_size={config.batch_size} into a "
+                         f"number of rows that micro_batches={config.micro_batches} divides")
     encoder = Encoder(tokenizer, config.chat_template, d.max_length, d.truncation)
     encode = functools.partial(encode_unpaired if unpaired else encode_pairs, encoder=encoder,
                                skip_bad_records=d.skip_bad_records, score_range=tuple(d.score_range))
@@ -435,9 +484,16 @@ def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: b
     return train, held_out, summary
 
 
+def check_rows_split(config: ml_collections.ConfigDict, target: NamedSharding) -> None:
+    """The rows of a micro-batch (batch_size / data.pairs_per_row / micro_batches) must split over the batch axes."""
+    rows = config.batch_size // config.data.pairs_per_row // config.micro_batches
+    sharding.check_divisible((rows,), PartitionSpec(target.spec[0]), target.mesh,
+                             "rows per micro-batch (batch_size / data.pairs_per_row / micro_batches)")
+
+
 def leaf_shardings(row: dict, target: NamedSharding) -> dict:
     """Shardings of batches stacked from rows like `row`: [batch, seq] fields take `target`, the rest
-    (per-row scalars, ref_logps [batch, 2]) only its batch axes."""
+    (per-pair scalars, ref_logps [pairs, 2]) only its batch axes."""
     return {k: target if k in SEQUENCE_FIELDS else NamedSharding(target.mesh, PartitionSpec(target.spec[0]))
             for k in row}
 

@@ -10,9 +10,6 @@ import ml_collections
 
 from alignment.eval.endpoint import GenerateFn, endpoint_generate_fn
 
-# Token that ends an assistant turn, per chat template.
-_END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": None}
-
 
 def is_endpoint(target: str) -> bool:
     return target.startswith(("http://", "https://"))
@@ -33,6 +30,7 @@ def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> Gen
     try:
         from alignment.generation.engine import Engine
         from alignment.generation.sampling import SamplingParams
+        from alignment.generation.text import stop_token_ids
     except ImportError as e:
         raise ValueError(f"checkpoint {checkpoint!r} needs the local rollout engine (alignment.generation), "
                          f"which is unavailable ({e}); serve the checkpoint and give its URL instead") from None
@@ -55,9 +53,8 @@ def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> Gen
     params = runtime.initial_params(config, model_cfg, nn.meta.unbox(boxed),
                                     sharding.param_shardings(boxed, mesh, rules))
     tokenizer = load_tokenizer(config.tokenizer)
-    end = _END_OF_TURN[config.chat_template]
-    stops = [i for i in (tokenizer.eos_id, tokenizer.token_id(end) if end else None) if i is not None]
-    engine = Engine(model_cfg, params, mesh, rules, pad_id=tokenizer.pad_id or 0, stop_ids=stops)
+    engine = Engine(model_cfg, params, mesh, rules, pad_id=tokenizer.pad_id or 0,
+                    stop_ids=stop_token_ids(tokenizer, config.chat_template))
     g = config.generation
     sampling = SamplingParams(temperature=g.temperature)
 

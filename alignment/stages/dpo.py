@@ -52,9 +52,10 @@ def loss_and_terms(model, config: ml_collections.ConfigDict):
     return functools.partial(dpo.dpo_loss, model, **kw), terms
 
 
-def score_rows(logps_fn, params, rows: list[dict], batch_size: int, layout: dict, trim_multiple: int):
+def score_rows(logps_fn, params, rows: list[dict], batch_size: int, layout: dict, pairs_per_row: int,
+               trim_multiple: int):
     """(log-probs [n, 2], completion lengths [n, 2]) of every row under `params`, in row order."""
-    outs = [logps_fn(params, preference.place(preference.trim(b, trim_multiple), layout))
+    outs = [logps_fn(params, preference.place(preference.compact(b, pairs_per_row, trim_multiple), layout))
             for b in preference.fixed_batches(rows, batch_size)]
     logps = np.concatenate([np.asarray(lp) for lp, _ in outs])[:len(rows)]
     lengths = np.concatenate([np.asarray(ln) for _, ln in outs])[:len(rows)]
@@ -74,10 +75,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
     state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
 
-    layout = preference.leaf_shardings(dict(train_rows[0], ref_logps=None), runtime.batch_sharding(mesh, rules))
+    target = runtime.batch_sharding(mesh, rules)
+    preference.check_rows_split(config, target)
+    layout = preference.leaf_shardings(dict(train_rows[0], ref_logps=None), target)
     logps_fn = jax.jit(functools.partial(dpo.sequence_logps, model))
     score = functools.partial(score_rows, logps_fn, batch_size=config.batch_size, layout=layout,
-                              trim_multiple=config.data.trim_multiple)
+                              pairs_per_row=config.data.pairs_per_row, trim_multiple=config.data.trim_multiple)
     reference = None
     if config.reference == "precomputed":  # the initial policy scores every row once; nothing stays in memory
         for rows in (train_rows, eval_rows):
@@ -106,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def placed():
         for b in batches:
-            b = preference.place(preference.trim(b, config.data.trim_multiple), layout)
+            b = preference.place(preference.compact(b, config.data.pairs_per_row, config.data.trim_multiple), layout)
             if reference is not None:
                 b["ref_logps"] = jax.device_put(logps_fn(reference, b)[0], layout["ref_logps"])
             yield b

@@ -46,7 +46,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if data_state is not None:
         batches.set_state(data_state)
 
-    layout = preference.leaf_shardings(train_rows[0], runtime.batch_sharding(mesh, rules))
+    target = runtime.batch_sharding(mesh, rules)
+    preference.check_rows_split(config, target)
+    layout = preference.leaf_shardings(train_rows[0], target)
     loss_fn = functools.partial(reward.reward_loss, model, alpha=config.rm.alpha, use_margin=config.rm.use_margin)
     train_step = make_train_step(loss_fn, optimizer, schedule, config.micro_batches)
 
@@ -55,9 +57,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return state, reward.finalize_metrics(sums)
 
     step = jit_train_step(step_with_means, shardings, layout)
-    placed = (preference.place(preference.trim(b, config.data.trim_multiple), layout) for b in batches)
+    compact = functools.partial(preference.compact, pairs_per_row=config.data.pairs_per_row)
+    placed = (preference.place(compact(b, trim_multiple=config.data.trim_multiple), layout) for b in batches)
 
-    eval_batches = [preference.place(b, layout) for b in preference.fixed_batches(eval_rows, config.batch_size)]
+    eval_batches = [preference.place(compact(b, trim_multiple=0), layout)
+                    for b in preference.fixed_batches(eval_rows, config.batch_size)]
     score = jax.jit(functools.partial(reward.pair_rewards, model))
 
     def evaluate(state) -> dict:
