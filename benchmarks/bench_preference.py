@@ -44,9 +44,9 @@ def hh_rows(num_pairs: int, max_length: int, template: str) -> tuple[list[dict],
 
 
 def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multiple: int,
-        attention_impl: str = "xla_flash", pairs_per_row: int = 1) -> dict:
+        attention_impl: str = "xla_flash", pairs_per_row: int = 1, dtype: str = "float32") -> dict:
     model_cfg = from_hf_config(os.path.join(SHARED, "peers", "bench-small", "config.json"), value_head=which == "rm",
-                               attention_impl=attention_impl)
+                               attention_impl=attention_impl, dtype=dtype)
     model = Transformer(model_cfg)
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     rules = dict(sharding.DEFAULT_RULES)
@@ -100,7 +100,7 @@ def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multipl
     median = statistics.median(times)
     kind = "rm" if which == "rm" else "dpo"
     result = {
-        "bench": f"preference_{which}", "precision": "fp32", "steps_timed": steps, "pairs_per_step": batch_pairs,
+        "bench": f"preference_{which}", "precision": "fp32" if dtype == "float32" else "bf16 compute, fp32 weights", "steps_timed": steps, "pairs_per_step": batch_pairs,
         "median_step_s": round(median, 3), "pairs_per_s": round(batch_pairs / median, 3),
         "real_tokens_per_s": round(float(np.sum(tokens)) / float(np.sum(times)), 1),
         "shapes_compiled": sorted(seen), "peer": PEER[kind],
@@ -123,6 +123,7 @@ def main():
     parser.add_argument("--attention_impl", default="xla_flash",
                         help="xla_flash (as configs/rm.py and dpo.py: skips padding tiles) or xla (dense scores)")
     parser.add_argument("--pairs_per_row", type=int, default=1, help="pairs packed back to back in one row")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     args = parser.parse_args()
     rows, data = hh_rows(args.pairs, args.max_length, args.template)
     tokens = [int(r["segment_ids"].astype(bool).sum()) for r in rows]
@@ -131,7 +132,7 @@ def main():
                       "load_average": os.getloadavg()}))
     for which in args.which.split(","):
         print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple, args.attention_impl,
-                             args.pairs_per_row)), flush=True)
+                             args.pairs_per_row, args.dtype)), flush=True)
     print(json.dumps({"load_average_end": os.getloadavg()}))
 
 
