@@ -62,7 +62,7 @@ class _Tiles:
         self.shape5 = (batch, q_len, kv_heads, heads // kv_heads, head_dim)
         self.scale = head_dim ** -0.5
         self.block_q, self.block_k = min(block_q, q_len), min(block_k, kv_len)
-        q_pad = -(-q_len // self.block_q) * self.block_q
+        self.q_pad = q_pad = -(-q_len // self.block_q) * self.block_q
         kv_pad = -(-kv_len // self.block_k) * self.block_k
         q_seg, q_pos = _pad(q_seg, q_pad), _pad(q_pos, q_pad)
         kv_seg, kv_pos = _pad(kv_seg, kv_pad), _pad(kv_pos, kv_pad)
@@ -76,13 +76,12 @@ class _Tiles:
 
         # [nq, nk]: does any row have an allowed (query, key) pair in this tile?
         self.needed = jax.lax.map(tiles_to_run, self.q_vectors)
-        self.q = _blocks(_pad(q.reshape(self.shape5), q_pad), self.block_q)  # [nq, b, bq, kvh, g, dh]
+        self.q = self.query_blocks(q)
         self.k, self.v = (_blocks(_pad(x, kv_pad), self.block_k) for x in (k, v))  # [nk, b, bk, kvh, dh]
 
     def query_blocks(self, x):
         """[batch, q_len, heads, dh] -> [nq, b, bq, kvh, g, dh] (padded)."""
-        q_pad = self.q.shape[0] * self.block_q
-        return _blocks(_pad(x.reshape(self.shape5), q_pad), self.block_q)
+        return _blocks(_pad(x.reshape(self.shape5), self.q_pad), self.block_q)
 
 
 def _forward(tiles: _Tiles, dtype):
