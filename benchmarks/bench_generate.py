@@ -33,14 +33,17 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--batches", default="16,1", help="comma-separated batch sizes")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights, compute and KV cache dtype (the transformers peer runs float32)")
     args = parser.parse_args()
 
-    config = from_hf_config(args.config) if args.config else common.bench_small_config()
+    dtypes = dict(param_dtype=args.dtype, dtype=args.dtype)
+    config = from_hf_config(args.config, **dtypes) if args.config else common.bench_small_config(**dtypes)
     model = Transformer(config)
     params = jax.jit(lambda k: nn.meta.unbox(model.init(k, *dummy_inputs())["params"]))(jax.random.key(0))
     engine = Engine(config, params, sharding.make_mesh({"data": -1}), sharding.DEFAULT_RULES, pad_id=0)
     rng = np.random.default_rng(1)
-    result = {"bench": "generate", "model": args.config or "bench-small",
+    result = {"bench": "generate", "model": args.config or "bench-small", "dtype": args.dtype,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "devices": jax.device_count(),
               "platform": jax.devices()[0].platform}
     for batch in (int(b) for b in args.batches.split(",")):

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--kl_mode", default="k3", choices=("k3", "token_reward"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--attention_impl", default="xla", choices=("xla", "xla_flash"))
+    parser.add_argument("--logprob_impl", default="", help="'' (fused blockwise head) or 'reference' (materialised logits)")
     args = parser.parse_args()
     shared = common.require_shared()
 
@@ -53,6 +54,7 @@ def main() -> None:
     config.model.update(bench_small_fields())
     config.model.dtype = args.dtype
     config.model.attention_impl = args.attention_impl
+    config.model.logprob_impl = args.logprob_impl
     config.tokenizer = str(shared / "tokenizers" / "llama2" / "tokenizer.model")
     config.chat_template = "llama2"
     config.warm_start = None
@@ -76,7 +78,8 @@ def main() -> None:
     median = {p: statistics.median(r[p] for r in timed) for p in parts}
     step_s = statistics.median(sum(r[p] for p in parts) for r in timed)
     print(json.dumps({
-        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype, "attention_impl": args.attention_impl, "steps_timed": len(timed),
+        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype, "attention_impl": args.attention_impl,
+        "logprob_impl": args.logprob_impl or "default", "steps_timed": len(timed),
         "median_step_s": round(step_s, 3), **{f"median_{p}": round(v, 3) for p, v in median.items()},
         "step_s": [round(sum(r[p] for p in parts), 2) for r in timed],
         "mean_completion_length": round(statistics.mean(r["completion_length"] for r in steps), 1),
