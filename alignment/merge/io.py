@@ -118,10 +118,10 @@ class HFSource:
         self.config = from_hf_config(path)
         with open(os.path.join(path, "config.json")) as f:
             self.hf_config = json.load(f)
-        self._reader = hf._index_checkpoint(path)
+        self._reader = hf.index_checkpoint(path)
         self._fds: dict[str, int] = {}
-        hf._validate(path, self.config, self._reader.entries)
-        top, layer = hf._layout(self.config)
+        hf.validate_tensors(path, self.config, self._reader.entries)
+        top, layer = hf.conversion_layout(self.config)
         self._top = {key: conversion for key, conversion in top.items()}
         self._layer = {f"layers/{key}": conversion for key, conversion in layer.items()}
         self.tensors = {}
@@ -134,7 +134,7 @@ class HFSource:
             self.tensors[key] = TensorInfo((self.config.num_layers, *t.shape), dtypes.pop(), stacked=True)
 
     def _dtype(self, hf_name: str) -> np.dtype:
-        return np.dtype(hf._ST_DTYPES[self._reader.entries[hf_name].dtype])
+        return np.dtype(hf.ST_DTYPES[self._reader.entries[hf_name].dtype])
 
     def hf_name(self, name: str, layer: int | None) -> str:
         return self._top[name][0] if layer is None else self._layer[name][0].format(i=layer)
@@ -165,9 +165,9 @@ class HFSource:
         entry = self._reader.entries[hf_name]
         if entry.file not in self._fds:
             self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-        out = np.empty(entry.shape, hf._ST_DTYPES[entry.dtype])
+        out = np.empty(entry.shape, hf.ST_DTYPES[entry.dtype])
         view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-        offset = self._reader._data_offsets[entry.file] + entry.begin
+        offset = self._reader.data_offsets[entry.file] + entry.begin
         while done < len(view):
             n = os.preadv(self._fds[entry.file], [view[done:]], offset + done)
             if n == 0:
@@ -215,7 +215,7 @@ def atomic_output(path: str, overwrite: bool) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
         yield tmp
-        hf._move_into_place(tmp, path)
+        hf.move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,20 +234,20 @@ class HFWriter:
     def __init__(self, directory: str, config: ModelConfig, hf_config: dict, tensors: Mapping[str, TensorInfo],
                  max_shard_bytes: int | None = None):
         self._conversions: dict[tuple[str, int | None], tuple[str, Any]] = {}
-        for hf_name, key, i, t in hf._hf_entries(config):
+        for hf_name, key, i, t in hf.hf_entries(config):
             name = key if i is None else f"layers/{key}"
             self._conversions[(name, i)] = (hf_name, t)
         dtypes = {hf_name: tensors[name].dtype for (name, _), (hf_name, _) in self._conversions.items()}
         shapes = {hf_name: t.hf_shape for hf_name, t in self._conversions.values()}
         sizes = {n: int(np.prod(shapes[n])) * dtypes[n].itemsize for n in shapes}
-        shards = hf._plan_shards(sizes, max_shard_bytes)
+        shards = hf.plan_shards(sizes, max_shard_bytes)
         self._where: dict[str, tuple[int, int, np.dtype]] = {}  # hf name -> (fd, absolute offset, dtype)
         self._fds = []
-        for file, names in hf._shard_files(shards):
+        for file, names in hf.shard_files(shards):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
             offset = 0
             for n in names:
-                header[n] = {"dtype": hf._ST_NAMES[dtypes[n]], "shape": list(shapes[n]),
+                header[n] = {"dtype": hf.ST_NAMES[dtypes[n]], "shape": list(shapes[n]),
                              "data_offsets": [offset, offset + sizes[n]]}
                 offset += sizes[n]
             raw = json.dumps(header, separators=(",", ":")).encode()
@@ -260,7 +260,7 @@ class HFWriter:
                 self._where[n] = (fd, 8 + len(raw) + header[n]["data_offsets"][0], dtypes[n])
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {n: file for file, names in hf._shard_files(shards) for n in names}}
+                     "weight_map": {n: file for file, names in hf.shard_files(shards) for n in names}}
             with open(os.path.join(directory, hf.INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2)
         hf_config = dict(hf_config)

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-_ST_NAMES = {np.dtype(t): name for name, t in _ST_DTYPES.items()}
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+ST_NAMES = {np.dtype(t): name for name, t in ST_DTYPES.items()}
 # Buffers some exporters save next to the weights; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,7 +64,7 @@ def _vector(shape: tuple[int, ...]) -> _Tensor:
     return _Tensor((math.prod(shape),), shape, transpose=False)
 
 
-def _layout(c: ModelConfig) -> tuple[dict[str, tuple[str, _Tensor]], dict[str, tuple[str, _Tensor]]]:
+def conversion_layout(c: ModelConfig) -> tuple[dict[str, tuple[str, _Tensor]], dict[str, tuple[str, _Tensor]]]:
     """(top-level, per-layer) maps from project parameter name to (HF name, conversion).
 
     Per-layer HF names contain `{i}`, the layer index.
@@ -97,9 +97,9 @@ def _layout(c: ModelConfig) -> tuple[dict[str, tuple[str, _Tensor]], dict[str, t
     return top, layer
 
 
-def _hf_entries(c: ModelConfig) -> Iterator[tuple[str, str, int | None, _Tensor]]:
+def hf_entries(c: ModelConfig) -> Iterator[tuple[str, str, int | None, _Tensor]]:
     """(HF name, project name, layer index or None, conversion) for every tensor, in checkpoint order."""
-    top, layer = _layout(c)
+    top, layer = conversion_layout(c)
     yield top["embed"][0], "embed", None, top["embed"][1]
     for i in range(c.num_layers):
         for key, (name, t) in layer.items():
@@ -111,7 +111,7 @@ def _hf_entries(c: ModelConfig) -> Iterator[tuple[str, str, int | None, _Tensor]
 
 def _expected_hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name the config requires -> its HF shape."""
-    return {name: t.hf_shape for name, _, _, t in _hf_entries(c)}
+    return {name: t.hf_shape for name, _, _, t in hf_entries(c)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -139,11 +139,11 @@ def _read_header(file: str) -> tuple[dict[str, _Entry], int]:
     header.pop("__metadata__", None)
     entries = {}
     for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(_ST_DTYPES)}")
+        if info["dtype"] not in ST_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(ST_DTYPES)}")
         begin, end = info["data_offsets"]
         entry = _Entry(file, info["dtype"], tuple(info["shape"]), begin, end)
-        if end - begin != math.prod(entry.shape) * np.dtype(_ST_DTYPES[entry.dtype]).itemsize:
+        if end - begin != math.prod(entry.shape) * np.dtype(ST_DTYPES[entry.dtype]).itemsize:
             raise ValueError(f"{file}: tensor {name!r} byte range does not match its shape {entry.shape}")
         entries[name] = entry
     return entries, 8 + length
@@ -154,7 +154,7 @@ class _LazyReader:
 
     def __init__(self, entries: dict[str, _Entry], data_offsets: dict[str, int]):
         self.entries = entries
-        self._data_offsets = data_offsets
+        self.data_offsets = data_offsets
         self._maps: dict[str, mmap.mmap] = {}
 
     def get(self, name: str) -> np.ndarray:
@@ -162,12 +162,12 @@ class _LazyReader:
         if e.file not in self._maps:
             with open(e.file, "rb") as f:
                 self._maps[e.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        dtype = np.dtype(_ST_DTYPES[e.dtype])
-        offset = self._data_offsets[e.file] + e.begin
+        dtype = np.dtype(ST_DTYPES[e.dtype])
+        offset = self.data_offsets[e.file] + e.begin
         return np.frombuffer(self._maps[e.file], dtype, math.prod(e.shape), offset).reshape(e.shape)
 
 
-def _index_checkpoint(path: str) -> _LazyReader:
+def index_checkpoint(path: str) -> _LazyReader:
     """A reader over a single .safetensors file, or a directory's single file or sharded index."""
     if os.path.isfile(path):
         files, weight_map = [path], None
@@ -193,7 +193,7 @@ def _index_checkpoint(path: str) -> _LazyReader:
     return _LazyReader(entries, data_offsets)
 
 
-def _validate(path: str, c: ModelConfig, entries: dict[str, _Entry]) -> None:
+def validate_tensors(path: str, c: ModelConfig, entries: dict[str, _Entry]) -> None:
     """Raise one ValueError naming every missing, unexpected or wrongly shaped tensor."""
     expected = _expected_hf_shapes(c)
     if c.tie_embeddings and "lm_head.weight" in entries:
@@ -230,15 +230,15 @@ def load_hf_checkpoint(path: str | os.PathLike, config: ModelConfig | None = Non
         config = from_hf_config(path)
     if dtype is not None:
         config = dataclasses.replace(config, param_dtype=str(jnp.dtype(dtype)))
-    reader = _index_checkpoint(path)
-    _validate(path, config, reader.entries)
+    reader = index_checkpoint(path)
+    validate_tensors(path, config, reader.entries)
     return config, _to_project(config, reader)
 
 
 def _to_project(c: ModelConfig, reader: _LazyReader) -> dict[str, Any]:
     """The project parameter tree (see `Transformer`) from validated HF tensors."""
     dtype = jnp.dtype(c.param_dtype)
-    top, layer = _layout(c)
+    top, layer = conversion_layout(c)
     params: dict[str, Any] = {key: t.to_project(reader.get(name)).astype(dtype) for key, (name, t) in top.items()}
     params["layers"] = {
         key: np.stack([t.to_project(reader.get(name.format(i=i))).astype(dtype) for i in range(c.num_layers)])
@@ -258,7 +258,7 @@ def _host_params(c: ModelConfig, params: Any) -> dict[str, Any]:
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nn.meta.unbox(params))
     if "value_kernel" in host or "value_bias" in host:
         logger.warning("HF causal-LM checkpoints have no value head: value_kernel/value_bias are not exported")
-    top, layer = _layout(c)
+    top, layer = conversion_layout(c)
     wanted = {(key,): t.shape for key, (_, t) in top.items()}
     wanted.update({("layers", key): (c.num_layers, *t.shape) for key, (_, t) in layer.items()})
     problems = []
@@ -278,10 +278,10 @@ def _host_params(c: ModelConfig, params: Any) -> dict[str, Any]:
 def _hf_tensors(c: ModelConfig, host: dict[str, Any]) -> dict[str, np.ndarray]:
     """HF name -> HF-layout array (views of `host`, no copies), in checkpoint order."""
     return {name: t.to_hf(host[key] if i is None else host["layers"][key][i])
-            for name, key, i, t in _hf_entries(c)}
+            for name, key, i, t in hf_entries(c)}
 
 
-def _plan_shards(sizes: dict[str, int], max_shard_bytes: int | None) -> list[list[str]]:
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int | None) -> list[list[str]]:
     """Consecutive groups of tensor names, each at most `max_shard_bytes` unless one tensor is larger."""
     if max_shard_bytes is None or sum(sizes.values()) <= max_shard_bytes:
         return [list(sizes)]
@@ -301,7 +301,7 @@ def _write_safetensors(file: str, tensors: dict[str, np.ndarray], dtypes: dict[s
     offset = 0
     for name, array in tensors.items():
         size = array.size * dtypes[name].itemsize
-        header[name] = {"dtype": _ST_NAMES[dtypes[name]], "shape": list(array.shape),
+        header[name] = {"dtype": ST_NAMES[dtypes[name]], "shape": list(array.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -331,13 +331,13 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Any
     host = _host_params(config, params)
     tensors = _hf_tensors(config, host)
     dtypes = {name: jnp.dtype(dtype) if dtype is not None else a.dtype for name, a in tensors.items()}
-    unsupported = sorted({str(d) for d in dtypes.values() if d not in _ST_NAMES})
+    unsupported = sorted({str(d) for d in dtypes.values() if d not in ST_NAMES})
     if unsupported:
         raise ValueError(f"cannot export dtypes {unsupported}; supported: float64, float32, float16, bfloat16")
     stored = {str(d) for d in dtypes.values()}
     hf_config["torch_dtype"] = stored.pop() if len(stored) == 1 else config.param_dtype
     sizes = {name: a.size * dtypes[name].itemsize for name, a in tensors.items()}
-    shards = _plan_shards(sizes, max_shard_bytes)
+    shards = plan_shards(sizes, max_shard_bytes)
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -345,20 +345,20 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Any
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        for file, names in _shard_files(shards):
+        for file, names in shard_files(shards):
             _write_safetensors(os.path.join(tmp, file), {n: tensors[n] for n in names}, dtypes)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {n: file for file, names in _shard_files(shards) for n in names}}
+                     "weight_map": {n: file for file, names in shard_files(shards) for n in names}}
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2)
-        _move_into_place(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _shard_files(shards: list[list[str]]) -> Iterator[tuple[str, list[str]]]:
+def shard_files(shards: list[list[str]]) -> Iterator[tuple[str, list[str]]]:
     """(file name, tensor names) per shard, with HF's `model-00001-of-00003.safetensors` naming."""
     if len(shards) == 1:
         yield SINGLE_FILE, shards[0]
@@ -367,7 +367,7 @@ def _shard_files(shards: list[list[str]]) -> Iterator[tuple[str, list[str]]]:
         yield f"model-{k:05d}-of-{len(shards):05d}.safetensors", names
 
 
-def _move_into_place(tmp: str, path: str) -> None:
+def move_into_place(tmp: str, path: str) -> None:
     """Rename the finished `tmp` directory to `path`, replacing an existing `path` only after that."""
     if not os.path.exists(path):
         os.rename(tmp, path)
