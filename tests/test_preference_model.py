@@ -117,7 +117,7 @@ def test_several_pairs_per_row_give_the_same_losses_and_gradients(rows, attentio
                                            err_msg=f"{name} k={k} micro={micro}")
 
 
-def test_pairs_per_row_must_divide_the_batch():
+def test_pairs_per_row_must_divide_the_batch(monkeypatch):
     config = stage_config("rm", **{"data.pairs_per_row": 3})
     with pytest.raises(ValueError, match="data.pairs_per_row=3 must divide batch_size=8"):
         preference.prepare_data(config, 1024)
@@ -128,6 +128,9 @@ def test_pairs_per_row_must_divide_the_batch():
     target = sharding.named_sharding(mesh, sharding.DEFAULT_RULES, "batch", "seq")
     with pytest.raises(ValueError, match=r"rows per micro-batch \(batch_size / data.pairs_per_row / micro_batches\)"):
         preference.check_rows_split(stage_config("rm", **{"data.pairs_per_row": 4}), target)  # 2 rows, 8 devices
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # each process would pack its own pairs
+    with pytest.raises(ValueError, match="runs on one process only"):
+        preference.check_rows_split(stage_config("rm", **{"data.pairs_per_row": 2}), target)
 
 
 def test_sequence_logps_match_a_float64_numpy_forward_of_the_logits(model_and_params, rows):

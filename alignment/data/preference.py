@@ -486,6 +486,10 @@ def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: b
 
 def check_rows_split(config: ml_collections.ConfigDict, target: NamedSharding) -> None:
     """The rows of a micro-batch (batch_size / data.pairs_per_row / micro_batches) must split over the batch axes."""
+    if config.data.pairs_per_row > 1 and jax.process_count() > 1:
+        # Each process packs its own pairs, so the global rows would not follow `pair_columns`' pair order.
+        raise ValueError(f"data.pairs_per_row={config.data.pairs_per_row} runs on one process only; this run has "
+                         f"{jax.process_count()} processes: set data.pairs_per_row=1")
     rows = config.batch_size // config.data.pairs_per_row // config.micro_batches
     sharding.check_divisible((rows,), PartitionSpec(target.spec[0]), target.mesh,
                              "rows per micro-batch (batch_size / data.pairs_per_row / micro_batches)")
