@@ -20,11 +20,14 @@ def rollout(prompt_lengths, completion_lengths, max_new, vocab=50):
     return prompts, completions, np.asarray(completion_lengths, np.int32)
 
 
+def tiny_model(seed):
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2))
+    return model, nn.meta.unbox(model.init(jax.random.key(seed), *dummy_inputs())["params"])
+
+
 def test_completion_rows_match_rollout_rows_log_probs():
-    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2)
-    model = Transformer(config)
-    params = nn.meta.unbox(model.init(jax.random.key(0), *dummy_inputs())["params"])
+    model, params = tiny_model(0)
     prompts, completions, lengths = rollout([5, 11, 2], [4, 9, 1, 12, 7, 3], max_new=12)
     logp = jax.jit(lambda b: token_logprobs(target_hidden(model, params, b), params["lm_head"], b["targets"]))
 
@@ -40,10 +43,7 @@ def test_completion_rows_match_rollout_rows_log_probs():
 
 def test_shared_prompt_forward_matches_per_row_forward_and_gradient():
     """group > 1 runs each prompt once into a cache its samples attend to: same log-probs, same gradient."""
-    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2)
-    model = Transformer(config)
-    params = nn.meta.unbox(model.init(jax.random.key(1), *dummy_inputs())["params"])
+    model, params = tiny_model(1)
     prompts, completions, lengths = rollout([5, 11, 2], [4, 9, 1, 12, 7, 3], max_new=12)
     rows = completion_rows(prompts, completions, lengths, 2, max_prompt=16, max_new=12, multiple=8)
     mask = rows["loss_mask"]
