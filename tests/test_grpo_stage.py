@@ -1,4 +1,5 @@
-"""GRPO end to end on CPU: rewards rise on a learnable task, and a run stopped by SIGTERM resumes exactly."""
+"""GRPO end to end on CPU: rewards rise on a learnable task, the profiler switch writes a trace, and a run
+stopped by SIGTERM resumes exactly."""
 import json
 import os
 
@@ -12,7 +13,7 @@ from alignment.stages import grpo
 from alignment.train.loop import Preempted
 
 
-def config(steps: int, preempt_at: int = 0):
+def config(steps: int, preempt_at: int = 0, profile: bool = False):
     c = load_config_file("configs/grpo.py")
     c.warm_start = None
     c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 2, 64, 128
@@ -24,6 +25,7 @@ def config(steps: int, preempt_at: int = 0):
     c.data.num_embedded_eval = 8
     c.checkpoint.async_save = False
     c.rewards = {"space_share": {"weight": 1.0, "preempt_at": preempt_at}}
+    c.profile.update(dict(enabled=profile, start_step=2, num_steps=1))
     return c
 
 
@@ -38,10 +40,11 @@ def params_at(workdir, step):
 
 
 def test_short_run_raises_reward_and_resumes_exactly(tmp_path, space_share_reward):
-    summary = grpo.run(config(12), str(tmp_path / "full"))
+    summary = grpo.run(config(12, profile=True), str(tmp_path / "full"))
     curve = rewards(tmp_path / "full")
     assert np.mean(curve[-3:]) > 1.25 * np.mean(curve[:3]), curve  # the space share rises by about half
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
+    assert list((tmp_path / "full" / "profile").rglob("*.xplane.pb")), "no profiler trace written"
 
     space_share_reward.calls = 0
     with pytest.raises(Preempted) as stopped:

@@ -23,7 +23,7 @@ from alignment.generation.engine import Completions
 from alignment.generation.sampling import SamplingParams
 from alignment.rewards.registry import RewardResult
 from alignment.rl.rollouts import Rollouts, evaluate
-from alignment.train.loop import Preempted
+from alignment.train.loop import Preempted, Profiler
 from alignment.train.metrics import MetricsWriter
 from alignment.train.preemption import PreemptionGuard
 
@@ -66,6 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, state: Any, abstract
         logger.info("resumed at RL step %d", start)
     sampling = SamplingParams(temperature=rl.temperature)
     writer, guard = MetricsWriter(workdir), PreemptionGuard()
+    profiler = Profiler(config.profile, workdir)
 
     def evaluation(state, step):
         rollouts.engine.params = policy_params(state)
@@ -80,12 +81,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, state: Any, abstract
         writer.write(0, history[-1], prefix="eval")
         logger.info("before RL: %s", history[-1])
     for step in range(start, config.steps):
+        profiler.before_step(step)
         t0 = time.perf_counter()
         rollouts.engine.params = policy_params(state)
         records = stream.next(rl.prompts_per_step)
         rollout = Rollout(*rollouts.sample(records, rl.num_samples, sampling, seed=config.seed * 7919 + step))
         generation_s = time.perf_counter() - t0
         state, record = update(state, step, rollout)
+        profiler.after_step(step, state)
         record["generation_s"] = generation_s
         writer.write(step + 1, record)
         history_entry = {"step": step + 1, "train_reward": record["reward"]}
