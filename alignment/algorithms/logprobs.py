@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from alignment import sharding
-from alignment.models.transformer import KVCache, Transformer, init_cache
+from alignment.models.transformer import Transformer, init_cache, repeat_cache_rows
 from kernels.logprob_kl import api as kernel_api
 from kernels.logprob_kl.reference import LogprobKL, k3  # noqa: F401  (k3 re-exported for GRPO)
 
@@ -80,8 +80,7 @@ def target_hidden(model, params, batch: dict, group: int = 1) -> jax.Array:
         index, method=Transformer.decode)
     cache = init_cache(model.config, rows // group, width)
     prompt_hidden, cache = decode(cache, (slice(None, None, group), slice(None, prompt)), 0)
-    cache = KVCache(jnp.repeat(cache.k, group, axis=1), jnp.repeat(cache.v, group, axis=1),
-                    jnp.repeat(cache.segment_ids, group, axis=0), jnp.repeat(cache.positions, group, axis=0))
+    cache = repeat_cache_rows(cache, group)
     sample_hidden, _ = decode(cache, (slice(None), slice(prompt, None)), prompt)
     # The prompt's last column predicts every sample's first token.
     return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], group, axis=0), sample_hidden], axis=1)

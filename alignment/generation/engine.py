@@ -31,7 +31,7 @@ from alignment import sharding
 from alignment.generation import sampling as sampling_lib
 from alignment.generation.sampling import SamplingParams
 from alignment.models import ModelConfig, Transformer
-from alignment.models.transformer import KVCache, init_cache
+from alignment.models.transformer import KVCache, init_cache, repeat_cache_rows, split_layers
 
 MIN_BUCKET = 16
 _STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so adding one rarely recompiles
@@ -64,17 +64,9 @@ class Completions:
         return self.tokens[i, : self.lengths[i]].tolist()
 
 
-def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    """Each batch row of the cache `times` times in a row (k, v have batch on axis 1)."""
-    if times == 1:
-        return cache
-    return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1),
-                   jnp.repeat(cache.segment_ids, times, axis=0), jnp.repeat(cache.positions, times, axis=0))
-
-
 def _constrain_cache(cache: KVCache) -> KVCache:
-    kv_names = (None, "batch", "act_kv_heads", None, None)
-    return KVCache(sharding.constrain(cache.k, *kv_names), sharding.constrain(cache.v, *kv_names),
+    constrain = lambda a: sharding.constrain(a, "batch", "act_kv_heads", None, None)
+    return KVCache(tuple(map(constrain, cache.k)), tuple(map(constrain, cache.v)),
                    sharding.constrain(cache.segment_ids, "batch", None),
                    sharding.constrain(cache.positions, "batch", None))
 
@@ -97,10 +89,11 @@ def generate_program(model: Transformer, params: Any, prompts: jax.Array, prompt
     segment_ids = (slots >= padding).astype(jnp.int32)
     positions = jnp.maximum(slots - padding, 0)
     cache = _constrain_cache(init_cache(c, batch, prompt_len + new_tokens))
-    hidden, cache = run(Transformer.decode, prompts, positions, segment_ids, cache, 0)
+    layers = split_layers(params["layers"], c.num_layers)
+    hidden, cache = run(Transformer.decode, prompts, positions, segment_ids, cache, 0, layers)
     logits = run(Transformer.logits, hidden[:, -1:])[:, 0]
 
-    cache = _constrain_cache(_repeat_rows(cache, num_samples))
+    cache = _constrain_cache(repeat_cache_rows(cache, num_samples))
     logits = jnp.repeat(logits, num_samples, axis=0)
     next_position = jnp.repeat(prompt_lengths, num_samples)
     sample_index = jnp.tile(jnp.arange(num_samples), batch)
@@ -143,7 +136,7 @@ def generate_program(model: Transformer, params: Any, prompts: jax.Array, prompt
         tokens = state["last"][:, None]
         position = (next_position + t - 1)[:, None]
         hidden, cache = run(Transformer.decode, tokens, position, jnp.ones_like(tokens), state["cache"],
-                            prompt_len + t - 1)
+                            prompt_len + t - 1, layers)
         logits = run(Transformer.logits, hidden)[:, 0]
         state = record(dict(state, cache=_constrain_cache(cache)), t, draw(t, logits))
         return dict(state, t=t + 1)

@@ -146,14 +146,14 @@ def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: Model
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots, plus what the attention mask needs per slot.
 
-    k [layers, batch, kv_heads, max_len, head_dim] and v [layers, batch, kv_heads, head_dim, max_len] (compute
-    dtype): the layouts the two attention matmuls read without transposing, which otherwise costs a copy of the
-    whole cache every step. segment_ids, positions [batch, max_len] int32; segment 0 marks an empty or padding
-    slot, which no query attends to.
+    k: one [batch, kv_heads, max_len, head_dim] array per layer, v: one [batch, kv_heads, head_dim, max_len]
+    per layer (compute dtype): the layouts the two attention matmuls read without transposing, and separate
+    arrays because a layer's slice of a stacked cache is a copy on XLA:CPU. segment_ids, positions
+    [batch, max_len] int32; segment 0 marks an empty or padding slot, which no query attends to.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     segment_ids: jax.Array
     positions: jax.Array
 
@@ -161,39 +161,51 @@ class KVCache(NamedTuple):
 def init_cache(c: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache: every slot has segment 0."""
     dtype = jnp.dtype(c.dtype)
-    k = jnp.zeros((c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim), dtype)
-    v = jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len), dtype)
+    k = tuple(jnp.zeros((batch, c.num_kv_heads, max_len, c.head_dim), dtype) for _ in range(c.num_layers))
+    v = tuple(jnp.zeros((batch, c.num_kv_heads, c.head_dim, max_len), dtype) for _ in range(c.num_layers))
     slots = jnp.zeros((batch, max_len), jnp.int32)
     return KVCache(k, v, slots, slots)
 
 
-def cached_decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, cache: KVCache, index,
-                         c: ModelConfig) -> tuple[jax.Array, KVCache]:
+def repeat_cache_rows(cache: KVCache, times: int) -> KVCache:
+    """Each batch row of the cache `times` times in a row (a prompt's cache for each of its samples)."""
+    repeat = lambda a: jnp.repeat(a, times, axis=0)
+    return KVCache(tuple(map(repeat, cache.k)), tuple(map(repeat, cache.v)), repeat(cache.segment_ids),
+                   repeat(cache.positions))
+
+
+def split_layers(layers: Params, num_layers: int) -> tuple[Params, ...]:
+    """The stacked layer parameters as one dict per layer (static slices: XLA copies each once)."""
+    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(num_layers))
+
+
+def cached_decoder_stack(layers: tuple[Params, ...], x: jax.Array, positions, segment_ids, cache: KVCache,
+                         index, c: ModelConfig) -> tuple[jax.Array, KVCache]:
     """All layers over new tokens x [batch, seq, hidden] written into cache slots [index, index + seq).
 
     The new queries attend to every cache slot of their segment at positions <= their own, so one function
-    serves both the prompt prefill (seq = prompt length) and each decode step (seq = 1). The whole cache is a
-    scan carry updated with `dynamic_update_slice`, which XLA performs in place.
+    serves both the prompt prefill (seq = prompt length) and each decode step (seq = 1). Cache arrays are
+    updated with `dynamic_update_slice`, which XLA performs in place.
+
+    layers: `split_layers` of the stacked parameters; the layers are unrolled, not scanned. A decode loop
+    splits them once outside the loop: slicing a layer out of the stack inside it makes XLA:CPU copy that
+    layer's weights on every step (a third of a bench-small decode step).
     """
     inv_freq = rope_inverse_frequencies(c)
     kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
     kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, index))
     attention = get_attention(c.attention_impl)
-
-    def layer(carry, inputs):
-        x, k_all, v_all = carry
-        p, i = inputs
+    keys, values = [], []
+    for p, k_all, v_all in zip(layers, cache.k, cache.v, strict=True):
         q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
-        k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)  # [1, b, kvh, s, dh]
-        v_new = v.transpose(0, 2, 3, 1)[None].astype(v_all.dtype)  # [1, b, kvh, dh, s]
-        k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, index, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, 0, 0, index))
-        attn = attention(q, k_all[i].transpose(0, 2, 1, 3), v_all[i].transpose(0, 3, 1, 2), segment_ids,
+        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3).astype(k_all.dtype), (0, 0, index, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 3, 1).astype(v_all.dtype), (0, 0, 0, index))
+        attn = attention(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 3, 1, 2), segment_ids,
                          kv_segment_ids, positions, kv_positions)
-        return (_attention_output_and_mlp(p, x, attn, c), k_all, v_all), None
-
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (layers, jnp.arange(c.num_layers)))
-    return x, KVCache(k, v, kv_segment_ids, kv_positions)
+        x = _attention_output_and_mlp(p, x, attn, c)
+        keys.append(k_all)
+        values.append(v_all)
+    return x, KVCache(tuple(keys), tuple(values), kv_segment_ids, kv_positions)
 
 
 def _declare(module: nn.Module, name, shape, axes, initializer, dtype) -> jax.Array:
@@ -247,15 +259,18 @@ class Transformer(nn.Module):
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
-               index: jax.Array) -> tuple[jax.Array, KVCache]:
+               index: jax.Array, layers: tuple[Params, ...] | None = None) -> tuple[jax.Array, KVCache]:
         """Inference with a KV cache: tokens, positions, segment_ids [batch, seq] go into slots [index, index + seq).
 
-        Returns (final-normed hidden [batch, seq, hidden], updated cache). Same parameters as `__call__`.
+        Returns (final-normed hidden [batch, seq, hidden], updated cache). Same parameters as `__call__`;
+        layers: `split_layers` of them, made once outside a decode loop (see `cached_decoder_stack`); by
+        default they are split here.
         """
         c = self.config
         x = jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(c.dtype))
         x = constrain(x, "batch", "seq", "act_embed")
-        x, cache = cached_decoder_stack(self.layers(), x, positions, segment_ids, cache, index, c)
+        layers = split_layers(self.layers(), c.num_layers) if layers is None else layers
+        x, cache = cached_decoder_stack(layers, x, positions, segment_ids, cache, index, c)
         return rms_norm(x, self.final_norm, c.rms_norm_eps), cache
 
     def unembedding(self) -> jax.Array:
