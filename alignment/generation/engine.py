@@ -89,7 +89,11 @@ def generate_program(model: Transformer, params: Any, prompts: jax.Array, prompt
     segment_ids = (slots >= padding).astype(jnp.int32)
     positions = jnp.maximum(slots - padding, 0)
     cache = _constrain_cache(init_cache(c, batch, prompt_len + new_tokens))
-    layers = split_layers(params["layers"], c.num_layers)
+    # Weight matrices in the compute dtype once, here, instead of a cast per matmul at every decode step; the
+    # model casts them to that dtype anyway, so the numbers are the same.
+    matrices = lambda tree: jax.tree.map(lambda a: a.astype(c.dtype) if a.ndim >= 2 else a, tree)
+    layers = matrices(split_layers(params["layers"], c.num_layers))
+    params = dict(params, **matrices({k: v for k, v in params.items() if k != "layers"}))
     hidden, cache = run(Transformer.decode, prompts, positions, segment_ids, cache, 0, layers)
     logits = run(Transformer.logits, hidden[:, -1:])[:, 0]
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from alignment.models.attention import get_attention
 from alignment.models.config import ModelConfig
+from alignment.models.precision import project
 from alignment.models.sequence_parallel import with_sequence_parallelism
 from alignment.sharding import constrain
 
@@ -83,14 +84,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 def _attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_freq):
     """Pre-norm, q/k/v projections and RoPE: q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim]."""
-    dtype = jnp.dtype(c.dtype)
-    w = lambda name: p[name].astype(dtype)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, w("q_proj"))
-    k = jnp.einsum("bsd,dhk->bshk", h, w("k_proj"))
-    v = jnp.einsum("bsd,dhk->bshk", h, w("v_proj"))
+    q = project("bsd,dhk->bshk", h, p["q_proj"])
+    k = project("bsd,dhk->bshk", h, p["k_proj"])
+    v = project("bsd,dhk->bshk", h, p["v_proj"])
     if c.qkv_bias:
-        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+        q, k, v = (y + p[f"{name}_bias"].astype(y.dtype) for y, name in ((q, "q"), (k, "k"), (v, "v")))
     q = constrain(apply_rope(q, positions, inv_freq), "batch", "seq", "act_heads", None)
     k = constrain(apply_rope(k, positions, inv_freq), "batch", "seq", "act_kv_heads", None)
     v = constrain(v, "batch", "seq", "act_kv_heads", None)
@@ -99,15 +98,13 @@ def _attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_fr
 
 def _attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: ModelConfig) -> jax.Array:
     """The rest of the block after attention: output projection, residual, pre-norm SwiGLU MLP, residual."""
-    dtype = jnp.dtype(c.dtype)
-    w = lambda name: p[name].astype(dtype)
-    x = x + jnp.einsum("bshk,hkd->bsd", attn, w("o_proj"))
+    x = x + project("bshk,hkd->bsd", attn, p["o_proj"])
     x = constrain(x, "batch", "seq", "act_embed")
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    gate = jnp.einsum("bsd,df->bsf", h, w("gate_proj"))
-    up = jnp.einsum("bsd,df->bsf", h, w("up_proj"))
+    gate = project("bsd,df->bsf", h, p["gate_proj"])
+    up = project("bsd,df->bsf", h, p["up_proj"])
     mlp = constrain(jax.nn.silu(gate) * up, "batch", "seq", "act_mlp")
-    x = x + jnp.einsum("bsf,fd->bsd", mlp, w("down_proj"))
+    x = x + project("bsf,fd->bsd", mlp, p["down_proj"])
     return constrain(x, "batch", "seq", "act_embed")
 
 
@@ -174,6 +171,16 @@ def repeat_cache_rows(cache: KVCache, times: int) -> KVCache:
                    repeat(cache.positions))
 
 
+def _write_slots(cache: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
+    """`dynamic_update_slice(cache, new, start)` in place. A 16-bit float cache is updated as raw 16-bit words:
+    XLA:CPU computes a bf16 update in float32, which converts and rewrites the whole cache at every step."""
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(cache, new, start)
+    words = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(words(cache), words(new), start), cache.dtype)
+
+
 def split_layers(layers: Params, num_layers: int) -> tuple[Params, ...]:
     """The stacked layer parameters as one dict per layer (static slices: XLA copies each once)."""
     return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(num_layers))
@@ -198,8 +205,8 @@ def cached_decoder_stack(layers: tuple[Params, ...], x: jax.Array, positions, se
     keys, values = [], []
     for p, k_all, v_all in zip(layers, cache.k, cache.v, strict=True):
         q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3).astype(k_all.dtype), (0, 0, index, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 3, 1).astype(v_all.dtype), (0, 0, 0, index))
+        k_all = _write_slots(k_all, k.transpose(0, 2, 1, 3), (0, 0, index, 0))
+        v_all = _write_slots(v_all, v.transpose(0, 2, 3, 1), (0, 0, 0, index))
         attn = attention(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 3, 1, 2), segment_ids,
                          kv_segment_ids, positions, kv_positions)
         x = _attention_output_and_mlp(p, x, attn, c)

@@ -146,7 +146,7 @@ def _backward(hidden, unembedding, targets, ref_ids, ref_logp, lse, log_q, entro
                 row_index = jnp.broadcast_to(jnp.arange(block_n)[:, None], local.shape)
                 dz = dz.at[row_index, local].add(jnp.where(inside, rows(kl_coef, c), 0.0))
             dz = jnp.where(fresh, dz, 0.0) / temperature
-            dh_c = jnp.dot(dz.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
+            dh_c = jnp.dot(dz.astype(h_c.dtype), w.astype(h_c.dtype).T, preferred_element_type=jnp.float32)
             dh = jax.lax.dynamic_update_slice_in_dim(dh, rows(dh, c) + dh_c, c * block_n, axis=0)
             dw_block = dw_block + jnp.dot(h_c.T, dz.astype(h_c.dtype), preferred_element_type=jnp.float32)
             return dh, dw_block
