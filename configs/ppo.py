@@ -7,24 +7,13 @@ writes curve.png / curve.jsonl to the workdir.
 """
 import ml_collections
 
-from alignment.config import base_config, model_preset
-from configs import sft
+from configs import grpo
 
 
 def get_config():
-    c = base_config()
+    c = grpo.get_config()  # the same model, task, data, rewards, optimizer and SFT warm start as GRPO
     c.stage = "ppo"
-    c.model = model_preset("tiny")
-    c.tokenizer = "embedded"
-    c.chat_template = "chatml"
-    c.init_from = ""  # policy, reference and critic trunk start here (SFT or merged checkpoint); '' runs warm_start
-    c.steps = 60  # RL steps (each: rollouts, scoring, ppo_epochs x minibatches policy and critic updates)
-    c.batch_size = 1  # unused by PPO: rows per update come from rl.prompts_per_step x rl.num_samples
-    c.optimizer.lr = 1e-4
-    c.optimizer.warmup_steps = 5
-    c.optimizer.schedule = "constant"
-    c.optimizer.weight_decay = 0.0
-    c.checkpoint.every = 20
+    del c.ptx_data  # GRPO's PTX penalty; PPO has none
     c.rl = ml_collections.ConfigDict(dict(
         prompts_per_step=64,  # prompts drawn per RL step (by category weight)
         num_samples=1,  # completions per prompt: 1 is usual for PPO, the critic is the baseline
@@ -53,17 +42,4 @@ def get_config():
         init_from="",  # '' = the policy's starting weights under a fresh value head; or an Orbax run with a value head (rm)
         optimizer=critic_optimizer,  # the critic's own optimizer (fields as config.optimizer)
     ))
-    c.rewards = ml_collections.ConfigDict(dict(math=dict(weight=1.0)))  # name -> weight and parameters
-    c.reward_on_error = "zero"  # zero | raise | skip: what a reward function that raises scores
-    c.data = ml_collections.ConfigDict(dict(
-        train=ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1))),  # category -> prompt source
-        eval=ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1))),  # held-out prompts per category
-        num_embedded=2000,  # generated prompts for an 'embedded' source
-        num_embedded_eval=128,  # generated held-out prompts
-    ))
-    warm = sft.get_config()  # the SFT warm start run when init_from is empty (the one of configs/grpo.py)
-    warm.steps = 300
-    warm.data.train = ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1, answer_noise=0.6)))
-    warm.data.eval = ml_collections.ConfigDict(dict(math=sft.source("embedded", num_ops=1, answer_noise=0.6)))
-    c.warm_start = warm
     return c
