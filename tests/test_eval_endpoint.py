@@ -1,4 +1,4 @@
-"""The HTTP paths against a real local OpenAI-compatible server: client, judge + cache, the eval stage."""
+"""The HTTP paths against a real local OpenAI-compatible server: client (retries), judge + cache, the eval stage."""
 import http.server
 import json
 import pathlib
@@ -10,6 +10,7 @@ import pytest
 from alignment.config import load_config_file, validate
 from alignment.eval import endpoint, generation, judge
 from alignment.eval.cache import JsonlCache
+from alignment.generation import client
 from alignment.pas.augment import Pas
 from alignment.stages import eval as eval_stage
 
@@ -32,6 +33,10 @@ class FakeOpenAI:
                     self.send_response(400)
                     self.end_headers()
                     self.wfile.write(b'{"error": "bad request"}')
+                    return
+                if body.get("model") == "flaky" and len(server.requests) == 1:  # a 503 on the first request
+                    self.send_response(503)
+                    self.end_headers()
                     return
                 text = respond(body["model"], body["messages"])
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
@@ -86,13 +91,23 @@ def _model(model: str, messages: list) -> str:
 
 def test_chat_completion_round_trip_and_errors():
     with FakeOpenAI(lambda model, messages: f"{model}:{messages[-1]['content']}") as server:
-        assert endpoint.chat_completion(server.url, [{"role": "user", "content": "hi"}], model="m") == "m:hi"
+        assert client.chat(server.url, [{"role": "user", "content": "hi"}], model="m") == "m:hi"
         assert server.requests[0]["model"] == "m"
         generate = endpoint.endpoint_generate_fn(server.url, model="x", workers=3, temperature=0.0)
         prompts = [[{"role": "user", "content": str(i)}] for i in range(7)]
         assert generate(prompts) == [f"x:{i}" for i in range(7)]  # order kept across threads
         with pytest.raises(RuntimeError, match=r"chat/completions: HTTP 400"):
-            endpoint.chat_completion(server.url, [{"role": "user", "content": "hi"}], model="broken")
+            client.chat(server.url, [{"role": "user", "content": "hi"}], model="broken")
+        assert len(server.requests) == 9  # a 4xx answer is not retried
+
+
+def test_chat_retries_a_server_error():
+    with FakeOpenAI(lambda model, messages: f"{model}:{messages[-1]['content']}") as server:
+        assert client.chat(server.url, [{"role": "user", "content": "hi"}], model="flaky") == "flaky:hi"
+        assert len(server.requests) == 2
+        with pytest.raises(RuntimeError, match=r"HTTP 503"):
+            server.requests.clear()
+            client.chat(server.url, [{"role": "user", "content": "hi"}], model="flaky", retries=0)
 
 
 def test_judge_caches_raw_judgements_and_counts_unparseable(tmp_path):
@@ -100,7 +115,7 @@ def test_judge_caches_raw_judgements_and_counts_unparseable(tmp_path):
              {"id": "b", "messages": [{"role": "user", "content": "Q"}], "response": "meh", "criteria": ["x"]},
              {"id": "c", "messages": [{"role": "user", "content": "Q"}], "response": "garble", "criteria": ["x"]}]
     with FakeOpenAI(lambda model, messages: _scripted_judge(messages[-1]["content"])) as server:
-        ask = lambda p: endpoint.chat_completion(server.url, [{"role": "user", "content": p}])
+        ask = lambda p: client.chat(server.url, [{"role": "user", "content": p}], model="default")
         path = str(tmp_path / "judgements.jsonl")
         first = judge.judge_checklists(items, ask, JsonlCache(path), judge_id="j", attempts=2, workers=2)
         assert [j.scores for j in first] == [[1, 1], [0], [0]]

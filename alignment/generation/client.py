@@ -5,38 +5,49 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
 
-def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, api_key: str = "", **params) -> str:
+def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, retries: int = 2, api_key: str = "",
+         **params) -> str:
     """The first choice's message content of POST {base_url}/v1/chat/completions.
 
     base_url may end with or without /v1. params go into the request body as they are (model, max_tokens,
-    temperature, top_p, stop, seed, ...). An error answer raises RuntimeError carrying the server's message.
+    temperature, top_p, stop, seed, ...). Transport errors and 5xx answers are retried `retries` times with a
+    short backoff; a 4xx answer (a bad request will not get better), a non-JSON or malformed answer, or the last
+    failure raises RuntimeError naming the URL and carrying the server's message.
     """
     url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps({"messages": messages, **params}).encode(),
-                                     headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")
+    data = json.dumps({"messages": messages, **params}).encode()
+    for attempt in range(retries + 1):
+        last = attempt == retries
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            detail = json.loads(detail)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            pass
-        raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
-    except urllib.error.URLError as e:
-        raise RuntimeError(f"{url}: cannot connect ({e.reason})") from None
-    except (TimeoutError, OSError) as e:  # a read timeout or a dropped connection after connecting
-        raise RuntimeError(f"{url}: no answer ({type(e).__name__}: {e})") from None
-    except json.JSONDecodeError as e:
-        raise RuntimeError(f"{url}: the answer is not JSON ({e})") from None
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = json.loads(response.read())
+            break
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            try:
+                detail = json.loads(detail)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            if e.code < 500 or last:
+                raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
+        except urllib.error.URLError as e:
+            if last:
+                raise RuntimeError(f"{url}: cannot connect ({e.reason})") from None
+        except (TimeoutError, OSError) as e:  # a read timeout or a dropped connection after connecting
+            if last:
+                raise RuntimeError(f"{url}: no answer ({type(e).__name__}: {e})") from None
+        except json.JSONDecodeError as e:
+            raise RuntimeError(f"{url}: the answer is not JSON ({e})") from None
+        time.sleep(0.5 * 2 ** attempt)
     try:
         return body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):

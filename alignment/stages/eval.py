@@ -13,7 +13,7 @@ from absl import logging
 from alignment.eval import benchmarks as benchmarks_lib
 from alignment.eval import generation, judge, report, runner
 from alignment.eval.cache import JsonlCache
-from alignment.eval.endpoint import chat_completion
+from alignment.generation.client import chat
 from alignment.rewards import sandbox
 
 
@@ -43,8 +43,8 @@ def context(config: ml_collections.ConfigDict, workdir: str) -> benchmarks_lib.C
     j, s = config.judge, config.sandbox
     judge_fn = None
     if j.endpoint:
-        ask = lambda prompt: chat_completion(j.endpoint, [{"role": "user", "content": prompt}], model=j.model,
-                                             temperature=j.temperature, max_tokens=j.max_tokens)
+        ask = lambda prompt: chat(j.endpoint, [{"role": "user", "content": prompt}], model=j.model,
+                                  temperature=j.temperature, max_tokens=j.max_tokens)
         cache = JsonlCache(os.path.join(workdir, "cache", "judgements.jsonl"))
         judge_fn = lambda items: judge.judge_checklists(items, ask, cache, judge_id=f"{j.endpoint}|{j.model}",
                                                         attempts=j.attempts, workers=j.workers)
