@@ -121,8 +121,9 @@ def parse_verdict(text: str) -> dict[str, str] | None:
 
 
 def endpoint_ask(base_url: str, *, model: str = "default", **params) -> Callable[[str], str]:
-    """ask(request) -> answer: one greedy chat completion from an OpenAI-compatible endpoint."""
-    return lambda request: chat(base_url, [{"role": "user", "content": request}], model=model,
+    """ask(request) -> answer: one greedy chat completion from an OpenAI-compatible endpoint (one request: the
+    judge's own `attempts` cover failures)."""
+    return lambda request: chat(base_url, [{"role": "user", "content": request}], model=model, retries=0,
                                 **{"temperature": 0.0, **params})
 
 
