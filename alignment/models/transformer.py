@@ -166,6 +166,8 @@ def init_cache(c: ModelConfig, batch: int, max_len: int) -> KVCache:
 
 def repeat_cache_rows(cache: KVCache, times: int) -> KVCache:
     """Each batch row of the cache `times` times in a row (a prompt's cache for each of its samples)."""
+    if times == 1:
+        return cache
     repeat = lambda a: jnp.repeat(a, times, axis=0)
     return KVCache(tuple(map(repeat, cache.k)), tuple(map(repeat, cache.v)), repeat(cache.segment_ids),
                    repeat(cache.positions))
