@@ -68,15 +68,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A NaN/Inf loss or gradient skips the update (params and moments unchanged) and is counted.
+
+        def update(params_and_moments):
+            params, opt_state = params_and_moments
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A NaN/Inf loss or gradient skips the update (params and moments unchanged) and is counted. A cond,
+        # not a select per leaf: the update then runs in place on the donated buffers (a select kept the
+        # old values alive, which doubled the optimizer's memory traffic).
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = jax.lax.cond(finite, update, lambda old: old, (state.params, state.opt_state))
         metrics = dict(metrics, loss=loss_sum / denom, count=count, grad_norm=grad_norm,
                        learning_rate=schedule(state.step), skipped=1.0 - finite.astype(jnp.float32))
-        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                                  opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(key))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(key))
         return new_state, metrics
 
     return step
