@@ -43,9 +43,12 @@ def test_packed_row_equals_samples_run_alone():
         np.testing.assert_allclose(packed[0, start:start + n], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy,group,dtype", [("full", 2, "float32"), ("dots", 4, "float32"),
-                                                ("dots_no_batch", 1, "float32"), ("dots", 4, "bfloat16")])
-def test_remat_groups_match_plain_forward_and_gradients(policy, group, dtype):
+@pytest.mark.parametrize("policy,group,dtype,scan", [("full", 2, "float32", True), ("dots", 4, "float32", True),
+                                                     ("dots_no_batch", 1, "float32", True),
+                                                     ("dots", 4, "bfloat16", True), ("none", 1, "float32", False),
+                                                     ("full", 2, "float32", False)])
+def test_remat_groups_match_plain_forward_and_gradients(policy, group, dtype, scan):
+    """Remat grouping, and unrolled layers (scan_layers=False), give the scanned model's values and gradients."""
     base = dataclasses.replace(BASE, dtype=dtype)
     rtol = 1e-6 if dtype == "float32" else 1e-2  # bf16: XLA may fuse the recomputation differently
     params = init(BASE)
@@ -56,7 +59,7 @@ def test_remat_groups_match_plain_forward_and_gradients(policy, group, dtype):
     def loss(config, p):
         return jnp.sum(forward(config, p, tokens, positions, segments) ** 2)
 
-    remat = dataclasses.replace(base, remat_policy=policy, remat_group_size=group)
+    remat = dataclasses.replace(base, remat_policy=policy, remat_group_size=group, scan_layers=scan)
     np.testing.assert_allclose(loss(remat, params), loss(base, params), rtol=rtol)
     grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
     for g1, g2 in zip(jax.tree.leaves(grad(remat, params)), jax.tree.leaves(grad(base, params))):

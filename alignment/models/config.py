@@ -50,6 +50,8 @@ class ModelConfig:
     logprob_impl: str = ""  # output-head log-prob kernel (kernels/logprob_kl); '' = the backend's default
     remat_policy: str = "none"  # what the backward pass may keep instead of recomputing
     remat_group_size: int = 1  # remat every group of this many consecutive layers (the paper's grouping)
+    scan_layers: bool = True  # loop one compiled layer group (compile time flat in depth); False unrolls the
+    # layers, which runs small models ~10% faster on CPU (MaxText's `scan_layers`)
     value_head: bool = False  # scalar head for reward models and critics
 
     def __post_init__(self):

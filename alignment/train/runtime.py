@@ -19,7 +19,7 @@ from alignment.train.state import init_state
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
 # top of an imported checkpoint's own config.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "logprob_impl", "remat_policy", "remat_group_size",
-                  "value_head")
+                  "scan_layers", "value_head")
 
 logger = logging.getLogger(__name__)
 

@@ -19,4 +19,5 @@ def get_config():
         attention_impl="xla",
         remat_policy="none",
         remat_group_size=1,
+        scan_layers=True,
     ))
