@@ -53,3 +53,21 @@ def test_schedule_and_decay_mask():
     mask = decay_mask({"embed": 1, "layers": {"q_proj": 1, "attn_norm": 1, "q_bias": 1}, "final_norm": 1})
     assert mask == {"embed": True, "layers": {"q_proj": True, "attn_norm": False, "q_bias": False},
                     "final_norm": False}
+
+
+def test_frozen_parameters_get_no_update_and_no_state():
+    """A frozen top-level parameter (weight decay on) stays bit-exact; the others move as without freezing."""
+    config = ml_collections.ConfigDict(dict(OPTIMIZER.to_dict(), weight_decay=0.1))
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "head": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "head": jnp.zeros((4, 5), jnp.float32)}
+    plain, _ = make_optimizer(config, 10)
+    frozen, _ = make_optimizer(config, 10, frozen=("head",))
+    state = frozen.init(params)
+    assert sum(x.size for x in jax.tree.leaves(state)) < sum(x.size for x in jax.tree.leaves(plain.init(params)))
+    updates, _ = frozen.update(grads, state, params)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    np.testing.assert_array_equal(updates["head"], np.zeros((4, 5)))
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+    assert np.abs(np.asarray(expected["head"])).max() > 0  # weight decay would have moved the unused head

@@ -55,6 +55,11 @@ def pair_rewards(model: nn.Module, params: Any, batch: dict) -> jax.Array:
     return preference.pair_columns(segment_last(values, batch["segment_ids"], 2 * k), k)
 
 
+def unused_params(model_cfg) -> tuple[str, ...]:
+    """Top-level parameters a reward model never reads: the output head of an untied model (frozen in training)."""
+    return () if model_cfg.tie_embeddings else ("lm_head",)
+
+
 def bradley_terry_losses(r_chosen: jax.Array, r_rejected: jax.Array, s_chosen: jax.Array, s_rejected: jax.Array,
                          has_score: jax.Array, margin: jax.Array, alpha: float) -> jax.Array:
     """All inputs [pairs] float -> per-pair loss [pairs] (formula in the module docstring)."""

@@ -36,7 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size)
     logging.info("data: %s", data_summary)
-    optimizer, schedule = make_optimizer(config.optimizer, config.steps)
+    optimizer, schedule = make_optimizer(config.optimizer, config.steps, reward.unused_params(model_cfg))
     init_inputs = dummy_inputs()
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
 

@@ -34,8 +34,13 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """From `config.optimizer` (lr, warmup_steps, schedule, end_lr_factor, b1, b2, eps, weight_decay, clip_norm)."""
+def make_optimizer(config: Any, total_steps: int, frozen: tuple[str, ...] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """From `config.optimizer` (lr, warmup_steps, schedule, end_lr_factor, b1, b2, eps, weight_decay, clip_norm).
+
+    frozen: top-level parameter names the loss does not read (the reward model's unused `lm_head`); they get
+    no update and no optimizer state, instead of Adam moments of zero gradients and weight decay.
+    """
     schedule = learning_rate_schedule(config.lr, total_steps, config.warmup_steps, config.schedule,
                                       config.end_lr_factor)
     chain = []
@@ -43,4 +48,8 @@ def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransfo
         chain.append(optax.clip_by_global_norm(config.clip_norm))
     chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay, mask=decay_mask))
-    return optax.chain(*chain), schedule
+    optimizer = optax.chain(*chain)
+    if frozen:
+        labels = lambda params: {name: "frozen" if name in frozen else "train" for name in params}  # noqa: E731
+        optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    return optimizer, schedule

@@ -28,19 +28,22 @@ def abstract_params(model: nn.Module, init_inputs: tuple) -> Any:
 
 
 def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Optimizer moments mirror the parameter tree and take its shardings; scalar counters are replicated."""
+    """Optimizer moments mirror the parameter tree and take its shardings (frozen parameters' moments are
+    `optax.MaskedNode`s); scalar counters are replicated."""
     params_def = jax.tree.structure(params)
     replicated = NamedSharding(mesh, PartitionSpec())
+    masked = lambda n: isinstance(n, optax.MaskedNode)  # noqa: E731
+    mirrors = lambda n: jax.tree.structure(n, is_leaf=masked) == params_def  # noqa: E731
 
     def one(node):
-        if jax.tree.structure(node) == params_def:
-            return param_shardings
+        if mirrors(node):
+            return jax.tree.map(lambda n, s: n if masked(n) else s, node, param_shardings, is_leaf=masked)
         if getattr(node, "ndim", None) == 0:
             return replicated
         raise ValueError(f"optimizer state leaf of shape {getattr(node, 'shape', None)} does not mirror the "
                          "parameters; cannot derive its sharding")
 
-    return jax.tree.map(one, opt_state, is_leaf=lambda n: jax.tree.structure(n) == params_def)
+    return jax.tree.map(one, opt_state, is_leaf=mirrors)
 
 
 def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
