@@ -40,5 +40,6 @@ def get_config():
         score_range=(1.0, 10.0),  # range of annotated scores (unused by the loss; validated when present)
         trim_multiple=32,  # cut shared padding of each batch to a multiple of this; 0 keeps full rows
         pairs_per_row=1,  # pairs (KTO: examples) packed back to back in one row (must divide batch_size): less padding
+        share_prefix=True,  # hold the prompt both sequences of a pair share once (same losses, less compute)
     ))
     return c

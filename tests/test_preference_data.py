@@ -63,6 +63,43 @@ def test_pack_two_layout(encoder):
     assert decoded.startswith("4.") and "<|im_end|>" in decoded
 
 
+def unshared_view(row, segment):
+    """(tokens, positions) that segment `segment` of a share_prefix row attends to, read through its key slots."""
+    slots = row["kv_segment_ids"] == segment
+    return row["inputs"][row["kv_index"][slots]], row["kv_positions"][slots]
+
+
+def test_shared_prefix_row_holds_the_prompt_once(encoder):
+    stats = preference.PreferenceStats()
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    a = encoder.sequence(prompt, [{"role": "assistant", "content": "4."}], stats)
+    b = encoder.sequence(prompt, [{"role": "assistant", "content": "It is 5."}], stats)
+    prompt_len = len(preference.encode_chat(encoder.tokenizer, prompt, "chatml", add_generation_prompt=True).ids)
+    shared = preference.shared_prefix_length(a, b)
+    assert shared == prompt_len - 1  # the last prompt token predicts a different first completion token in each
+    row, plain = preference.pack_two(a, b, 96, share_prefix=True), preference.pack_two(a, b, 96)
+    na, nb = len(a[0]), len(b[0])
+    np.testing.assert_array_equal(row["segment_ids"][:na + nb - shared], [1] * na + [2] * (nb - shared))
+    np.testing.assert_array_equal(row["positions"][na:na + nb - shared], np.arange(shared, nb))
+    for segment, (ids, _) in ((1, a), (2, b)):  # each sequence still attends to all of its own tokens
+        tokens, positions = unshared_view(row, segment)
+        np.testing.assert_array_equal(tokens, ids)
+        np.testing.assert_array_equal(positions, np.arange(len(ids)))
+    # The same targets are in the loss, with the same next tokens.
+    np.testing.assert_array_equal(row["targets"][row["loss_mask"]], plain["targets"][plain["loss_mask"]])
+    # Packed several to a row, each pair's key slots point at its own tokens.
+    batch = preference.stack([row, preference.pack_two(b, a, 96, share_prefix=True)])
+    packed = preference.pack_pairs(batch, 2)
+    for segment, (ids, _) in enumerate((a, b, b, a), start=1):
+        np.testing.assert_array_equal(unshared_view({k: v[0] for k, v in packed.items()}, segment)[0], ids)
+    # Identical sequences share up to their first loss target; without targets, up to their last token, which
+    # each keeps (the reward model reads it); unrelated sequences share nothing.
+    assert preference.shared_prefix_length(a, a) == shared
+    no_targets = (a[0], np.zeros(na, bool))
+    assert preference.shared_prefix_length(no_targets, no_targets) == na - 1
+    assert preference.shared_prefix_length(a, (a[0][::-1].copy(), a[1][::-1].copy())) == 0
+
+
 def test_truncation_and_drop_are_counted(encoder, tmp_path):
     long = dict(GOOD, chosen="one two three " * 40)
     path = write_jsonl(tmp_path / "p.jsonl", [GOOD, long])
@@ -122,6 +159,11 @@ def test_trim_keeps_a_multiple_of_the_used_columns():
     batch["segment_ids"][1, :37] = 1
     out = preference.trim(batch, 16)
     assert out["inputs"].shape == (2, 48) and out["has_score"].shape == (2,)
+    # Shared-prefix rows: the key-slot fields are trimmed by their own segment ids.
+    batch.update(kv_segment_ids=np.zeros((2, 64), np.int32), kv_index=np.zeros((2, 64), np.int32))
+    batch["kv_segment_ids"][0, :50] = 1
+    out = preference.trim(batch, 16)
+    assert out["inputs"].shape == (2, 48) and out["kv_index"].shape == out["kv_segment_ids"].shape == (2, 64)
 
 
 def test_hh_rlhf_file_with_skip(shared_data):

@@ -64,9 +64,9 @@ def test_packed_pair_matches_separate_sequences(model_and_params, rows):
     np.testing.assert_allclose(rp, np.stack([ra[:, 0], rb[:, 0]], 1), rtol=1e-5, atol=1e-5)
 
 
-def pair_batch(rows):
+def pair_batch(rows, share_prefix=False):
     """The fixture's pairs as one-pair rows plus every per-pair field the RM and DPO losses read."""
-    return preference.stack([dict(preference.pack_two(a, b, 80), chosen_score=np.float32(0.1 * i),
+    return preference.stack([dict(preference.pack_two(a, b, 80, share_prefix), chosen_score=np.float32(0.1 * i),
                                   rejected_score=np.float32(0.9 - 0.1 * i), has_score=np.float32(i % 2),
                                   margin=np.float32(0.2 * i), ref_logps=np.asarray([-30.0 - i, -28.0 + i], np.float32))
                              for i, (a, b) in enumerate(rows)])
@@ -95,26 +95,28 @@ def test_pack_pairs_layout(rows):
 @pytest.mark.parametrize("attention_impl", ["xla", "xla_flash"])
 def test_several_pairs_per_row_give_the_same_losses_and_gradients(rows, attention_impl):
     """RM and DPO losses and gradients of 6 pairs packed 1, 2, 3 or 6 to a row agree (fp32, 1e-5), also when
-    the packed rows are split into micro-batches."""
+    the packed rows are split into micro-batches, and with each pair's shared prompt held once (share_prefix)."""
     model = Transformer(ModelConfig(**MICRO, value_head=True, attention_impl=attention_impl))
     params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
                           model.init(jax.random.key(2), *dummy_inputs())["params"])
-    batch = pair_batch(rows)
+    batch, shared = pair_batch(rows), pair_batch(rows, share_prefix=True)
+    assert (shared["segment_ids"] > 0).sum() < (batch["segment_ids"] > 0).sum()  # the prompts are shared
     losses = {"dpo": functools.partial(dpo.dpo_loss, model, beta=0.1),
               "rm": functools.partial(reward.reward_loss, model, alpha=0.5, use_margin=True)}
     for name, loss_fn in losses.items():
         grad_fn = jax.jit(functools.partial(accumulate_gradients, loss_fn), static_argnums=3)
         expected_grads, expected_loss, expected_count, _ = grad_fn(params, batch, jax.random.key(0), 1)
         assert float(expected_count) == 6
-        for k, micro in ((2, 1), (3, 1), (6, 1), (3, 2)):
-            packed = preference.compact(batch, k, 16)
+        for source, k, micro in ((batch, 2, 1), (batch, 3, 1), (batch, 6, 1), (batch, 3, 2),
+                                 (shared, 1, 1), (shared, 3, 2)):
+            packed = preference.compact(source, k, 16)
             assert packed["segment_ids"].shape[0] == 6 // k
             grads, loss, count, _ = grad_fn(params, packed, jax.random.key(0), micro)
             assert float(count) == 6
-            np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5, err_msg=f"{name} k={k}")
+            where = f"{name} k={k} micro={micro} shared={source is shared}"
+            np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5, err_msg=where)
             for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
-                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-6,
-                                           err_msg=f"{name} k={k} micro={micro}")
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-6, err_msg=where)
 
 
 def test_pairs_per_row_must_divide_the_batch(monkeypatch):

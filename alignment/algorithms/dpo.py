@@ -35,7 +35,7 @@ def segment_sums(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax
 def sequence_logps(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(summed completion log-probs [pairs, 2], completion lengths [pairs, 2]) of the pair rows in `batch`
     (one pair per row, or several: `data.preference.pack_pairs`)."""
-    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.apply({"params": params}, *preference.model_inputs(batch))
     unembedding = model.apply({"params": params}, method="unembedding")
     mask = batch["loss_mask"].astype(jnp.float32)
     logp = token_logprobs(hidden, unembedding, batch["targets"], impl=model.config.logprob_impl or None) * mask

@@ -49,7 +49,7 @@ def segment_last(values: jax.Array, segment_ids: jax.Array, num_segments: int) -
 def pair_rewards(model: nn.Module, params: Any, batch: dict) -> jax.Array:
     """Rewards [pairs, 2] (chosen, rejected) of the pair rows in `batch` (inputs, positions, segment_ids; one pair
     per row, or several: `data.preference.pack_pairs`)."""
-    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.apply({"params": params}, *preference.model_inputs(batch))
     values = model.apply({"params": params}, hidden, method="values")
     k = preference.pairs_per_row(batch)
     return preference.pair_columns(segment_last(values, batch["segment_ids"], 2 * k), k)

@@ -12,7 +12,10 @@ A string completion is one assistant turn. Scores are normalised from `score_ran
 A row is [length] with sequence A as segment 1 and sequence B as segment 2, positions restarting at 0, padding
 segment 0. Unlike SFT rows, `inputs` hold every token of a sequence (the reward model reads the hidden state
 after the last one); `targets` are the next token within the same sequence and `loss_mask` marks completion
-targets. Bad records raise naming file and line, or are skipped and counted with `skip_bad_records`.
+targets. With `share_prefix`, B's tokens that repeat A's prompt are left out of the row (B starts at the
+position where it leaves A) and `kv_index`, `kv_segment_ids`, `kv_positions` [kv_length] lay out the keys both
+sequences attend to (`models.transformer.SharedKV`): the same losses for about a third less compute on
+multi-turn dialogues. Bad records raise naming file and line, or are skipped and counted with `skip_bad_records`.
 """
 from __future__ import annotations
 
@@ -33,9 +36,12 @@ from alignment import sharding
 from alignment.data.chat import encode_chat
 from alignment.data.synthetic import arithmetic_record
 from alignment.data.tokenizer import load_tokenizer
+from alignment.models.transformer import SharedKV
 
 EMBEDDED = "embedded"
 SEQUENCE_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")  # [seq] per row; the rest is per pair
+KV_FIELDS = ("kv_index", "kv_segment_ids", "kv_positions")  # [kv_seq] per row of share_prefix rows
+ROW_FIELDS = SEQUENCE_FIELDS + KV_FIELDS
 TRUNCATION = ("truncate", "drop")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -72,6 +78,7 @@ class PreferenceStats:
     examples: int = 0  # pairs (or unpaired examples) the kept records expanded to
     kept: int = 0
     truncated: int = 0  # sequences cut to max_length
+    shared_tokens: int = 0  # prompt tokens held once instead of twice (share_prefix)
     dropped_too_long: int = 0  # pairs (or examples) with a sequence too long to keep
     scored: int = 0  # kept pairs with both absolute scores
     real_tokens: int = 0
@@ -250,6 +257,7 @@ class Encoder:
     template: str
     max_length: int  # tokens per sequence; a row holds two
     truncation: str = "truncate"
+    share_prefix: bool = False  # hold the tokens the two sequences of a row share once (see the module docstring)
 
     def __post_init__(self):
         if self.truncation not in TRUNCATION:
@@ -271,21 +279,42 @@ class Encoder:
         return ids, mask
 
 
-def pack_two(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], length: int) -> dict[str, np.ndarray]:
+def shared_prefix_length(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
+    """How many leading tokens of b a row can take from a: their common prefix, ending before the first token
+    with a loss target in either (its next token differs between them, or counts once for each) and leaving
+    each sequence at least its last token (the reward model reads it)."""
+    (ids_a, mask_a), (ids_b, mask_b) = a, b
+    n = max(min(len(ids_a), len(ids_b)) - 1, 0)
+    same = (ids_a[:n] == ids_b[:n]) & ~mask_a[1:n + 1] & ~mask_b[1:n + 1]
+    return int(np.argmin(same)) if not same.all() else n
+
+
+def pack_two(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], length: int,
+             share_prefix: bool = False) -> dict[str, np.ndarray]:
     """Sequences a and b -> one row [length]: segments 1 and 2, positions restarting, next-token targets
-    within each sequence and the completion mask on targets."""
+    within each sequence and the completion mask on targets. With share_prefix, b's tokens shared with a
+    (`shared_prefix_length`) are left out and the row gets the KV_FIELDS [length] that attend b to them."""
     row = {k: np.zeros(length, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
     row["loss_mask"] = np.zeros(length, np.bool_)
+    shared = shared_prefix_length(a, b) if share_prefix else 0
     start = 0
-    for segment, (ids, mask) in enumerate((a, b), start=1):
-        n = len(ids)
-        end = start + n
-        row["inputs"][start:end] = ids
-        row["targets"][start:end - 1] = ids[1:]
-        row["loss_mask"][start:end - 1] = mask[1:]
-        row["positions"][start:end] = np.arange(n)
+    for segment, (ids, mask), first in ((1, a, 0), (2, b, shared)):
+        end = start + len(ids) - first
+        row["inputs"][start:end] = ids[first:]
+        row["targets"][start:end - 1] = ids[first + 1:]
+        row["loss_mask"][start:end - 1] = mask[first + 1:]
+        row["positions"][start:end] = np.arange(first, len(ids))
         row["segment_ids"][start:end] = segment
         start = end
+    if share_prefix:  # keys: all of a, then b's shared prefix read from a's slots and the rest from b's
+        n_a, n_b = len(a[0]), len(b[0])
+        row["kv_index"] = np.zeros(length, np.int32)
+        row["kv_index"][:n_a + n_b] = np.concatenate([np.arange(n_a), np.arange(shared),
+                                                      np.arange(n_a, n_a + n_b - shared)])
+        row["kv_segment_ids"] = np.zeros(length, np.int32)
+        row["kv_segment_ids"][:n_a + n_b] = np.repeat([1, 2], [n_a, n_b])
+        row["kv_positions"] = np.zeros(length, np.int32)
+        row["kv_positions"][:n_a + n_b] = np.concatenate([np.arange(n_a), np.arange(n_b)])
     return row
 
 
@@ -322,7 +351,9 @@ def _encode_two(encoder: Encoder, prompt, first, second, where: str, stats: Pref
     if a is None or b is None:
         stats.dropped_too_long += 1
         return None
-    return pack_two(a, b, 2 * encoder.max_length)
+    row = pack_two(a, b, 2 * encoder.max_length, encoder.share_prefix)
+    stats.shared_tokens += len(a[0]) + len(b[0]) - int((row["segment_ids"] > 0).sum())
+    return row
 
 
 def encode_pairs(source: str, encoder: Encoder, *, seed: int = 0, num_embedded: int = 0,
@@ -391,16 +422,24 @@ def pack_pairs(batch: dict[str, np.ndarray], pairs_per_row: int) -> dict[str, np
         return batch
     if pairs_per_row < 1 or pairs % pairs_per_row:
         raise ValueError(f"data.pairs_per_row={pairs_per_row} must be >= 1 and divide the {pairs} pairs of a batch")
-    rows, width = pairs // pairs_per_row, batch["segment_ids"].shape[1]
-    out = {k: (np.zeros((rows, pairs_per_row * width), v.dtype) if k in SEQUENCE_FIELDS else v) for k, v in batch.items()}
-    used = (batch["segment_ids"] > 0).sum(axis=1)  # each pair row is real tokens first, then padding
+    rows = pairs // pairs_per_row
+    out = {k: (np.zeros((rows, pairs_per_row * v.shape[1]), v.dtype) if k in ROW_FIELDS else v)
+           for k, v in batch.items()}
     for r in range(rows):
-        start = 0
+        start = kv_start = 0
         for j in range(pairs_per_row):
-            pair, n = r + j * rows, int(used[r + j * rows])
+            pair = r + j * rows
+            n = int((batch["segment_ids"][pair] > 0).sum())  # each pair row is real tokens first, then padding
             for key in SEQUENCE_FIELDS:
                 out[key][r, start:start + n] = batch[key][pair, :n]
             out["segment_ids"][r, start:start + n] += 2 * j
+            if "kv_index" in batch:  # the pair's key slots point at its tokens, which now start at `start`
+                m = int((batch["kv_segment_ids"][pair] > 0).sum())
+                for key in KV_FIELDS:
+                    out[key][r, kv_start:kv_start + m] = batch[key][pair, :m]
+                out["kv_segment_ids"][r, kv_start:kv_start + m] += 2 * j
+                out["kv_index"][r, kv_start:kv_start + m] += start
+                kv_start += m
             start += n
     return out
 
@@ -413,7 +452,7 @@ def pair_columns(per_segment, pairs_per_row: int):
 
 def pairs_per_row(batch: dict) -> int:
     """k of a `pack_pairs` batch (static): its pairs (the length of any per-pair field) over its rows."""
-    per_pair = next((v for k, v in batch.items() if k not in SEQUENCE_FIELDS), None)
+    per_pair = next((v for k, v in batch.items() if k not in ROW_FIELDS), None)
     return 1 if per_pair is None else per_pair.shape[0] // batch["segment_ids"].shape[0]
 
 
@@ -425,12 +464,16 @@ def compact(batch: dict[str, np.ndarray], pairs_per_row: int, trim_multiple: int
 def trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
     """Cut the padding columns every row of `batch` shares, keeping a multiple of `multiple` columns, so a
     batch of short pairs costs less while the number of compiled shapes stays small. 0 keeps the full length."""
-    length = batch["segment_ids"].shape[1]
     if multiple <= 0:
         return batch
-    used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
-    keep = min(length, -(-used // multiple) * multiple)
-    return {k: v[:, :keep] if k in SEQUENCE_FIELDS else v for k, v in batch.items()}
+    out = dict(batch)
+    for fields, segments in ((SEQUENCE_FIELDS, "segment_ids"), (KV_FIELDS, "kv_segment_ids")):
+        if segments in batch:
+            length = batch[segments].shape[1]
+            used = int(np.max(np.nonzero(batch[segments].any(axis=0))[0], initial=0)) + 1
+            keep = min(length, -(-used // multiple) * multiple)
+            out.update({k: batch[k][:, :keep] for k in fields if k in batch})
+    return out
 
 
 def split_held_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -471,7 +514,7 @@ def prepare_data(config: ml_collections.ConfigDict, vocab_size: int, unpaired: b
     if rest or rows % config.micro_batches:
         raise ValueError(f"data.pairs_per_row={d.pairs_per_row} must divide batch_size={config.batch_size} into a "
                          f"number of rows that micro_batches={config.micro_batches} divides")
-    encoder = Encoder(tokenizer, config.chat_template, d.max_length, d.truncation)
+    encoder = Encoder(tokenizer, config.chat_template, d.max_length, d.truncation, d.share_prefix)
     encode = functools.partial(encode_unpaired if unpaired else encode_pairs, encoder=encoder,
                                skip_bad_records=d.skip_bad_records, score_range=tuple(d.score_range))
     train, stats = encode(d.train, seed=config.seed, num_embedded=d.num_embedded)
@@ -498,8 +541,14 @@ def check_rows_split(config: ml_collections.ConfigDict, target: NamedSharding) -
 def leaf_shardings(row: dict, target: NamedSharding) -> dict:
     """Shardings of batches stacked from rows like `row`: [batch, seq] fields take `target`, the rest
     (per-pair scalars, ref_logps [pairs, 2]) only its batch axes."""
-    return {k: target if k in SEQUENCE_FIELDS else NamedSharding(target.mesh, PartitionSpec(target.spec[0]))
+    return {k: target if k in ROW_FIELDS else NamedSharding(target.mesh, PartitionSpec(target.spec[0]))
             for k in row}
+
+
+def model_inputs(batch: dict) -> tuple:
+    """(tokens, positions, segment_ids, kv) of pair rows, the arguments of `Transformer.__call__`."""
+    kv = SharedKV(*(batch[k] for k in KV_FIELDS)) if "kv_index" in batch else None
+    return batch["inputs"], batch["positions"], batch["segment_ids"], kv
 
 
 def place(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

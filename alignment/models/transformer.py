@@ -108,11 +108,31 @@ def _attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: Model
     return constrain(x, "batch", "seq", "act_embed")
 
 
-def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq) -> jax.Array:
+class SharedKV(NamedTuple):
+    """Where each key/value slot of a row comes from, for rows whose sequences share a prefix.
+
+    A pair's two sequences repeat their prompt; a row can hold it once (the tokens of sequence A, then only
+    the tokens of B past the shared prefix) while attention still sees both whole sequences: key/value slot j
+    is the key/value computed at token `index[b, j]` of the row, with its own segment id and position. Every
+    token then runs through the projections and MLP once, and A's and B's queries see the same keys as in
+    the unshared row. All three are [batch, kv_len] int32; slots with segment 0 are padding.
+    """
+
+    index: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+
+
+def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq,
+                  kv: SharedKV | None = None) -> jax.Array:
     """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
     q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
+    kv_segment_ids, kv_positions = segment_ids, positions
+    if kv is not None:
+        k, v = (jnp.take_along_axis(y, kv.index[:, :, None, None], axis=1) for y in (k, v))
+        kv_segment_ids, kv_positions = kv.segment_ids, kv.positions
     attention = with_sequence_parallelism(get_attention(c.attention_impl))
-    attn = attention(q, k, v, segment_ids, segment_ids, positions, positions)
+    attn = attention(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions)
     return _attention_output_and_mlp(p, x, attn, c)
 
 
@@ -123,7 +143,8 @@ _REMAT_POLICIES = {
 }
 
 
-def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: ModelConfig) -> jax.Array:
+def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: ModelConfig,
+                  kv: SharedKV | None = None) -> jax.Array:
     """All layers: a scan over groups of `remat_group_size` layers, each group rematerialised as one unit;
     unrolled when `scan_layers` is off (no per-layer slicing of the stacked weights and their gradients,
     which costs ~10% of a small model's step on CPU, for a compile time that grows with depth)."""
@@ -133,7 +154,7 @@ def decoder_stack(layers: Params, x: jax.Array, positions, segment_ids, c: Model
 
     def group(x, group_params):
         def layer(x, p):
-            return decoder_layer(p, x, positions, segment_ids, c, inv_freq), None
+            return decoder_layer(p, x, positions, segment_ids, c, inv_freq, kv), None
 
         return jax.lax.scan(layer, x, group_params)[0]
 
@@ -262,12 +283,16 @@ class Transformer(nn.Module):
             self.value_kernel = param("value_kernel", (c.hidden_size,), ("embed",), init)
             self.value_bias = param("value_bias", (), (), nn.initializers.zeros)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """tokens, positions, segment_ids [batch, seq] int -> hidden [batch, seq, hidden] (compute dtype)."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 kv: SharedKV | None = None) -> jax.Array:
+        """tokens, positions, segment_ids [batch, seq] int -> hidden [batch, seq, hidden] (compute dtype).
+
+        kv: for rows that hold a shared prefix once (see `SharedKV`); None attends within the row as laid out.
+        """
         c = self.config
         x = jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(c.dtype))
         x = constrain(x, "batch", "seq", "act_embed")
-        x = decoder_stack(self.layers(), x, positions, segment_ids, c)
+        x = decoder_stack(self.layers(), x, positions, segment_ids, c, kv)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache,
