@@ -4,8 +4,9 @@
 
 Same work as the TRL peers (`shared/peers/bench_dpo_trl.py`, `bench_rm_trl.py`): bench-small with random
 weights, the llama2 tokenizer, the first 64 harmless-base test pairs, max length 512 per sequence, 4 pairs per
-optimizer step, beta 0.1. fp32 weights and compute. Each pair is one row (chosen = segment 1, rejected =
-segment 2); batches are trimmed to a multiple of 64 columns and every shape is compiled before timing.
+optimizer step, beta 0.1. Each pair is one row (chosen = segment 1, rejected = segment 2; with --share_prefix,
+the default, their shared prompt is held once), or --pairs_per_row pairs back to back; batches are trimmed to a
+multiple of 64 columns and every shape is compiled before timing. --dtype picks the compute dtype (weights fp32).
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import time
 
 import jax
 import numpy as np
-import optax
+import ml_collections
 
 from alignment.algorithms import dpo, reward
 from alignment.data import preference
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import Transformer, from_hf_config
 from alignment.models.transformer import dummy_inputs
+from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
 from alignment.train.step import make_train_step
 from alignment import sharding
@@ -34,24 +36,28 @@ PEER = {"dpo": {"pairs_per_s": 0.65, "step_s": 6.2, "setup": "TRL DPOTrainer, bf
         "rm": {"pairs_per_s": 2.28, "step_s": 1.755, "setup": "TRL RewardTrainer, bf16 autocast"}}
 
 
-def hh_rows(num_pairs: int, max_length: int, template: str) -> tuple[list[dict], dict]:
+def hh_rows(num_pairs: int, max_length: int, template: str, share_prefix: bool) -> tuple[list[dict], dict]:
     """The first `num_pairs` usable harmless-base test pairs as packed rows (bad records skipped and counted)."""
     tokenizer = load_tokenizer(os.path.join(SHARED, "tokenizers", "llama2", "tokenizer.model"))
-    encoder = preference.Encoder(tokenizer, template, max_length)
+    encoder = preference.Encoder(tokenizer, template, max_length, share_prefix=share_prefix)
     path = os.path.join(SHARED, "hh-rlhf", "harmless-base", "test.jsonl.gz")
     rows, stats = preference.encode_pairs(path, encoder, skip_bad_records=True)
     return rows[:num_pairs], stats.summary()
 
 
 def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multiple: int,
-        attention_impl: str = "xla_flash", pairs_per_row: int = 1, dtype: str = "float32") -> dict:
+        attention_impl: str = "xla_flash", pairs_per_row: int = 1, dtype: str = "float32",
+        scan_layers: bool = False) -> dict:
     model_cfg = from_hf_config(os.path.join(SHARED, "peers", "bench-small", "config.json"), value_head=which == "rm",
-                               attention_impl=attention_impl, dtype=dtype)
+                               attention_impl=attention_impl, dtype=dtype, scan_layers=scan_layers)
     model = Transformer(model_cfg)
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     rules = dict(sharding.DEFAULT_RULES)
-    optimizer = optax.adamw(1e-6 if which != "rm" else 1e-5)
-    schedule = optax.constant_schedule(1e-6)
+    # AdamW with global-norm clipping at 1.0, as TRL's defaults; the reward model's unused lm_head is frozen.
+    opt_cfg = ml_collections.ConfigDict(dict(lr=1e-6 if which != "rm" else 1e-5, warmup_steps=0, schedule="constant",
+                                             end_lr_factor=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                             clip_norm=1.0))
+    optimizer, schedule = make_optimizer(opt_cfg, steps, reward.unused_params(model_cfg) if which == "rm" else ())
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
     state = init_state(model, optimizer, shardings, 0, dummy_inputs())
     layout = preference.leaf_shardings(dict(rows[0], ref_logps=None),
@@ -123,16 +129,20 @@ def main():
     parser.add_argument("--attention_impl", default="xla_flash",
                         help="xla_flash (as configs/rm.py and dpo.py: skips padding tiles) or xla (dense scores)")
     parser.add_argument("--pairs_per_row", type=int, default=1, help="pairs packed back to back in one row")
+    parser.add_argument("--share_prefix", type=int, default=1,
+                        help="1 (as configs/rm.py and dpo.py): a pair's shared prompt is held once per row")
+    parser.add_argument("--scan_layers", type=int, default=0, help="0: layers unrolled (model.scan_layers=False)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     args = parser.parse_args()
-    rows, data = hh_rows(args.pairs, args.max_length, args.template)
+    rows, data = hh_rows(args.pairs, args.max_length, args.template, bool(args.share_prefix))
     tokens = [int(r["segment_ids"].astype(bool).sum()) for r in rows]
     print(json.dumps({"bench": "preference_data", "pairs": len(rows), "mean_tokens_per_pair": float(np.mean(tokens)),
                       "max_tokens_per_pair": max(tokens), "truncated_sequences": data["truncated"],
+                      "share_prefix": bool(args.share_prefix), "shared_tokens": data["shared_tokens"],
                       "load_average": os.getloadavg()}))
     for which in args.which.split(","):
         print(json.dumps(run(which, rows, args.steps, args.batch_pairs, args.trim_multiple, args.attention_impl,
-                             args.pairs_per_row, args.dtype)), flush=True)
+                             args.pairs_per_row, args.dtype, bool(args.scan_layers))), flush=True)
     print(json.dumps({"load_average_end": os.getloadavg()}))
 
 
