@@ -77,7 +77,7 @@ class _Tiles:
             return allowed.reshape(batch, self.block_q, nk, self.block_k).any(axis=(0, 1, 3))
 
         # [nq, nk]: does any row have an allowed (query, key) pair in this tile? Each query block runs the
-        # key blocks [first, last] of its needed tiles (first = last + 1 = 0 when it needs none).
+        # key blocks [first, end) from its first needed tile to its last (first = end = 0 when it needs none).
         needed = jax.lax.map(tiles_to_run, self.q_vectors)
         any_needed = needed.any(axis=1)
         self.first = jnp.where(any_needed, jnp.argmax(needed, axis=1), 0).astype(jnp.int32)
