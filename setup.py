@@ -30,8 +30,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        # Parity tests against the peer implementation run on CPU torch.
-        "hf": ["torch>=2.4", "transformers>=4.45"],
+        # Parity tests against the peer implementation run on CPU torch. transformers 5.25 depends on Hugging
+        # Face's `kernels` package, whose top-level name is this project's `kernels/` (it then imports ours).
+        "hf": ["torch>=2.4", "transformers>=4.45,<5.25"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
