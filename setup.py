@@ -23,6 +23,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "numba>=0.60",  # compiled host loops of the merge methods (alignment/merge/kernels.py)
         "matplotlib>=3.8",  # evaluation charts
         "math-verify[antlr4_13_2]>=0.9",  # MATH-style symbolic answer equivalence
         "langdetect>=1.0.9",  # IFEval language checks

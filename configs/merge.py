@@ -28,7 +28,6 @@ def get_config():
         overwrite=False,  # replace existing outputs (only once the new ones are complete)
         workers=0,  # merge threads; 0 = one per CPU
         memory_budget_gb=1.0,  # bytes of tensors in flight across workers; a larger single tensor runs alone
-        max_chunk_elements=1 << 16,  # largest slab merged at once: cache-sized is fastest; results do not depend on it
         shard_min_elements=1 << 24,  # with several local devices, merge tensors this large sharded; 0 = never
         params=ml_collections.ConfigDict(dict(  # a number, or a list of anchors interpolated over layer depth
             weights=(),  # one per model (number or anchors); () = 1.0 each

@@ -4,11 +4,12 @@ import itertools
 import numpy as np
 import pytest
 
-from alignment.merge.methods import METHODS, Slabs, _kth_largest, magnitude_thresholds, merge_tensor
+from alignment.merge import kernels
+from alignment.merge.methods import METHODS, NO_BASE, magnitude_threshold, magnitude_thresholds, merge_tensor
 from alignment.merge.params import at_depth, depth, make_spec
 from alignment.merge.sharded import merge_tensor_sharded, shard_axis
 
-SHAPE = (6, 7, 5)
+SHAPE = (6, 7, 53)  # 2226 elements: the kernels' blocks of 2048 and a short last one
 
 
 def draw(rng, n, shape=SHAPE):
@@ -19,10 +20,10 @@ def draw(rng, n, shape=SHAPE):
     return models, base
 
 
-def merge(method, models, base, seed=(0,), max_chunk_elements=1 << 26, **params):
+def merge(method, models, base, seed=(0,), **params):
     params.setdefault("weights", (1.0,) * len(models))
     spec = make_spec(method, len(models), params)
-    return merge_tensor(method, models, base, spec.resolve("layers/q_proj", 0, 1), seed, max_chunk_elements)
+    return merge_tensor(method, models, base, spec.resolve("layers/q_proj", 0, 1), seed)
 
 
 # ----------------------------------------------------------------------------- float64 references
@@ -44,6 +45,21 @@ def ref_disjoint_mean(taus, weights, election):
 
 def f64(xs):
     return [x.astype(np.float64) for x in xs]
+
+
+def ref_dare_keep(seed, i, size, density):
+    """The documented DARE draw, in plain Python integers: entry j of model i is kept when
+    lowbias32(lowbias32(j ^ k0) ^ k1) >> 8 < density * 2**24, (k0, k1) from SeedSequence((*seed, i))."""
+    k0, k1 = (int(k) for k in np.random.SeedSequence([*seed, i]).generate_state(2, np.uint32))
+
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    return np.array([lowbias32(lowbias32(j ^ k0) ^ k1) >> 8 < int(density * (1 << 24)) for j in range(size)])
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -89,7 +105,7 @@ def test_ties(election, density):
 
 def test_trim_keeps_the_requested_fraction():
     tau = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
-    (threshold,) = magnitude_thresholds(Slabs([tau], None, 1 << 26), 0.25)
+    (threshold,) = magnitude_thresholds([tau], NO_BASE, 0.25)
     kept = np.where(np.abs(tau) >= threshold, tau, 0)
     assert np.count_nonzero(kept) == 250
     assert np.abs(kept[kept != 0]).min() >= np.abs(tau[kept == 0]).max()
@@ -103,9 +119,9 @@ def test_dare(method, rescale):
     density, w = 0.6, rng.uniform(0.5, 1.5, 3)
     b = base.astype(np.float64)
     taus = []
-    for i, m in enumerate(f64(models)):  # the documented draw: model i's U[0,1) float32 from default_rng([*seed, i])
+    for i, m in enumerate(f64(models)):
         tau = m - b
-        kept = np.where(np.random.default_rng([42, i]).random(SHAPE, dtype=np.float32) < density, tau, 0.0)
+        kept = np.where(ref_dare_keep((42,), i, tau.size, density).reshape(SHAPE), tau, 0.0)
         scale = 1 / density if rescale == "inverse" else np.abs(tau).sum() / np.abs(kept).sum()
         taus.append(kept * scale)
     delta = sum(wi * t for wi, t in zip(w, taus)) if method == "dare_linear" else ref_disjoint_mean(taus, w, "sum")
@@ -234,8 +250,7 @@ def test_kth_largest_is_exact_with_ties_and_edges():
     for values in (np.abs(rng.standard_normal(5000)), rng.integers(0, 4, 5000), np.float32([0.0, 3.0])):
         values = np.asarray(values, np.float32)
         for k in {1, 2, max(1, values.size // 3), values.size}:
-            for chunk in (1 << 26, 7, 1):  # one slab, uneven slabs, one element per slab
-                assert _kth_largest(Slabs([values], None, chunk), 0, k) == np.sort(values)[::-1][k - 1]
+            assert magnitude_threshold(values, NO_BASE, k) == np.sort(values)[::-1][k - 1]
 
 
 # ----------------------------------------------------------------------------- chunked and sharded
@@ -253,16 +268,22 @@ def case_inputs(method, shape=SHAPE):
     return models, base, tuple(rng.uniform(0.5, 1.5, len(models)))
 
 
-@pytest.mark.parametrize("method, params", CASES)
-def test_chunked_equals_unchunked(method, params):
-    models, base, w = case_inputs(method)
-    whole = merge(method, models, base, weights=w, **params)
-    for chunk in (1, 13, 100):  # 210 elements: one per slab, uneven slabs, a short last slab
-        got = merge(method, models, base, max_chunk_elements=chunk, weights=w, **params)
-        if method in ("slerp", "model_stock") or params.get("rescale") == "l1":  # reductions summed per slab
-            np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6, err_msg=f"{method} chunk {chunk}")
-        else:  # elementwise given exact statistics: bit for bit
-            np.testing.assert_array_equal(got, whole, err_msg=f"{method} chunk {chunk}")
+def test_dare_draws_are_the_documented_hash():
+    keys = kernels.dare_keys((5, 6), 2)
+    index = np.arange(3000, dtype=np.uint32)
+    for i in range(2):
+        want = ref_dare_keep((5, 6), i, index.size, 0.37)
+        np.testing.assert_array_equal(kernels.dare_bits(np, keys[i], index) < kernels.dare_cut(0.37), want)
+    tau = np.ones(3000, np.float32)
+    kept = merge("dare_linear", [tau, tau], np.zeros_like(tau), (5, 6), density=0.37, weights=(1.0, 0.0))
+    np.testing.assert_array_equal(kept != 0, ref_dare_keep((5, 6), 0, 3000, 0.37))
+
+
+def test_dare_seed_changes_the_masks():
+    tau = np.ones(4096, np.float32)
+    run = lambda seed: merge("dare_linear", [tau], np.zeros_like(tau), seed, density=0.5)
+    np.testing.assert_array_equal(run((1,)), run((1,)))
+    assert np.mean((run((1,)) != 0) == (run((2,)) != 0)) < 0.6  # independent masks agree about half the time
 
 
 def test_shard_axis_is_the_largest_divisible():
@@ -273,6 +294,6 @@ def test_shard_axis_is_the_largest_divisible():
 def test_sharded_equals_host(method, params):
     models, base, w = case_inputs(method, shape=(5, 16, 3))  # 8 simulated devices split the 16 axis
     p = make_spec(method, len(models), dict(weights=w, **params)).resolve("layers/q_proj", 0, 1)
-    want = merge_tensor(method, models, base, p, (3,), 64)
-    got = merge_tensor_sharded(method, models, base, p, (3,), 64)
+    want = merge_tensor(method, models, base, p, (3,))
+    got = merge_tensor_sharded(method, models, base, p, (3,))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

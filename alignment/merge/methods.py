@@ -1,4 +1,4 @@
-"""Merge methods on one tensor: whole-tensor statistics taken in passes over slabs, then an elementwise combine.
+"""Merge methods on one tensor: whole-tensor statistics, then an elementwise combine.
 
 `merge_tensor(method, models, base, p, seed)` takes N arrays of one shape S (any float dtype), the base
 (shape S, or None where the method has no base) and resolved `TensorParams`, and returns float32 of
@@ -13,9 +13,8 @@ vector, not of the whole stack).
 One task-vector combine covers linear, task arithmetic, TIES and DARE:
 
     sparsify:  none | magnitude (TIES: keep the round(density * n) largest |tau|, ties at the threshold kept)
-                    | random (DARE: keep each entry with probability density, mask_i = U_i < density with
-                      U_i ~ U[0, 1) float32 drawn in C order from model i's own generator,
-                      numpy default_rng([*seed, i]))
+                    | random (DARE: keep each entry with probability density; model i's draw for entry j is
+                      a hash of (its key, j), see `alignment.merge.kernels`)
     rescale:   after DARE, 'inverse' multiplies by 1/density (unbiased, the DARE paper) or 'l1' restores
                each tau's L1 norm (mergekit's behaviour)
     consensus: none     -> delta = sum_i w_i tau_i  (/ sum_i w_i when normalize: default for linear only)
@@ -24,13 +23,10 @@ One task-vector combine covers linear, task arithmetic, TIES and DARE:
                            (the disjoint mean, always normalised by the agreeing weights; 0 where A is empty)
     result:    base + lam * delta; with no base (linear) the result is lam * delta.
 
-Chunking: a tensor of more than `max_chunk_elements` is processed as slabs of its C-order flattening,
-so temporaries are bounded by the slab, not the tensor. Statistics accumulate over slabs (TIES'
-threshold exactly, by a histogram pass then a pass over one histogram bucket; sums and dot products in
-float64), then each slab is combined into the output. Chunked results equal unchunked ones exactly for
-linear, task arithmetic, TIES and DARE with 'inverse' (elementwise given exact statistics), and to
-float32 rounding of the reductions for DARE 'l1', SLERP and Model Stock. `combine` is written for any
-array module, so `alignment.merge.sharded` runs the same arithmetic jitted on sharded jax arrays.
+On the host every pass is a compiled loop of `alignment.merge.kernels` (TIES' threshold exactly, by a
+histogram pass then a pass over one histogram bucket; dot products and norms in float64 across blocks).
+`combine` is the same arithmetic for any array module, so `alignment.merge.sharded` runs it jitted on
+sharded jax arrays.
 """
 from __future__ import annotations
 
@@ -38,15 +34,13 @@ import dataclasses
 import functools
 import itertools
 import operator
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-# 256 KB per float32 temporary: a slab's handful of temporaries stays in cache between the elementwise passes
-# (1 << 22 measured 1.4-2x slower on every method, bound by memory traffic).
-DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 16
-SLERP_PARALLEL = 0.9995  # |cos| above this is treated as (anti)parallel: SLERP becomes linear
+from alignment.merge import kernels
 
+SLERP_PARALLEL = 0.9995  # |cos| above this is treated as (anti)parallel: SLERP becomes linear
 
 @dataclasses.dataclass(frozen=True)
 class TensorParams:
@@ -88,112 +82,67 @@ METHODS: dict[str, Method] = {
 }
 
 
-# ----------------------------------------------------------------------------- slabs
-
-
-@dataclasses.dataclass(frozen=True)
-class Slab:
-    """One piece [start, stop) of the C-order flattening of a tensor, as float32 1-D arrays."""
-
-    start: int
-    stop: int
-    taus: list[np.ndarray]  # N task vectors (the models themselves without a base)
-    base: np.ndarray | None
-
-
-class Slabs:
-    """Iterates the slabs of one tensor, as often as the statistics need; a single slab is computed once."""
-
-    def __init__(self, models: Sequence[np.ndarray], base: np.ndarray | None, max_chunk_elements: int):
-        self.flat = [np.ascontiguousarray(m).reshape(-1) for m in models]
-        self.base = None if base is None else np.ascontiguousarray(base).reshape(-1)
-        self.size = self.flat[0].size
-        self.step = max(1, min(max_chunk_elements, self.size))
-        self._single = self._slab(0, self.size) if self.step >= self.size else None
-
-    def _slab(self, start: int, stop: int) -> Slab:
-        # Views where the input is already float32: nothing downstream writes into a task vector.
-        b = None if self.base is None else self.base[start:stop].astype(np.float32, copy=False)
-        taus = [m[start:stop].astype(np.float32, copy=False) if b is None
-                else np.subtract(m[start:stop], b, dtype=np.float32) for m in self.flat]
-        return Slab(start, stop, taus, b)
-
-    def __iter__(self) -> Iterator[Slab]:
-        if self._single is not None:
-            yield self._single
-            return
-        for start in range(0, self.size, self.step):
-            yield self._slab(start, min(start + self.step, self.size))
-
-    def uniforms(self, seed: Sequence[int]) -> Iterator[list[np.ndarray]]:
-        """Per slab, model i's U[0, 1) float32 draws for that slab (the documented DARE stream)."""
-        rngs = [np.random.default_rng([*seed, i]) for i in range(len(self.flat))]
-        for start in range(0, self.size, self.step):
-            n = min(start + self.step, self.size) - start
-            yield [rng.random(n, dtype=np.float32) for rng in rngs]
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
-def _kth_largest(slabs: Slabs, model: int, k: int) -> np.float32:
-    """The k-th largest |tau_model| over all slabs, exactly, in two passes.
+def flat_float32(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """C-order float32 1-D read-only views (copies only where an input is not float32).
 
-    Non-negative floats order like their bit patterns read as uint32, so a histogram of the top 16 bits
-    finds the bucket holding the k-th largest and only that bucket's values are kept and partitioned
-    (about 3x faster than partitioning everything, which dominates TIES otherwise).
+    All read-only, so a tuple of them has one numba type whichever source (mapped file or fresh array)
+    each came from.
     """
-    counts = np.zeros(1 << 16, np.int64)
-    for slab in slabs:
-        counts += np.bincount(np.abs(slab.taus[model]).view(np.uint32) >> 16, minlength=1 << 16)
-    at_least = np.cumsum(counts[::-1])  # [j]: count in buckets >= 65535 - j
+    views = []
+    for a in arrays:
+        view = np.ascontiguousarray(a, np.float32).reshape(-1).view()
+        view.flags.writeable = False
+        views.append(view)
+    return tuple(views)
+
+
+NO_BASE = flat_float32([np.empty(0, np.float32)])[0]  # the base of methods without one
+
+
+def magnitude_threshold(tau_of: np.ndarray, base: np.ndarray, k: int) -> float:
+    """The k-th largest |tau| (tau = tau_of - base, or tau_of for an empty base), exactly, in two passes.
+
+    A histogram of the top 16 bits finds the bucket holding the k-th largest; only that bucket's values
+    are gathered and partitioned.
+    """
+    counts = np.zeros(kernels.BUCKETS, np.int64)
+    kernels.magnitude_histogram(tau_of, base, counts)
+    at_least = np.cumsum(counts[::-1])  # [j]: count in buckets >= BUCKETS - 1 - j
     j = int(np.searchsorted(at_least, k))
-    bucket = (1 << 16) - 1 - j
+    bucket = kernels.BUCKETS - 1 - j
     rank = k - (int(at_least[j - 1]) if j else 0)  # rank of the answer inside its bucket, from the top
-    in_bucket = []
-    for slab in slabs:
-        magnitude = np.abs(slab.taus[model])
-        in_bucket.append(magnitude[(magnitude.view(np.uint32) >> 16) == bucket])
-    values = np.concatenate(in_bucket)
-    return np.partition(values, values.size - rank)[values.size - rank]
+    values = np.empty(int(counts[bucket]), np.float32)
+    kernels.bucket_magnitudes(tau_of, base, bucket, values)
+    return float(np.partition(values, values.size - rank)[values.size - rank])
 
 
-def magnitude_thresholds(slabs: Slabs, density: float) -> tuple[float, ...]:
+def magnitude_thresholds(models: Sequence[np.ndarray], base: np.ndarray, density: float) -> tuple[float, ...]:
     """Per model, the |tau| an entry must reach to survive TIES' trim (0 keeps all, inf keeps none)."""
-    k = int(round(density * slabs.size))
-    if k >= slabs.size:
-        return (0.0,) * len(slabs.flat)
+    size = models[0].size
+    k = int(round(density * size))
+    if k >= size:
+        return (0.0,) * len(models)
     if k <= 0:
-        return (float("inf"),) * len(slabs.flat)
-    return tuple(float(_kth_largest(slabs, i, k)) for i in range(len(slabs.flat)))
+        return (float("inf"),) * len(models)
+    return tuple(magnitude_threshold(m, base, k) for m in models)
 
 
-def dare_scales(slabs: Slabs, p: TensorParams, seed: Sequence[int]) -> tuple[float, ...]:
+def dare_scales(models: Sequence[np.ndarray], base: np.ndarray, p: TensorParams, keys: np.ndarray) -> tuple[float, ...]:
     """Per model, the factor kept DARE entries are multiplied by: 1/density, or L1 before / L1 after the drop."""
-    n = len(slabs.flat)
     if p.density >= 1.0:
-        return (1.0,) * n
+        return (1.0,) * len(models)
     if p.rescale == "inverse":
-        return (1.0 / p.density,) * n
+        return (1.0 / p.density,) * len(models)
     if p.rescale != "l1":
         raise ValueError(f"rescale must be 'inverse' or 'l1', got {p.rescale!r}")
-    before, after = np.zeros(n), np.zeros(n)
-    for slab, uniforms in zip(slabs, slabs.uniforms(seed)):
-        for i, (tau, u) in enumerate(zip(slab.taus, uniforms)):
-            magnitude = np.abs(tau)
-            before[i] += magnitude.sum(dtype=np.float64)
-            after[i] += magnitude.sum(dtype=np.float64, where=u < np.float32(p.density))
-    return tuple(float(b / a) if a > 0 else 1.0 for b, a in zip(before, after))
-
-
-def _gram(slabs: Slabs) -> np.ndarray:
-    """[N, N] float64 dot products of the task vectors, float32 BLAS per slab."""
-    n = len(slabs.flat)
-    gram = np.zeros((n, n))
-    for slab in slabs:
-        for i, j in itertools.combinations_with_replacement(range(n), 2):
-            gram[i, j] += float(np.dot(slab.taus[i], slab.taus[j]))
-    return gram
+    scales = []
+    for m, key in zip(models, keys):
+        before, after = kernels.l1_norms(m, base, np.uint64(key[0]), np.uint64(key[1]), kernels.dare_cut(p.density))
+        scales.append(float(before / after) if after > 0 else 1.0)
+    return tuple(scales)
 
 
 def slerp_coefficients(gram: np.ndarray, t: float) -> tuple[float, float]:
@@ -224,17 +173,21 @@ def model_stock_t(gram: np.ndarray) -> float:
     return n * cos / (1 + (n - 1) * cos)
 
 
-def statistics(method: Method, slabs: Slabs, p: TensorParams, seed: Sequence[int]) -> dict[str, Any]:
-    """The whole-tensor numbers `combine` needs, as keyword arguments for it."""
+def statistics(method: Method, models: Sequence[np.ndarray], base: np.ndarray, p: TensorParams,
+               keys: np.ndarray) -> dict[str, Any]:
+    """The whole-tensor numbers `combine` needs, as keyword arguments for it.
+
+    models: N float32 [n]; base: float32 [n] or `NO_BASE`; keys: `kernels.dare_keys`.
+    """
     if method.kind == "slerp":
-        return dict(coefficients=slerp_coefficients(_gram(slabs), p.t))
+        return dict(coefficients=slerp_coefficients(kernels.gram(models, base), p.t))
     if method.kind == "model_stock":
-        return dict(t=model_stock_t(_gram(slabs)))
+        return dict(t=model_stock_t(kernels.gram(models, base)))
     stats: dict[str, Any] = {}
     if method.sparsify == "magnitude":
-        stats["thresholds"] = magnitude_thresholds(slabs, p.density)
+        stats["thresholds"] = magnitude_thresholds(models, base, p.density)
     elif method.sparsify == "random":
-        stats["scales"] = dare_scales(slabs, p, seed)
+        stats["scales"] = dare_scales(models, base, p, keys)
     return stats
 
 
@@ -248,7 +201,7 @@ def _weighted_sum(xp, coefficients: Sequence[Any], arrays: Sequence[Any]) -> Any
 
 def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams, *, thresholds=None, scales=None,
             keeps=None, coefficients=None, t=None) -> Any:
-    """The merged float32 values of one slab (or tensor) from its task vectors, any shape S.
+    """The merged float32 values of one tensor from its task vectors, any shape S (`merge_tensor` on a mesh).
 
     xp: numpy or jax.numpy. taus: N float32 arrays [S]; base: float32 [S] or None. The keyword
     arguments are `statistics`' output (floats, or traced scalars under jit); keeps: N bool masks [S]
@@ -281,17 +234,29 @@ def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams,
 
 
 def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-                 seed: Sequence[int] = (), max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> np.ndarray:
-    """Merge one tensor of shape S with METHODS[name]: float32 [S], in slabs of at most `max_chunk_elements`.
+                 seed: Sequence[int] = ()) -> np.ndarray:
+    """Merge one tensor of shape S with METHODS[name]: float32 [S].
 
-    seed: entropy of the DARE generators (model i draws from default_rng([*seed, i])).
+    seed: entropy of the DARE draws (model i's keys are `kernels.dare_keys(seed, N)[i]`).
     """
     method = METHODS[name]
-    slabs = Slabs(models, base, max_chunk_elements)
-    stats = statistics(method, slabs, p, seed)
-    out = np.empty(slabs.size, np.float32)
-    uniforms = slabs.uniforms(seed) if method.random else itertools.repeat(None)
-    for slab, u in zip(slabs, uniforms):
-        keeps = None if u is None else [x < np.float32(p.density) for x in u]
-        out[slab.start:slab.stop] = combine(np, method, slab.taus, slab.base, p, keeps=keeps, **stats)
+    flat = flat_float32(models)
+    b = NO_BASE if base is None else flat_float32([base])[0]
+    keys = kernels.dare_keys(seed, len(flat))
+    stats = statistics(method, flat, b, p, keys)
+    n = len(flat)
+    thresholds, scales = stats.get("thresholds", (0.0,) * n), stats.get("scales", (1.0,) * n)
+    election, lam = 0, p.lam
+    if method.kind == "slerp":
+        coefficients = stats["coefficients"]
+    elif method.kind == "model_stock":
+        coefficients = [stats["t"] / n] * n
+    elif method.consensus == "none":
+        coefficients = [w * (p.lam / sum(p.weights) if p.normalize else p.lam) for w in p.weights]
+    else:
+        coefficients, election = p.weights, 1 if p.election == "sum" else 2
+    out = np.empty(flat[0].size, np.float32)
+    f32 = lambda values: np.asarray(values, np.float32)
+    kernels.combine(flat, b, f32(coefficients), f32(thresholds), f32(scales),
+                    kernels.dare_cut(p.density) if method.random else 1 << 24, keys, election, np.float32(lam), out)
     return out.reshape(np.shape(models[0]))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alignment.merge.methods import METHODS, Slabs, TensorParams, combine, statistics
+from alignment.merge import kernels
+from alignment.merge.methods import METHODS, NO_BASE, TensorParams, combine, flat_float32, statistics
 
 AXIS = "shard"
 
@@ -45,7 +46,7 @@ def _combine(models, base, keeps, numbers, *, name: str, normalize: bool, electi
 
 
 def merge_tensor_sharded(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-                         seed: Sequence[int], max_chunk_elements: int) -> np.ndarray:
+                         seed: Sequence[int]) -> np.ndarray:
     """`methods.merge_tensor` with the combine on the local devices; models/base [S] -> float32 [S]."""
     method = METHODS[name]
     shape = np.shape(models[0])
@@ -53,15 +54,16 @@ def merge_tensor_sharded(name: str, models: Sequence[np.ndarray], base: np.ndarr
     spec = [None] * len(shape)
     spec[shard_axis(shape, len(devices))] = AXIS
     sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), PartitionSpec(*spec))
-    slabs = Slabs(models, base, max_chunk_elements)
-    numbers = {k: np.asarray(v, np.float32) for k, v in statistics(method, slabs, p, seed).items()}
+    flat = flat_float32(models)
+    keys = kernels.dare_keys(seed, len(models))
+    stats = statistics(method, flat, NO_BASE if base is None else flat_float32([base])[0], p, keys)
+    numbers = {k: np.asarray(v, np.float32) for k, v in stats.items()}
     numbers.update(weights=np.asarray(p.weights, np.float32), lam=np.float32(p.lam))
     keeps = None
-    if method.random:  # the host's DARE stream, so both paths drop the same entries
-        draws = list(slabs.uniforms(seed))
-        keeps = [jax.device_put(np.concatenate([d[i] for d in draws]).reshape(shape) < np.float32(p.density),
-                                sharding) for i in range(len(models))]
-    del slabs
+    if method.random:  # the host's DARE draws, so both paths drop the same entries
+        index = np.arange(flat[0].size, dtype=np.uint32)
+        keeps = [jax.device_put((kernels.dare_bits(np, key, index) < kernels.dare_cut(p.density)).reshape(shape),
+                                sharding) for key in keys]
     put = functools.partial(jax.device_put, device=sharding)
     merged = _combine([put(m) for m in models], None if base is None else put(base), keeps, numbers,
                       name=name, normalize=p.normalize, election=p.election)

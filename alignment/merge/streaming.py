@@ -2,9 +2,9 @@
 
 Peak memory is a few tensors per worker, never the model: each unit of work holds its estimated bytes
 in a shared budget, so workers run in parallel only while their tensors fit (a unit larger than the
-budget runs alone). Inside a unit, a tensor of more than `max_chunk_elements` is merged in slabs
-(`methods.merge_tensor`), and with several local devices a tensor of `shard_min_elements` or more is
-merged sharded over them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are
+budget runs alone). Each unit is merged by the compiled loops of `methods.merge_tensor`, which release
+the GIL, and with several local devices a tensor of `shard_min_elements` or more is merged sharded over
+them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are
 merged layer by layer, so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
 Everything is checked before the first byte is written: method, base, parameters, output paths, and
 that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from alignment.merge import io, sharded
-from alignment.merge.methods import DEFAULT_MAX_CHUNK_ELEMENTS, METHODS, merge_tensor
+from alignment.merge.methods import METHODS, merge_tensor
 from alignment.merge.params import make_spec
 from alignment.models.config import ModelConfig
 
@@ -70,8 +70,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                       params: Mapping[str, Any] | None = None, overrides: Sequence = (), seed: int = 0,
                       overwrite: bool = False, workers: int = 0, memory_budget_bytes: int = 1 << 30,
                       model_config: ModelConfig | None = None, model_type: str = "llama",
-                      max_shard_bytes: int | None = None, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-                      shard_min_elements: int = 1 << 24) -> dict[str, Any]:
+                      max_shard_bytes: int | None = None, shard_min_elements: int = 1 << 24) -> dict[str, Any]:
     """Merge `models` (Orbax checkpoints or HF directories) with `method`; returns a summary dict.
 
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
@@ -79,8 +78,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     `alignment.merge.params`. seed: DARE masks depend on it, the tensor name and layer (not on order or
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
     bounded by the same memory budget). model_config: names HF tensors when HF output is made
-    from Orbax inputs only. max_chunk_elements: largest slab merged at once (results do not depend on
-    it). shard_min_elements: tensors this large are merged sharded over the local devices when there
+    from Orbax inputs only. shard_min_elements: tensors this large are merged sharded over the local devices when there
     are several (0 = never).
     """
     start = time.perf_counter()
@@ -105,8 +103,6 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         if out and os.path.exists(out) and not overwrite:
             raise FileExistsError(f"output {out} exists; set overwrite to replace it")
     spec = make_spec(method, len(models), dict(params or {}), overrides)
-    if max_chunk_elements < 1:
-        raise ValueError(f"max_chunk_elements must be at least 1, got {max_chunk_elements}")
 
     labels = {f"model {i} ({p})": p for i, p in enumerate(models)}
     if base:
@@ -133,21 +129,20 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
 
         def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
             arrays = read(name, layer) if arrays is None else arrays
-            # DARE's masks depend on the seed, the tensor and the layer only: not on order, workers or chunking.
+            # DARE's draws depend on the seed, the tensor and the layer only: not on order or workers.
             key = (seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1)
             p = spec.resolve(name, layer, num_layers)
             on_mesh = sharded.use_mesh(arrays[0].shape, shard_min_elements)
             merge = sharded.merge_tensor_sharded if on_mesh else merge_tensor
-            merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key,
-                           max_chunk_elements)
+            merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key)
             return merged.astype(tensors[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
-            """Bytes one slice's merge holds: its inputs, the float32 result and a slab's float32 temporaries."""
+            """Bytes one slice's merge holds: its inputs, their float32 copies if they are not float32, the result."""
             info = tensors[name]
             elements = int(np.prod(info.shape[1:] if info.stacked else info.shape))
-            slab = min(elements, max_chunk_elements)
-            return elements * (info.dtype.itemsize * len(sources) + 4) + slab * 4 * (len(models) + 6)
+            copies = 0 if info.dtype == np.float32 else 4 * len(sources)
+            return elements * (info.dtype.itemsize * len(sources) + copies + 4)
 
         budget = _Budget(memory_budget_bytes)
         writers = []

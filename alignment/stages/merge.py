@@ -35,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         models, m.method, base=base, output=output, hf_output=m.hf_output, params=params,
         overrides=tuple(m.overrides), seed=config.seed, overwrite=m.overwrite, workers=m.workers,
         memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg, model_type=m.hf_model_type,
-        max_chunk_elements=m.max_chunk_elements, shard_min_elements=m.shard_min_elements)
+        shard_min_elements=m.shard_min_elements)
     if config.demo:  # show that later stages can start from the result (init_from), laid out on the mesh
         mesh, rules = runtime.mesh_and_rules(config)
         boxed = abstract_params(Transformer(model_cfg), dummy_inputs())
