@@ -1,21 +1,20 @@
-"""Tensor-at-a-time reading and writing of Orbax and HF safetensors checkpoints for merging.
+"""Tensor-at-a-time reading and writing of HF safetensors checkpoints for merging; the common source interface.
 
 Sources name tensors by project parameter path ('embed', 'layers/q_proj', ...) and describe them in the
 project layout: stacked layer tensors are [num_layers, ...]. `read(name, layer, layout)` returns one
-layer slice (or a whole top-level tensor) without reading anything else: Orbax arrays are opened with
-tensorstore and sliced (`read_layers` reads a block of layers, `layers_per_chunk` says how many
-share a stored chunk), safetensors tensors are located by the header reader of `alignment.models.hf`
-and mapped one tensor at a time (read-only views of the page cache, unmapped once dropped). Layout 'hf' returns HF's own layout (Linear weights [out, in]), only offered
+layer slice (or a whole top-level tensor) without reading anything else (`read_layers` reads a block
+of layers, `layers_per_chunk` says how many share a stored chunk). Safetensors tensors are located by
+the header reader of `alignment.models.hf` and mapped one tensor at a time (read-only views of the
+page cache, unmapped once dropped). Orbax checkpoints are read and written by `alignment.merge.orbax_io`,
+imported only when a merge touches one: an HF -> HF merge never imports JAX, Orbax or tensorstore. Layout 'hf' returns HF's own layout (Linear weights [out, in]), only offered
 by HF sources, so HF -> HF merges never transpose.
 
-Writers: `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so
-tensors can arrive in any order from any thread. `write_orbax` drives an Orbax save whose leaves are
-computed on demand and written block by block (`Lazy`), so the params tree is never in memory at
-once. `atomic_output` makes either appear at its path only when complete.
+`HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so tensors
+can arrive in any order from any thread. `atomic_output` makes an output appear at its path only when
+complete.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -24,18 +23,12 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Callable, Generator, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from alignment.models import hf
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
-
-STATE, PARAMS = "state", "params"  # the layout of alignment.checkpoint: <root>/<step>/state holds {'params': ...}
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
@@ -49,64 +42,6 @@ def _describe(info: TensorInfo) -> str:
 
 
 # ----------------------------------------------------------------------------- sources
-
-
-class OrbaxSource:
-    """The params of an `alignment.checkpoint` checkpoint (a step directory, or a root for its latest step)."""
-
-    kind = "orbax"
-
-    def __init__(self, path: str):
-        self.path = path
-        state = _orbax_state_dir(path)
-        meta_file = os.path.join(state, "_METADATA")
-        try:
-            with open(meta_file) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable Orbax checkpoint ({meta_file}: {e})") from None
-        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-        self._arrays: dict[str, ts.TensorStore] = {}
-        self.tensors: dict[str, TensorInfo] = {}
-        for entry in meta["tree_metadata"].values():
-            keys = [k["key"] for k in entry["key_metadata"]]
-            if keys[0] != PARAMS:
-                continue  # step, optimizer state and rng are not merged
-            name = "/".join(keys[1:])
-            if meta.get("use_ocdbt"):
-                kvstore = {"driver": "ocdbt", "base": f"file://{state}/", "path": ".".join(keys)}
-            else:
-                kvstore = {"driver": "file", "path": os.path.join(state, ".".join(keys))}
-            array = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
-            self._arrays[name] = array
-            self.tensors[name] = TensorInfo(tuple(array.shape), np.dtype(array.dtype.numpy_dtype),
-                                            stacked=keys[1] == "layers")
-        if not self.tensors:
-            raise ValueError(f"{path}: the checkpoint has no params")
-
-    def read(self, name: str, layer: int | None, layout: str = "project") -> np.ndarray:
-        array = self._arrays[name] if layer is None else self._arrays[name][layer]
-        return array.read().result()
-
-    def read_layers(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Layers [start, stop) of a stacked tensor: [stop - start, ...]."""
-        return self._arrays[name][start:stop].read().result()
-
-    def layers_per_chunk(self, name: str) -> int:
-        """Layers in one stored chunk: reading fewer would decompress that chunk once per read."""
-        return int(self._arrays[name].chunk_layout.read_chunk.shape[0])
-
-    def close(self) -> None:
-        self._arrays = {}
-
-
-def _orbax_state_dir(path: str) -> str:
-    if os.path.isdir(os.path.join(path, STATE)):
-        return os.path.join(path, STATE)
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-    if not steps:
-        raise FileNotFoundError(f"{path}: no Orbax checkpoint (no <step>/state directory) and no HF config.json")
-    return os.path.join(path, str(steps[-1]), STATE)
 
 
 class HFSource:
@@ -135,7 +70,7 @@ class HFSource:
             self.tensors[key] = TensorInfo((self.config.num_layers, *t.shape), dtypes.pop(), stacked=True)
 
     def _dtype(self, hf_name: str) -> np.dtype:
-        return np.dtype(hf.ST_DTYPES[self._reader.entries[hf_name].dtype])
+        return hf.numpy_dtype(hf.ST_DTYPES[self._reader.entries[hf_name].dtype])
 
     def hf_name(self, name: str, layer: int | None) -> str:
         return self._top[name][0] if layer is None else self._layer[name][0].format(i=layer)
@@ -169,7 +104,7 @@ class HFSource:
         entry = self._reader.entries[hf_name]
         if entry.file not in self._fds:
             self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-        dtype = np.dtype(hf.ST_DTYPES[entry.dtype])
+        dtype = hf.numpy_dtype(hf.ST_DTYPES[entry.dtype])
         size = int(np.prod(entry.shape)) * dtype.itemsize
         offset = self._reader.data_offsets[entry.file] + entry.begin
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -183,10 +118,13 @@ class HFSource:
 
 
 def open_source(path: str):
-    """An HFSource for a directory with config.json, else an OrbaxSource."""
+    """An HFSource for a directory with config.json, else an `orbax_io.OrbaxSource`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return HFSource(path) if os.path.isfile(os.path.join(path, "config.json")) else OrbaxSource(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return HFSource(path)
+    from alignment.merge import orbax_io  # imports JAX, Orbax and tensorstore (seconds): only when needed
+    return orbax_io.OrbaxSource(path)
 
 
 def check_same_tensors(sources: Mapping[str, Any]) -> dict[str, TensorInfo]:
@@ -253,7 +191,7 @@ class HFWriter:
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
             offset = 0
             for n in names:
-                header[n] = {"dtype": hf.ST_NAMES[dtypes[n]], "shape": list(shapes[n]),
+                header[n] = {"dtype": hf.ST_NAMES[dtypes[n].name], "shape": list(shapes[n]),
                              "data_offsets": [offset, offset + sizes[n]]}
                 offset += sizes[n]
             raw = json.dumps(header, separators=(",", ":")).encode()
@@ -301,88 +239,3 @@ def hf_config_for(sources: list, config: ModelConfig | None, model_type: str) ->
     if config is None:
         raise ValueError("HF output from Orbax inputs needs the model config (config.model) to name the tensors")
     return config, to_hf_config(config, model_type)
-
-
-# ----------------------------------------------------------------------------- Orbax writer
-
-
-@dataclasses.dataclass
-class Lazy:
-    """An Orbax leaf produced only while Orbax writes it, in pieces.
-
-    `blocks()` returns a generator of (first layer, array) pieces that tile the leaf along its leading
-    axis, or of one (None, whole array); each piece is written before the next is asked for, and the
-    generator is closed once the leaf is written or failed (its `finally` may free what it held).
-    """
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    blocks: Callable[[], Generator[tuple[int | None, np.ndarray], None, None]]
-    layered: bool = False  # written in layer blocks: stored one layer per chunk
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
-
-
-class _LazyHandler(ocp.type_handlers.NumpyHandler):
-    """Orbax's numpy handler (metadata, restore) with a save that writes each `Lazy` leaf block by block.
-
-    The tensorstore spec is Orbax's own (`get_json_tspec_write`), so the on-disk format and metadata are
-    exactly those of numpy leaves and `load_params` reads the result; memory is bounded by one block
-    per leaf being written, not by the tree. Only public Orbax names are used: the numpy handler's
-    write internals are private, so the save is re-implemented on the public spec builder.
-    """
-
-    def __init__(self):
-        super().__init__(deepcopy_host_arrays=False)
-
-    def typestr(self) -> str:
-        return "np.ndarray"  # restored as numpy: the checkpoint must not depend on this class
-
-    async def _write(self, value: Lazy, info, arg) -> None:
-        await info.await_path_creation()
-        tspec = ocp.type_handlers.get_json_tspec_write(
-            info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
-            dtype=np.dtype(value.dtype), process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
-            arg=arg)
-        array = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
-        blocks = value.blocks()
-        try:
-            while (piece := await asyncio.to_thread(next, blocks, None)) is not None:
-                start, block = piece
-                await (array if start is None else array[start:start + block.shape[0]]).write(block)
-        finally:
-            blocks.close()
-
-    async def serialize(self, values, infos, args=None):
-        args = args or [ocp.SaveArgs()] * len(values)
-
-        async def write_all():
-            await asyncio.gather(*(self._write(v, i, a) for v, i, a in zip(values, infos, args)))
-
-        return [ocp.future.CommitFutureAwaitingContractedSignals(write_all(), name="lazy_merge")]
-
-
-def write_orbax(directory: str, params: dict[str, Any]) -> None:
-    """Save `params` (a tree of Lazy leaves) as step 0 of an `alignment.checkpoint` layout under `directory`.
-
-    `layered` leaves are stored one layer per chunk (Orbax's `shard_axes=(0,)`), so every block write
-    covers whole chunks and later per-layer reads decompress only their layer.
-    """
-    registry = ocp.type_handlers.create_type_handler_registry((Lazy, _LazyHandler()))
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-    save_args = jax.tree.map(lambda leaf: ocp.SaveArgs(shard_axes=(0,) if leaf.layered else ()), params,
-                             is_leaf=lambda x: isinstance(x, Lazy))
-    with ocp.CheckpointManager(directory, item_handlers={STATE: handler}) as manager:
-        manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave({PARAMS: params},
-                                                                              save_args={PARAMS: save_args})}))
-        manager.wait_until_finished()

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from alignment.merge import io, sharded
+from alignment.merge import io
 from alignment.merge.methods import METHODS, merge_tensor
 from alignment.merge.params import make_spec
 from alignment.models.config import ModelConfig
@@ -70,7 +70,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                       params: Mapping[str, Any] | None = None, overrides: Sequence = (), seed: int = 0,
                       overwrite: bool = False, workers: int = 0, memory_budget_bytes: int = 1 << 30,
                       model_config: ModelConfig | None = None, model_type: str = "llama",
-                      max_shard_bytes: int | None = None, shard_min_elements: int = 1 << 24) -> dict[str, Any]:
+                      max_shard_bytes: int | None = None, shard_min_elements: int = 0) -> dict[str, Any]:
     """Merge `models` (Orbax checkpoints or HF directories) with `method`; returns a summary dict.
 
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
@@ -79,7 +79,8 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
     bounded by the same memory budget). model_config: names HF tensors when HF output is made
     from Orbax inputs only. shard_min_elements: tensors this large are merged sharded over the local devices when there
-    are several (0 = never).
+    are several (0 = never, the default; the merge stage sets it). A merge of HF checkpoints into HF output with
+    shard_min_elements 0 imports neither JAX nor Orbax.
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -103,6 +104,9 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         if out and os.path.exists(out) and not overwrite:
             raise FileExistsError(f"output {out} exists; set overwrite to replace it")
     spec = make_spec(method, len(models), dict(params or {}), overrides)
+    sharded = None
+    if shard_min_elements > 0:
+        from alignment.merge import sharded  # imports JAX (seconds): only when merging on devices is asked for
 
     labels = {f"model {i} ({p})": p for i, p in enumerate(models)}
     if base:
@@ -132,7 +136,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             # DARE's draws depend on the seed, the tensor and the layer only: not on order or workers.
             key = (seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1)
             p = spec.resolve(name, layer, num_layers)
-            on_mesh = sharded.use_mesh(arrays[0].shape, shard_min_elements)
+            on_mesh = sharded is not None and sharded.use_mesh(arrays[0].shape, shard_min_elements)
             merge = sharded.merge_tensor_sharded if on_mesh else merge_tensor
             merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key)
             return merged.astype(tensors[name].dtype, copy=False)
@@ -260,13 +264,15 @@ def _merge_to_orbax(directory, tensors, sources, merge_slice, slice_cost, budget
                 budget.release(cost(name))
         return run
 
+    from alignment.merge import orbax_io  # imports JAX, Orbax and tensorstore (seconds): only for Orbax output
+
     tree: dict[str, Any] = {}
     for name, info in tensors.items():
         node = tree
         *parents, leaf = name.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = io.Lazy(info.shape, info.dtype, blocks(name), layered=info.stacked)
-    io.write_orbax(directory, tree)
+        node[leaf] = orbax_io.Lazy(info.shape, info.dtype, blocks(name), layered=info.stacked)
+    orbax_io.write_orbax(directory, tree)
     if failures:
         raise failures[0]

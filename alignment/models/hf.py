@@ -3,7 +3,7 @@
 Safetensors files are read and written by this module directly (an 8-byte little-endian header
 length, a JSON header, then the raw tensor bytes): reading through `mmap` is lazy, needs neither
 torch nor flax, and handles BF16 through `ml_dtypes.bfloat16`, which `safe_open(framework="numpy")`
-cannot. HF Linear weights are stored [out, in]; the project keeps [in..., out...] with heads split
+cannot (imported only for a BF16 tensor: its import alone takes about a second). HF Linear weights are stored [out, in]; the project keeps [in..., out...] with heads split
 out, and stacks per-layer tensors on a leading [num_layers] axis.
 """
 from __future__ import annotations
@@ -19,10 +19,6 @@ import struct
 import tempfile
 from typing import Any, Iterator
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -31,10 +27,19 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-ST_NAMES = {np.dtype(t): name for name, t in ST_DTYPES.items()}
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors -> numpy name
+ST_NAMES = {numpy_name: name for name, numpy_name in ST_DTYPES.items()}
 # Buffers some exporters save next to the weights; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def numpy_dtype(name: Any) -> np.dtype:
+    """np.dtype of a dtype or its name, bfloat16 included."""
+    if str(name) == "bfloat16":
+        import ml_dtypes  # ~1 s to import: float32 checkpoints (most merges) never pay it
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +148,7 @@ def _read_header(file: str) -> tuple[dict[str, _Entry], int]:
             raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}; supported: {sorted(ST_DTYPES)}")
         begin, end = info["data_offsets"]
         entry = _Entry(file, info["dtype"], tuple(info["shape"]), begin, end)
-        if end - begin != math.prod(entry.shape) * np.dtype(ST_DTYPES[entry.dtype]).itemsize:
+        if end - begin != math.prod(entry.shape) * numpy_dtype(ST_DTYPES[entry.dtype]).itemsize:
             raise ValueError(f"{file}: tensor {name!r} byte range does not match its shape {entry.shape}")
         entries[name] = entry
     return entries, 8 + length
@@ -162,7 +167,7 @@ class _LazyReader:
         if e.file not in self._maps:
             with open(e.file, "rb") as f:
                 self._maps[e.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        dtype = np.dtype(ST_DTYPES[e.dtype])
+        dtype = numpy_dtype(ST_DTYPES[e.dtype])
         offset = self.data_offsets[e.file] + e.begin
         return np.frombuffer(self._maps[e.file], dtype, math.prod(e.shape), offset).reshape(e.shape)
 
@@ -229,7 +234,7 @@ def load_hf_checkpoint(path: str | os.PathLike, config: ModelConfig | None = Non
             raise ValueError(f"{path}: loading a single .safetensors file needs an explicit `config`")
         config = from_hf_config(path)
     if dtype is not None:
-        config = dataclasses.replace(config, param_dtype=str(jnp.dtype(dtype)))
+        config = dataclasses.replace(config, param_dtype=str(numpy_dtype(dtype)))
     reader = index_checkpoint(path)
     validate_tensors(path, config, reader.entries)
     return config, _to_project(config, reader)
@@ -237,7 +242,7 @@ def load_hf_checkpoint(path: str | os.PathLike, config: ModelConfig | None = Non
 
 def _to_project(c: ModelConfig, reader: _LazyReader) -> dict[str, Any]:
     """The project parameter tree (see `Transformer`) from validated HF tensors."""
-    dtype = jnp.dtype(c.param_dtype)
+    dtype = numpy_dtype(c.param_dtype)
     top, layer = conversion_layout(c)
     params: dict[str, Any] = {key: t.to_project(reader.get(name)).astype(dtype) for key, (name, t) in top.items()}
     params["layers"] = {
@@ -255,6 +260,9 @@ def _to_project(c: ModelConfig, reader: _LazyReader) -> dict[str, Any]:
 
 def _host_params(c: ModelConfig, params: Any) -> dict[str, Any]:
     """Params as numpy (from possibly sharded jax arrays), checked against the config's shapes."""
+    import flax.linen as nn  # only here: reading safetensors (a merge) stays free of JAX's import time
+    import jax
+
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nn.meta.unbox(params))
     if "value_kernel" in host or "value_bias" in host:
         logger.warning("HF causal-LM checkpoints have no value head: value_kernel/value_bias are not exported")
@@ -301,7 +309,7 @@ def _write_safetensors(file: str, tensors: dict[str, np.ndarray], dtypes: dict[s
     offset = 0
     for name, array in tensors.items():
         size = array.size * dtypes[name].itemsize
-        header[name] = {"dtype": ST_NAMES[dtypes[name]], "shape": list(array.shape),
+        header[name] = {"dtype": ST_NAMES[dtypes[name].name], "shape": list(array.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -330,8 +338,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Any
     hf_config = to_hf_config(config, model_type)
     host = _host_params(config, params)
     tensors = _hf_tensors(config, host)
-    dtypes = {name: jnp.dtype(dtype) if dtype is not None else a.dtype for name, a in tensors.items()}
-    unsupported = sorted({str(d) for d in dtypes.values() if d not in ST_NAMES})
+    dtypes = {name: numpy_dtype(dtype) if dtype is not None else a.dtype for name, a in tensors.items()}
+    unsupported = sorted({str(d) for d in dtypes.values() if d.name not in ST_NAMES})
     if unsupported:
         raise ValueError(f"cannot export dtypes {unsupported}; supported: float64, float32, float16, bfloat16")
     stored = {str(d) for d in dtypes.values()}
