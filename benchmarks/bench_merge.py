@@ -1,6 +1,8 @@
 """Merge benchmark: base + three variants of a 254M-param fp32 Llama (as /work/shared/peers/make_merge_models.py
 builds them), merged with linear, TIES, DARE-TIES, Model Stock and SLERP of two; each merge in a fresh process
 (wall time, GB/s of input read, peak RSS), next to a plain copy of the inputs and, optionally, mergekit.
+`x_copy_floor` divides by `cp -r` of the three fine-tuned models (the peers' I/O floor); `x_own_inputs_floor` by a
+copy of exactly what that method reads (with the base for TIES, DARE and Model Stock, two models for SLERP).
 
     python benchmarks/bench_merge.py --models=/tmp/merge-models [--mergekit=$HOME/.cache/alignment-peers/merge/bin]
 
@@ -79,16 +81,27 @@ def main() -> None:
     subprocess.run(f"cat {m}/*/*.safetensors > /dev/null", shell=True, check=True)
     print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count()}))
 
-    floor = []
-    for _ in range(args.repeats):
-        dest = tempfile.mkdtemp(prefix="merge-copy-floor-", dir="/tmp")
-        os.sync()
-        start = time.perf_counter()
-        subprocess.run(["cp", "-r", *inputs, dest], check=True)
-        floor.append(time.perf_counter() - start)
-        shutil.rmtree(dest)
-    floor_s = statistics.median(floor)
+    def copy_floor(dirs: list[str]) -> float:
+        """Median seconds of `cp -r` of `dirs` (dirty pages flushed before each copy, as before each merge)."""
+        walls = []
+        for _ in range(args.repeats):
+            dest = tempfile.mkdtemp(prefix="merge-copy-floor-", dir="/tmp")
+            os.sync()
+            start = time.perf_counter()
+            subprocess.run(["cp", "-r", *dirs, dest], check=True)
+            walls.append(time.perf_counter() - start)
+            shutil.rmtree(dest)
+        return statistics.median(walls)
+
+    floor_s = copy_floor(inputs)
     print(json.dumps({"bench": "merge_copy_floor", "input_bytes": input_bytes, "wall_s": round(floor_s, 3)}))
+    own_floors = {}  # (models, uses base) -> copy of exactly those inputs
+    for names, uses_base, _ in RUNS.values():
+        key = (tuple(names), uses_base)
+        if key not in own_floors:
+            own_floors[key] = copy_floor([os.path.join(m, n) for n in names] + ([os.path.join(m, "base")] if uses_base else []))
+            print(json.dumps({"bench": "merge_copy_floor_own_inputs", "inputs": list(names) + ["base"] * uses_base,
+                              "wall_s": round(own_floors[key], 3)}))
 
     orbax = os.path.join(args.out, "orbax-inputs")
     if "orbax" in args.paths.split(","):  # converted once (an exact identity merge), not timed
@@ -111,7 +124,8 @@ def main() -> None:
             read = json.loads(runs[0][2])["input_bytes"]
             print(json.dumps({"bench": f"merge_{method}_{path}", "wall_s": round(wall, 2),
                               "walls": [round(r[0], 2) for r in runs], "read_gb_per_s": round(read / wall / 1e9, 2),
-                              "peak_rss_gb": round(max(r[1] for r in runs), 2), "x_copy_floor": round(wall / floor_s, 2)}),
+                              "peak_rss_gb": round(max(r[1] for r in runs), 2), "x_copy_floor": round(wall / floor_s, 2),
+                              "x_own_inputs_floor": round(wall / own_floors[(tuple(names), uses_base)], 2)}),
                   flush=True)
         if args.mergekit:
             body = "".join(f"  - model: {m}/{n}\n" + ("    parameters: {weight: 1.0, density: 0.5}\n"

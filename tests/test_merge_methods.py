@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from alignment.merge import kernels
-from alignment.merge.methods import METHODS, NO_BASE, magnitude_threshold, magnitude_thresholds, merge_tensor
+from alignment.merge.methods import (METHODS, NO_BASE, NonFiniteInput, flat_float32, magnitude_thresholds,
+                                     merge_tensor, trim_thresholds)
 from alignment.merge.params import at_depth, depth, make_spec
 from alignment.merge.sharded import merge_tensor_sharded, shard_axis
 
@@ -105,7 +106,7 @@ def test_ties(election, density):
 
 def test_trim_keeps_the_requested_fraction():
     tau = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
-    (threshold,) = magnitude_thresholds([tau], NO_BASE, 0.25)
+    (threshold,) = trim_thresholds(flat_float32([tau]), NO_BASE, 0.25)
     kept = np.where(np.abs(tau) >= threshold, tau, 0)
     assert np.count_nonzero(kept) == 250
     assert np.abs(kept[kept != 0]).min() >= np.abs(tau[kept == 0]).max()
@@ -204,6 +205,23 @@ def test_weights_one_zero_return_the_first_model(method):
     np.testing.assert_allclose(got, models[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp", "model_stock"])
+def test_non_finite_input_is_named(method):
+    rng = np.random.default_rng(17)
+    models, base = draw(rng, 2)
+    base = base if METHODS[method].needs_base else None
+    models[1][2, 3, 40] = np.inf
+    with pytest.raises(NonFiniteInput) as error:
+        merge(method, models, base, density=0.5)
+    assert (error.value.index, error.value.position) == (1, (2, 3, 40))
+    if base is not None:
+        models[1][2, 3, 40] = 1.5
+        base[0, 0, 1] = np.nan
+        with pytest.raises(NonFiniteInput) as error:
+            merge(method, models, base, density=0.5)
+        assert (error.value.index, error.value.position) == (2, (0, 0, 1))
+
+
 # ----------------------------------------------------------------------------- parameters
 
 
@@ -250,10 +268,14 @@ def test_kth_largest_is_exact_with_ties_and_edges():
     for values in (np.abs(rng.standard_normal(5000)), rng.integers(0, 4, 5000), np.float32([0.0, 3.0])):
         values = np.asarray(values, np.float32)
         for k in {1, 2, max(1, values.size // 3), values.size}:
-            assert magnitude_threshold(values, NO_BASE, k) == np.sort(values)[::-1][k - 1]
+            assert magnitude_thresholds(flat_float32([values]), NO_BASE, k) == (np.sort(values)[::-1][k - 1],)
+    models, base = draw(rng, 3)  # several models in one pass, each with its own threshold
+    taus = [np.abs(m - base).ravel() for m in models]
+    got = magnitude_thresholds(flat_float32(models), flat_float32([base])[0], 700)
+    assert got == tuple(np.sort(t)[::-1][699] for t in taus)
 
 
-# ----------------------------------------------------------------------------- chunked and sharded
+# ----------------------------------------------------------------------------- sharded
 
 
 CASES = [("linear", {}), ("task_arithmetic", dict(lam=0.8)), ("ties", dict(density=0.3)),

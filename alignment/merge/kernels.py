@@ -8,7 +8,9 @@ merge several tensors at once.
 
 Every kernel takes the task vectors implicitly: `models` is a tuple of N float32 1-D arrays [n] and
 `base` a float32 [n] array, or an empty one where the method has no base; tau_i = models[i] - base.
-Inner loops run over a block of BLOCK elements with nothing else in them, so LLVM vectorises them.
+Inner loops run over a block of BLOCK elements with nothing else in them, so LLVM vectorises them;
+they index slices from 0 (an index like `x[start + j]` carries numba's negative-index wraparound,
+which stops vectorisation: 2-3x slower).
 
 DARE's random drop uses a counter-based hash instead of a sequential generator, so any element's draw
 is known from (key, index) alone and the tensor can be cut or threaded freely:
@@ -66,14 +68,14 @@ def _lowbias32(x):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _load_tau(x, base, start, stop, dest):
-    """dest[:stop - start] = x[start:stop] - base[start:stop] (or x itself without a base)."""
+def _load_tau(x, base, dest):
+    """dest[:x.size] = x - base (x itself for an empty base); x and base are one block's slices."""
     if base.size:
-        for j in range(stop - start):
-            dest[j] = x[start + j] - base[start + j]
+        for j in range(x.size):
+            dest[j] = x[j] - base[j]
     else:
-        for j in range(stop - start):
-            dest[j] = x[start + j]
+        for j in range(x.size):
+            dest[j] = x[j]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -87,7 +89,8 @@ def _drop(dest, m, start, k0, k1, cut, scale):
 
 @_jit
 def combine(models, base, coefficients, thresholds, scales, cut, keys, election, lam, out):
-    """out[n] = the merged float32 values; one read of every input.
+    """out[n] = the merged float32 values; one read of every input. Returns 0 when every tau was finite, else
+    NaN (a screen for NaN/Inf inputs at the cost of one subtraction per element).
 
     Per model i: tau_i, trimmed to |tau_i| >= thresholds[i] (0 keeps all), DARE-dropped with scales[i]
     when cut < 2**24; then
@@ -102,11 +105,22 @@ def combine(models, base, coefficients, thresholds, scales, cut, keys, election,
     acc = np.empty(BLOCK, np.float32)
     numerator = np.empty(BLOCK, np.float32)
     denominator = np.empty(BLOCK, np.float32)
+    screen = np.zeros(BLOCK, np.float32)  # tau - tau is 0 for a finite tau and NaN otherwise; per lane, so it vectorises
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
+        b = base[start:start + m]
         for i in range(num):
-            tau = taus[i]
-            _load_tau(models[i], base, start, start + m, tau)
+            tau, x = taus[i], models[i][start:start + m]
+            if base.size:  # _load_tau with the screen in the same loop (a loop of its own costs ~2 ns/element)
+                for j in range(m):
+                    v = x[j] - b[j]
+                    tau[j] = v
+                    screen[j] += v - v
+            else:
+                for j in range(m):
+                    v = x[j]
+                    tau[j] = v
+                    screen[j] += v - v
             c = thresholds[i]
             if c > 0:
                 for j in range(m):
@@ -139,41 +153,48 @@ def combine(models, base, coefficients, thresholds, scales, cut, keys, election,
         o = out[start:start + m]
         if base.size:
             for j in range(m):
-                o[j] = base[start + j] + acc[j]
+                o[j] = b[j] + acc[j]
         else:
             o[:] = acc[:m]
+    return screen.sum()
 
 
 @_jit
-def magnitude_histogram(x, base, counts):
-    """counts[BUCKETS] += histogram of the top 16 bits of |tau| (non-negative floats order like their bits)."""
+def magnitude_histograms(models, base, counts):
+    """counts[N, BUCKETS] += per model, a histogram of the top 16 bits of |tau| (non-negative floats order
+    like their bits). One pass: each block of the base is read once for all models."""
     magnitude = np.empty(BLOCK, np.float32)
     bits = magnitude.view(np.uint32)
-    for start in range(0, x.size, BLOCK):
-        m = min(BLOCK, x.size - start)
-        _load_tau(x, base, start, start + m, magnitude)
-        for j in range(m):
-            magnitude[j] = abs(magnitude[j])
-        for j in range(m):
-            counts[bits[j] >> 16] += 1
+    n = models[0].size
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        for i in range(len(models)):
+            _load_tau(models[i][start:start + m], base[start:start + m], magnitude)
+            for j in range(m):
+                magnitude[j] = abs(magnitude[j])
+            for j in range(m):
+                counts[i, bits[j] >> 16] += 1
 
 
 @_jit
-def bucket_magnitudes(x, base, bucket, out):
-    """The |tau| whose top 16 bits are `bucket`, into out (sized by the histogram); returns how many."""
+def bucket_magnitudes(models, base, buckets, offsets, out):
+    """Per model i, the |tau| whose top 16 bits are buckets[i], into out[offsets[i]:offsets[i + 1]] (sized
+    from the histogram). One pass, as `magnitude_histograms`."""
     magnitude = np.empty(BLOCK, np.float32)
     bits = magnitude.view(np.uint32)
-    found = 0
-    for start in range(0, x.size, BLOCK):
-        m = min(BLOCK, x.size - start)
-        _load_tau(x, base, start, start + m, magnitude)
-        for j in range(m):
-            magnitude[j] = abs(magnitude[j])
-        for j in range(m):
-            if bits[j] >> 16 == bucket:
-                out[found] = magnitude[j]
-                found += 1
-    return found
+    found = offsets[:-1].copy()
+    n = models[0].size
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        for i in range(len(models)):
+            _load_tau(models[i][start:start + m], base[start:start + m], magnitude)
+            for j in range(m):
+                magnitude[j] = abs(magnitude[j])
+            bucket = buckets[i]
+            for j in range(m):
+                if bits[j] >> 16 == bucket:
+                    out[found[i]] = magnitude[j]
+                    found[i] += 1
 
 
 @_jit_reduce
@@ -185,7 +206,7 @@ def gram(models, base):
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         for i in range(num):
-            _load_tau(models[i], base, start, start + m, taus[i])
+            _load_tau(models[i][start:start + m], base[start:start + m], taus[i])
         for i in range(num):
             for k in range(i, num):
                 a, b = taus[i], taus[k]
@@ -206,7 +227,7 @@ def l1_norms(x, base, k0, k1, cut):
     before, after = 0.0, 0.0
     for start in range(0, x.size, BLOCK):
         m = min(BLOCK, x.size - start)
-        _load_tau(x, base, start, start + m, tau)
+        _load_tau(x[start:start + m], base[start:start + m], tau)
         block_before, block_after = np.float32(0), np.float32(0)
         for j in range(m):
             magnitude = abs(tau[j])

@@ -102,24 +102,45 @@ def flat_float32(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
 NO_BASE = flat_float32([np.empty(0, np.float32)])[0]  # the base of methods without one
 
 
-def magnitude_threshold(tau_of: np.ndarray, base: np.ndarray, k: int) -> float:
-    """The k-th largest |tau| (tau = tau_of - base, or tau_of for an empty base), exactly, in two passes.
+class NonFiniteInput(ValueError):
+    """Input `index` of a merge (model i, or N for the base) holds NaN or Inf, first at `position` (an index of S)."""
+
+    def __init__(self, index: int, position: tuple[int, ...]):
+        super().__init__(f"input {index} contains NaN or Inf (first at index {position})")
+        self.index, self.position = index, position
+
+
+def check_finite(arrays: Sequence[np.ndarray]) -> None:
+    """Raise NonFiniteInput for the first of `arrays` (models, then the base) holding NaN or Inf."""
+    for index, array in enumerate(arrays):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise NonFiniteInput(index, tuple(int(i) for i in np.argwhere(bad)[0]))
+
+
+def magnitude_thresholds(models: Sequence[np.ndarray], base: np.ndarray, k: int) -> tuple[float, ...]:
+    """Per model, the k-th largest |tau| (tau = model - base, or the model for an empty base), exactly.
 
     A histogram of the top 16 bits finds the bucket holding the k-th largest; only that bucket's values
-    are gathered and partitioned.
+    are gathered and partitioned: two passes over the inputs, for all models at once.
     """
-    counts = np.zeros(kernels.BUCKETS, np.int64)
-    kernels.magnitude_histogram(tau_of, base, counts)
-    at_least = np.cumsum(counts[::-1])  # [j]: count in buckets >= BUCKETS - 1 - j
-    j = int(np.searchsorted(at_least, k))
-    bucket = kernels.BUCKETS - 1 - j
-    rank = k - (int(at_least[j - 1]) if j else 0)  # rank of the answer inside its bucket, from the top
-    values = np.empty(int(counts[bucket]), np.float32)
-    kernels.bucket_magnitudes(tau_of, base, bucket, values)
-    return float(np.partition(values, values.size - rank)[values.size - rank])
+    counts = np.zeros((len(models), kernels.BUCKETS), np.int64)
+    kernels.magnitude_histograms(models, base, counts)
+    at_least = np.cumsum(counts[:, ::-1], axis=1)  # [i, j]: count in buckets >= BUCKETS - 1 - j
+    top = np.array([np.searchsorted(row, k) for row in at_least])
+    buckets = kernels.BUCKETS - 1 - top
+    ranks = [k - (int(at_least[i, j - 1]) if j else 0) for i, j in enumerate(top)]  # from the top of the bucket
+    offsets = np.concatenate([[0], np.cumsum(counts[np.arange(len(models)), buckets])])
+    values = np.empty(int(offsets[-1]), np.float32)
+    kernels.bucket_magnitudes(models, base, buckets, offsets, values)
+    thresholds = []
+    for i, rank in enumerate(ranks):
+        bucket = values[offsets[i]:offsets[i + 1]]
+        thresholds.append(float(np.partition(bucket, bucket.size - rank)[bucket.size - rank]))
+    return tuple(thresholds)
 
 
-def magnitude_thresholds(models: Sequence[np.ndarray], base: np.ndarray, density: float) -> tuple[float, ...]:
+def trim_thresholds(models: Sequence[np.ndarray], base: np.ndarray, density: float) -> tuple[float, ...]:
     """Per model, the |tau| an entry must reach to survive TIES' trim (0 keeps all, inf keeps none)."""
     size = models[0].size
     k = int(round(density * size))
@@ -127,7 +148,7 @@ def magnitude_thresholds(models: Sequence[np.ndarray], base: np.ndarray, density
         return (0.0,) * len(models)
     if k <= 0:
         return (float("inf"),) * len(models)
-    return tuple(magnitude_threshold(m, base, k) for m in models)
+    return magnitude_thresholds(models, base, k)
 
 
 def dare_scales(models: Sequence[np.ndarray], base: np.ndarray, p: TensorParams, keys: np.ndarray) -> tuple[float, ...]:
@@ -185,7 +206,7 @@ def statistics(method: Method, models: Sequence[np.ndarray], base: np.ndarray, p
         return dict(t=model_stock_t(kernels.gram(models, base)))
     stats: dict[str, Any] = {}
     if method.sparsify == "magnitude":
-        stats["thresholds"] = magnitude_thresholds(models, base, p.density)
+        stats["thresholds"] = trim_thresholds(models, base, p.density)
     elif method.sparsify == "random":
         stats["scales"] = dare_scales(models, base, p, keys)
     return stats
@@ -235,7 +256,7 @@ def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams,
 
 def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
                  seed: Sequence[int] = ()) -> np.ndarray:
-    """Merge one tensor of shape S with METHODS[name]: float32 [S].
+    """Merge one tensor of shape S with METHODS[name]: float32 [S]; NonFiniteInput if an input holds NaN or Inf.
 
     seed: entropy of the DARE draws (model i's keys are `kernels.dare_keys(seed, N)[i]`).
     """
@@ -243,7 +264,8 @@ def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
     flat = flat_float32(models)
     b = NO_BASE if base is None else flat_float32([base])[0]
     keys = kernels.dare_keys(seed, len(flat))
-    stats = statistics(method, flat, b, p, keys)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf inputs are reported after the combine's screen
+        stats = statistics(method, flat, b, p, keys)
     n = len(flat)
     thresholds, scales = stats.get("thresholds", (0.0,) * n), stats.get("scales", (1.0,) * n)
     election, lam = 0, p.lam
@@ -257,6 +279,9 @@ def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
         coefficients, election = p.weights, 1 if p.election == "sum" else 2
     out = np.empty(flat[0].size, np.float32)
     f32 = lambda values: np.asarray(values, np.float32)
-    kernels.combine(flat, b, f32(coefficients), f32(thresholds), f32(scales),
-                    kernels.dare_cut(p.density) if method.random else 1 << 24, keys, election, np.float32(lam), out)
+    screen = kernels.combine(flat, b, f32(coefficients), f32(thresholds), f32(scales),
+                             kernels.dare_cut(p.density) if method.random else 1 << 24, keys, election, np.float32(lam),
+                             out)
+    if not np.isfinite(screen):  # a NaN/Inf input, or a task vector that overflowed float32: find out which
+        check_finite([*models, *([] if base is None else [base])])
     return out.reshape(np.shape(models[0]))

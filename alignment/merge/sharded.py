@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignment.merge import kernels
-from alignment.merge.methods import METHODS, NO_BASE, TensorParams, combine, flat_float32, statistics
+from alignment.merge.methods import METHODS, NO_BASE, TensorParams, check_finite, combine, flat_float32, statistics
 
 AXIS = "shard"
 
@@ -48,6 +48,7 @@ def _combine(models, base, keeps, numbers, *, name: str, normalize: bool, electi
 def merge_tensor_sharded(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
                          seed: Sequence[int]) -> np.ndarray:
     """`methods.merge_tensor` with the combine on the local devices; models/base [S] -> float32 [S]."""
+    check_finite([*models, *([] if base is None else [base])])
     method = METHODS[name]
     shape = np.shape(models[0])
     devices = jax.local_devices()

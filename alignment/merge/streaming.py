@@ -8,7 +8,8 @@ them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are
 merged layer by layer, so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
 Everything is checked before the first byte is written: method, base, parameters, output paths, and
 that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
-merge, naming the checkpoint and tensor; outputs appear only when complete.
+merge, naming the checkpoint and tensor (the combine screens every element on its way); outputs appear
+only when complete.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from alignment.merge import io
-from alignment.merge.methods import METHODS, merge_tensor
+from alignment.merge.methods import METHODS, NonFiniteInput, merge_tensor
 from alignment.merge.params import make_spec
 from alignment.models.config import ModelConfig
 
@@ -55,15 +56,6 @@ class _Budget:
             yield
         finally:
             self.release(nbytes)
-
-
-def _check_finite(array: np.ndarray, label: str, name: str, layer: int | None) -> None:
-    # A sum is one cheap pass and is non-finite whenever an entry is; only then is the exact test paid for.
-    if not np.isfinite(array.sum(dtype=np.float32)) and not np.isfinite(array).all():
-        where = name if layer is None else f"{name} (layer {layer})"
-        # The index in the whole (stacked) tensor, as the user would look it up.
-        first = tuple(int(i) for i in ([] if layer is None else [layer]) + list(np.argwhere(~np.isfinite(array))[0]))
-        raise ValueError(f"{label}: tensor {where} contains NaN or Inf (first at index {first}); nothing was written")
 
 
 def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output: str = "", hf_output: str = "",
@@ -124,11 +116,10 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         layout = "hf" if not output and all(s.kind == "hf" for s in sources.values()) else "project"
 
         def read(name: str, layer: int | None) -> list[np.ndarray]:
-            """That tensor (or layer slice) of every source, models first, checked for NaN/Inf."""
+            """That tensor (or layer slice) of every source, models first."""
             arrays = []
-            for label, source in sources.items():
+            for source in sources.values():
                 arrays.append(source.read(name, layer, layout))
-                _check_finite(arrays[-1], label, name, layer)
             return arrays
 
         def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
@@ -138,7 +129,14 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             p = spec.resolve(name, layer, num_layers)
             on_mesh = sharded is not None and sharded.use_mesh(arrays[0].shape, shard_min_elements)
             merge = sharded.merge_tensor_sharded if on_mesh else merge_tensor
-            merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key)
+            try:
+                merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key)
+            except NonFiniteInput as e:
+                where = name if layer is None else f"{name} (layer {layer})"
+                # The index in the whole (stacked) tensor, as the user would look it up.
+                first = ((layer,) if layer is not None else ()) + e.position
+                raise ValueError(f"{list(sources)[e.index]}: tensor {where} contains NaN or Inf (first at index "
+                                 f"{first}); nothing was written") from None
             return merged.astype(tensors[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
@@ -226,8 +224,6 @@ def _merge_to_orbax(directory, tensors, sources, merge_slice, slice_cost, budget
         block = np.empty((stop - start, *tensors[name].shape[1:]), tensors[name].dtype)
         for layer in range(start, stop):
             arrays = [x[layer - start] for x in inputs.values()]
-            for label, array in zip(inputs, arrays):
-                _check_finite(array, label, name, layer)
             block[layer - start] = merge_slice(name, layer, arrays)
             if hf_writer is not None and hf_writer.covers(name):
                 hf_writer.write(name, layer, block[layer - start])
