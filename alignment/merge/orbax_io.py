@@ -7,6 +7,7 @@ rest. `write_orbax` drives an Orbax save whose leaves are computed on demand and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -130,12 +131,17 @@ class _LazyHandler(ocp.type_handlers.NumpyHandler):
             arg=arg)
         array = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
         blocks = value.blocks()
+        # A thread of the leaf's own: a generator may wait (for the merge's memory budget) until another leaf is
+        # written, and in asyncio's shared pool the waiters could take every thread that leaf needs (a deadlock).
+        thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lazy_leaf")
+        loop = asyncio.get_running_loop()
         try:
-            while (piece := await asyncio.to_thread(next, blocks, None)) is not None:
+            while (piece := await loop.run_in_executor(thread, next, blocks, None)) is not None:
                 start, block = piece
                 await (array if start is None else array[start:start + block.shape[0]]).write(block)
         finally:
-            blocks.close()
+            await loop.run_in_executor(thread, blocks.close)
+            thread.shutdown(wait=False)
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
