@@ -215,6 +215,12 @@ def statistics(method: Method, models: Sequence[np.ndarray], base: np.ndarray, p
 # ----------------------------------------------------------------------------- combine
 
 
+def summed_weights(p: TensorParams) -> list[float]:
+    """The weights of a plain task-vector sum with normalisation and lambda folded in (one multiply-add per model)."""
+    scale = p.lam / sum(p.weights) if p.normalize else p.lam
+    return [w * scale for w in p.weights]
+
+
 def _weighted_sum(xp, coefficients: Sequence[Any], arrays: Sequence[Any]) -> Any:
     """sum_i c_i x_i in float32, without the extra pass a `sum()` starting from 0 costs."""
     return functools.reduce(operator.add, (xp.float32(c) * x for c, x in zip(coefficients, arrays)))
@@ -238,9 +244,7 @@ def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams,
     if keeps is not None:
         taus = [xp.where(keep, tau * f32(s), f32(0)) for tau, keep, s in zip(taus, keeps, scales)]
     if method.consensus == "none":
-        # Normalisation and lambda folded into the weights: one multiply-add pass per model.
-        scale = p.lam / sum(p.weights) if p.normalize else p.lam
-        delta = _weighted_sum(xp, [w * scale for w in p.weights], taus)
+        delta = _weighted_sum(xp, summed_weights(p), taus)
         return delta if base is None else base + delta
     weights = [f32(w) for w in p.weights]
     # tau_i agrees with the elected sign s when tau_i * s > 0 (same sign, both non-zero): one product
@@ -262,6 +266,8 @@ def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
     """
     method = METHODS[name]
     flat = flat_float32(models)
+    if method.random and flat[0].size >= 1 << 32:
+        raise ValueError(f"{name}: DARE's draws index a tensor by 32 bits; this one has {flat[0].size} entries")
     b = NO_BASE if base is None else flat_float32([base])[0]
     keys = kernels.dare_keys(seed, len(flat))
     with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf inputs are reported after the combine's screen
@@ -274,7 +280,7 @@ def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
     elif method.kind == "model_stock":
         coefficients = [stats["t"] / n] * n
     elif method.consensus == "none":
-        coefficients = [w * (p.lam / sum(p.weights) if p.normalize else p.lam) for w in p.weights]
+        coefficients = summed_weights(p)
     else:
         coefficients, election = p.weights, 1 if p.election == "sum" else 2
     out = np.empty(flat[0].size, np.float32)
