@@ -79,6 +79,14 @@ def _load_tau(x, base, dest):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _load_magnitude(x, base, dest):
+    """dest[:x.size] = |x - base|, as `_load_tau`."""
+    _load_tau(x, base, dest)
+    for j in range(x.size):
+        dest[j] = abs(dest[j])
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _drop(dest, m, start, k0, k1, cut, scale):
     """DARE on a loaded block: keep entry j (scaled) when its draw is below cut, else 0."""
     zero = np.float32(0)
@@ -169,9 +177,7 @@ def magnitude_histograms(models, base, counts):
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         for i in range(len(models)):
-            _load_tau(models[i][start:start + m], base[start:start + m], magnitude)
-            for j in range(m):
-                magnitude[j] = abs(magnitude[j])
+            _load_magnitude(models[i][start:start + m], base[start:start + m], magnitude)
             for j in range(m):
                 counts[i, bits[j] >> 16] += 1
 
@@ -187,9 +193,7 @@ def bucket_magnitudes(models, base, buckets, offsets, out):
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         for i in range(len(models)):
-            _load_tau(models[i][start:start + m], base[start:start + m], magnitude)
-            for j in range(m):
-                magnitude[j] = abs(magnitude[j])
+            _load_magnitude(models[i][start:start + m], base[start:start + m], magnitude)
             bucket = buckets[i]
             for j in range(m):
                 if bits[j] >> 16 == bucket:
