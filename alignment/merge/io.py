@@ -5,9 +5,10 @@ project layout: stacked layer tensors are [num_layers, ...]. `read(name, layer, 
 layer slice (or a whole top-level tensor) without reading anything else (`read_layers` reads a block
 of layers, `layers_per_chunk` says how many share a stored chunk). Safetensors tensors are located by
 the header reader of `alignment.models.hf` and mapped one tensor at a time (read-only views of the
-page cache, unmapped once dropped). Orbax checkpoints are read and written by `alignment.merge.orbax_io`,
-imported only when a merge touches one: an HF -> HF merge never imports JAX, Orbax or tensorstore. Layout 'hf' returns HF's own layout (Linear weights [out, in]), only offered
-by HF sources, so HF -> HF merges never transpose.
+page cache, unmapped once dropped). Layout 'hf' returns HF's own layout (Linear weights [out, in]), only
+offered by HF sources, so HF -> HF merges never transpose. Orbax checkpoints are read and written by
+`alignment.merge.orbax_io`, imported only when a merge touches one: an HF -> HF merge never imports JAX,
+Orbax or tensorstore.
 
 `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so tensors
 can arrive in any order from any thread. `atomic_output` makes an output appear at its path only when
@@ -29,6 +30,7 @@ import numpy as np
 
 from alignment.models import hf
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:

@@ -68,6 +68,12 @@ def _lowbias32(x):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _draw(index, k0, k1):
+    """DARE's 24-bit draw for element `index` of a model with keys (k0, k1) (all uint64)."""
+    return _lowbias32(_lowbias32(index ^ k0) ^ k1) >> 8
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _load_tau(x, base, dest):
     """dest[:x.size] = x - base (x itself for an empty base); x and base are one block's slices."""
     if base.size:
@@ -91,8 +97,7 @@ def _drop(dest, m, start, k0, k1, cut, scale):
     """DARE on a loaded block: keep entry j (scaled) when its draw is below cut, else 0."""
     zero = np.float32(0)
     for j in range(m):
-        u = _lowbias32(_lowbias32(np.uint64(start + j) ^ k0) ^ k1) >> 8
-        dest[j] = dest[j] * scale if u < cut else zero
+        dest[j] = dest[j] * scale if _draw(np.uint64(start + j), k0, k1) < cut else zero
 
 
 @_jit
@@ -236,8 +241,7 @@ def l1_norms(x, base, k0, k1, cut):
         for j in range(m):
             magnitude = abs(tau[j])
             block_before += magnitude
-            u = _lowbias32(_lowbias32(np.uint64(start + j) ^ k0) ^ k1) >> 8
-            block_after += magnitude if u < cut else np.float32(0)
+            block_after += magnitude if _draw(np.uint64(start + j), k0, k1) < cut else np.float32(0)
         before += block_before
         after += block_after
     return before, after

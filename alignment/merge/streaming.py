@@ -4,8 +4,8 @@ Peak memory is a few tensors per worker, never the model: each unit of work hold
 in a shared budget, so workers run in parallel only while their tensors fit (a unit larger than the
 budget runs alone). Each unit is merged by the compiled loops of `methods.merge_tensor`, which release
 the GIL, and with several local devices a tensor of `shard_min_elements` or more is merged sharded over
-them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are
-merged layer by layer, so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
+them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are merged layer by layer,
+so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
 Everything is checked before the first byte is written: method, base, parameters, output paths, and
 that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
 merge, naming the checkpoint and tensor (the combine screens every element on its way); outputs appear
@@ -70,9 +70,9 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     `alignment.merge.params`. seed: DARE masks depend on it, the tensor name and layer (not on order or
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
     bounded by the same memory budget). model_config: names HF tensors when HF output is made
-    from Orbax inputs only. shard_min_elements: tensors this large are merged sharded over the local devices when there
-    are several (0 = never, the default; the merge stage sets it). A merge of HF checkpoints into HF output with
-    shard_min_elements 0 imports neither JAX nor Orbax.
+    from Orbax inputs only. shard_min_elements: tensors this large are merged sharded over the local
+    devices when there are several (0 = never, the default; the merge stage sets it). A merge of HF
+    checkpoints into HF output with shard_min_elements 0 imports neither JAX nor Orbax.
     """
     start = time.perf_counter()
     if method not in METHODS:

@@ -3,8 +3,9 @@
 Safetensors files are read and written by this module directly (an 8-byte little-endian header
 length, a JSON header, then the raw tensor bytes): reading through `mmap` is lazy, needs neither
 torch nor flax, and handles BF16 through `ml_dtypes.bfloat16`, which `safe_open(framework="numpy")`
-cannot (imported only for a BF16 tensor: its import alone takes about a second). HF Linear weights are stored [out, in]; the project keeps [in..., out...] with heads split
-out, and stacks per-layer tensors on a leading [num_layers] axis.
+cannot (imported only for a BF16 tensor: its import alone takes about a second). HF Linear weights are
+stored [out, in]; the project keeps [in..., out...] with heads split out, and stacks per-layer tensors on a
+leading [num_layers] axis.
 """
 from __future__ import annotations
 
