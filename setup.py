@@ -8,6 +8,11 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["alignment", "alignment.*", "kernels", "kernels.*"]),
     package_data={"alignment": ["assets/*"]},
     python_requires=">=3.10",
+    # The merge methods' host loops, in C: loaded through ctypes by alignment/merge/kernels.py. No -ffast-math
+    # (the NaN/Inf screen needs IEEE arithmetic); contraction off so every build rounds the same; no trapping
+    # floating point (it never traps here), so `c ? x * s : 0` vectorises as a select instead of a branch.
+    ext_modules=[setuptools.Extension("alignment.merge._loops", ["alignment/merge/_loops.c"],
+                                      extra_compile_args=["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"])],
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -23,7 +28,6 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
-        "numba>=0.60",  # compiled host loops of the merge methods (alignment/merge/kernels.py)
         "matplotlib>=3.8",  # evaluation charts
         "math-verify[antlr4_13_2]>=0.9",  # MATH-style symbolic answer equivalence
         "langdetect>=1.0.9",  # IFEval language checks

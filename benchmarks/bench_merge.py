@@ -118,7 +118,11 @@ def main() -> None:
             spec = dict(models=[os.path.join(root, n) for n in names], method=method, params=params,
                         base=os.path.join(root, "base") if uses_base else "", overwrite=True,
                         **({"hf_output": out} if path == "hf" else {"output": out}))
-            runs = [timed([sys.executable, __file__, "--one", json.dumps(spec)]) for _ in range(args.repeats)]
+            runs = []
+            for _ in range(args.repeats):
+                # Every run writes a fresh output, as the copy and mergekit do (replacing one costs its deletion).
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(timed([sys.executable, __file__, "--one", json.dumps(spec)]))
             shutil.rmtree(out, ignore_errors=True)
             wall = statistics.median(r[0] for r in runs)
             read = json.loads(runs[0][2])["input_bytes"]

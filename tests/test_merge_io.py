@@ -240,15 +240,15 @@ def test_nan_input_is_reported_and_nothing_written(demo, tmp_path):
 def test_interrupted_merge_leaves_no_partial_output(demo, tmp_path, monkeypatch, outputs):
     base, models = demo
     calls = []
-    real = streaming.merge_tensor
+    real = streaming.merge_pieces
 
-    def interrupt_on_fifth(*args):
+    def interrupt_on_fifth(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "merge_tensor", interrupt_on_fifth)
+    monkeypatch.setattr(streaming, "merge_pieces", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoints(models, "linear", model_config=CONFIG, workers=1,
                           **{o: str(tmp_path / o) for o in outputs})

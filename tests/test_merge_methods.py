@@ -6,7 +6,7 @@ import pytest
 
 from alignment.merge import kernels
 from alignment.merge.methods import (METHODS, NO_BASE, NonFiniteInput, flat_float32, magnitude_thresholds,
-                                     merge_tensor, trim_thresholds)
+                                     merge_pieces, merge_tensor, trim_thresholds)
 from alignment.merge.params import at_depth, depth, make_spec
 from alignment.merge.sharded import merge_tensor_sharded, shard_axis
 
@@ -299,6 +299,30 @@ def test_dare_draws_are_the_documented_hash():
     tau = np.ones(3000, np.float32)
     kept = merge("dare_linear", [tau, tau], np.zeros_like(tau), (5, 6), density=0.37, weights=(1.0, 0.0))
     np.testing.assert_array_equal(kept != 0, ref_dare_keep((5, 6), 0, 3000, 0.37))
+
+
+@pytest.mark.parametrize("method, params", [("ties", dict(density=0.4)), ("dare_ties", dict(density=0.6)),
+                                            ("dare_linear", dict(density=0.5, rescale="l1")), ("slerp", {}),
+                                            ("model_stock", {}), ("linear", {})])
+def test_pieces_are_the_whole(method, params):
+    """Pieces of a reused buffer (an odd size, across the loops' blocks) hold exactly the whole tensor's values:
+    the statistics are the whole tensor's and DARE draws by index in the tensor."""
+    models, base, w = case_inputs(method)
+    p = make_spec(method, len(models), dict(weights=w, **params)).resolve("layers/q_proj", 0, 1)
+    whole = merge_tensor(method, models, base, p, (4,)).reshape(-1)
+    pieces = [(first, values.copy()) for first, values in merge_pieces(method, models, base, p, (4,), piece_elements=301)]
+    assert [first for first, _ in pieces] == list(range(0, whole.size, 301))
+    np.testing.assert_array_equal(np.concatenate([values for _, values in pieces]), whole)
+
+
+def test_kernels_refuse_arrays_they_cannot_read():
+    x = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="model 1: need a C-contiguous 1-D float32 array of 10 elements"):
+        kernels.gram((x, np.ones(10)), NO_BASE)
+    with pytest.raises(ValueError, match="base: need .* of 10 elements"):
+        kernels.gram((x,), np.ones(9, np.float32))
+    with pytest.raises(ValueError, match="model 0"):
+        kernels.l1_norms(np.ones(20, np.float32)[::2], NO_BASE, 1, 2, 3)
 
 
 def test_dare_seed_changes_the_masks():

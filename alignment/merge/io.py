@@ -221,11 +221,17 @@ class HFWriter:
 
     def write(self, name: str, layer: int | None, array: np.ndarray, layout: str = "project") -> None:
         """Write one tensor (a layer slice of a stacked one) given in `layout`; safe from any thread."""
-        hf_name, t = self._conversions[(name, layer)]
+        _, t = self._conversions[(name, layer)]
+        self.write_elements(name, layer, 0, (array if layout == "hf" else t.to_hf(array)).reshape(-1))
+
+    def write_elements(self, name: str, layer: int | None, first: int, values: np.ndarray) -> None:
+        """Write elements [first, first + values.size) of one tensor (a layer slice of a stacked one) in HF's
+        layout and C order, converted to the file's dtype; safe from any thread."""
+        hf_name, _ = self._conversions[(name, layer)]
         fd, offset, dtype = self._where[hf_name]
-        data = array if layout == "hf" else t.to_hf(array)
-        data = np.ascontiguousarray(data, dtype=dtype)
+        data = np.ascontiguousarray(values, dtype=dtype)
         view, done = memoryview(data.reshape(-1).view(np.uint8)), 0
+        offset += first * dtype.itemsize
         while done < len(view):  # pwrite may write less than asked for large buffers
             done += os.pwrite(fd, view[done:], offset + done)
 

@@ -2,7 +2,7 @@
 
 `merge_tensor(method, models, base, p, seed)` takes N arrays of one shape S (any float dtype), the base
 (shape S, or None where the method has no base) and resolved `TensorParams`, and returns float32 of
-shape S. Every method works on task vectors tau_i = theta_i - base (tau_i = theta_i without a base).
+shape S; `merge_pieces` yields the same values a cache-sized piece at a time, for writing straight to a file. Every method works on task vectors tau_i = theta_i - base (tau_i = theta_i without a base).
 
 Scope of "tensor": whole-tensor statistics (TIES' magnitude threshold, DARE's L1 rescale, SLERP's and
 Model Stock's angles) are taken over the array given. `alignment.merge.streaming` passes each layer
@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import itertools
 import operator
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -87,17 +87,8 @@ METHODS: dict[str, Method] = {
 
 
 def flat_float32(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """C-order float32 1-D read-only views (copies only where an input is not float32).
-
-    All read-only, so a tuple of them has one numba type whichever source (mapped file or fresh array)
-    each came from.
-    """
-    views = []
-    for a in arrays:
-        view = np.ascontiguousarray(a, np.float32).reshape(-1).view()
-        view.flags.writeable = False
-        views.append(view)
-    return tuple(views)
+    """C-order float32 1-D views (copies only where an input is not float32 or not contiguous)."""
+    return tuple(np.ascontiguousarray(a, np.float32).reshape(-1) for a in arrays)
 
 
 NO_BASE = flat_float32([np.empty(0, np.float32)])[0]  # the base of methods without one
@@ -165,7 +156,7 @@ def dare_scales(models: Sequence[np.ndarray], base: np.ndarray, p: TensorParams,
         raise ValueError(f"rescale must be 'inverse' or 'l1', got {p.rescale!r}")
     scales = []
     for m, key in zip(models, keys):
-        before, after = kernels.l1_norms(m, base, np.uint64(key[0]), np.uint64(key[1]), kernels.dare_cut(p.density))
+        before, after = kernels.l1_norms(m, base, key[0], key[1], kernels.dare_cut(p.density))
         scales.append(float(before / after) if after > 0 else 1.0)
     return tuple(scales)
 
@@ -262,11 +253,17 @@ def combine(xp, method: Method, taus: Sequence[Any], base: Any, p: TensorParams,
     return delta if base is None else base + delta
 
 
-def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
-                 seed: Sequence[int] = ()) -> np.ndarray:
-    """Merge one tensor of shape S with METHODS[name]: float32 [S]; NonFiniteInput if an input holds NaN or Inf.
+def merge_pieces(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
+                 seed: Sequence[int] = (), out: np.ndarray | None = None,
+                 piece_elements: int = 1 << 18) -> Iterator[tuple[int, np.ndarray]]:
+    """Merge one tensor of shape S with METHODS[name], yielding (first, values): float32 values of the result's
+    elements [first, first + values.size) in C order. NonFiniteInput if an input holds NaN or Inf (raised
+    before the piece holding it is yielded).
 
-    seed: entropy of the DARE draws (model i's keys are `kernels.dare_keys(seed, N)[i]`).
+    Without `out`, values is one buffer of piece_elements (~1 MB) reused for every piece, valid until the
+    next is asked for: written straight to a file, a merged tensor never exists whole in memory. With
+    `out` (float32, S's size, flat) the result goes there, as one piece. seed: entropy of the DARE draws
+    (model i's keys are `kernels.dare_keys(seed, N)[i]`).
     """
     method = METHODS[name]
     flat = flat_float32(models)
@@ -287,11 +284,25 @@ def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
         coefficients = summed_weights(p)
     else:
         coefficients, election = p.weights, 1 if p.election == "sum" else 2
-    out = np.empty(flat[0].size, np.float32)
-    f32 = lambda values: np.asarray(values, np.float32)
-    screen = kernels.combine(flat, b, f32(coefficients), f32(thresholds), f32(scales),
-                             kernels.dare_cut(p.density) if method.random else 1 << 24, keys, election, np.float32(lam),
-                             out)
-    if not np.isfinite(screen):  # a NaN/Inf input, or a task vector that overflowed float32: find out which
-        check_finite([*models, *([] if base is None else [base])])
-    return out.reshape(np.shape(models[0]))
+    size = flat[0].size
+    step = max(size, 1) if out is not None else piece_elements
+    buffer = out if out is not None else np.empty(min(step, size), np.float32)
+    per_model = [np.asarray(v, np.float32) for v in (coefficients, thresholds, scales)]
+    cut = kernels.dare_cut(p.density) if method.random else 1 << 24
+    for first in range(0, size, step):
+        stop = min(size, first + step)
+        values = buffer[:stop - first]
+        screen = kernels.combine(tuple(x[first:stop] for x in flat), b[first:stop] if b.size else b, *per_model, cut,
+                                 keys, election, np.float32(lam), values, first_index=first)
+        if not np.isfinite(screen):  # a NaN/Inf input, or a task vector that overflowed float32: find out which
+            check_finite([*models, *([] if base is None else [base])])
+        yield first, values
+
+
+def merge_tensor(name: str, models: Sequence[np.ndarray], base: np.ndarray | None, p: TensorParams,
+                 seed: Sequence[int] = ()) -> np.ndarray:
+    """Merge one tensor of shape S with METHODS[name]: float32 [S] (`merge_pieces` into one array)."""
+    out = np.empty(np.shape(models[0]), np.float32)
+    for _ in merge_pieces(name, models, base, p, seed, out=out.reshape(-1)):
+        pass
+    return out

@@ -2,8 +2,9 @@
 
 Peak memory is a few tensors per worker, never the model: each unit of work holds its estimated bytes
 in a shared budget, so workers run in parallel only while their tensors fit (a unit larger than the
-budget runs alone). Each unit is merged by the compiled loops of `methods.merge_tensor`, which release
-the GIL, and with several local devices a tensor of `shard_min_elements` or more is merged sharded over
+budget runs alone). Each unit is merged by the compiled loops of `methods.merge_pieces`, which release
+the GIL; an HF -> HF merge writes each piece of the result to its file as it comes, so a merged tensor is
+never whole in memory. With several local devices a tensor of `shard_min_elements` or more is merged sharded over
 them (`sharded.merge_tensor_sharded`). Stacked [num_layers, ...] parameters are merged layer by layer,
 so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
 Everything is checked before the first byte is written: method, base, parameters, output paths, and
@@ -20,12 +21,12 @@ import os
 import threading
 import time
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from alignment.merge import io
-from alignment.merge.methods import METHODS, NonFiniteInput, merge_tensor
+from alignment.merge.methods import METHODS, NonFiniteInput, merge_pieces
 from alignment.merge.params import make_spec
 from alignment.models.config import ModelConfig
 
@@ -122,22 +123,37 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                 arrays.append(source.read(name, layer, layout))
             return arrays
 
-        def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
+        def merged(name: str, layer: int | None, arrays: list[np.ndarray] | None = None,
+                   out: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+            """That tensor (or layer slice) merged, as `merge_pieces` yields it: (first element, float32 values),
+            in pieces of one reused buffer, or whole into `out` (flat float32) when given."""
             arrays = read(name, layer) if arrays is None else arrays
             # DARE's draws depend on the seed, the tensor and the layer only: not on order or workers.
             key = (seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1)
             p = spec.resolve(name, layer, num_layers)
-            on_mesh = sharded is not None and sharded.use_mesh(arrays[0].shape, shard_min_elements)
-            merge = sharded.merge_tensor_sharded if on_mesh else merge_tensor
+            model_arrays, base_array = arrays[: len(models)], arrays[len(models)] if base else None
             try:
-                merged = merge(method, arrays[: len(models)], arrays[len(models)] if base else None, p, key)
+                if sharded is not None and sharded.use_mesh(arrays[0].shape, shard_min_elements):
+                    result = sharded.merge_tensor_sharded(method, model_arrays, base_array, p, key).reshape(-1)
+                    if out is not None:
+                        out[:] = result
+                    yield 0, result
+                else:
+                    yield from merge_pieces(method, model_arrays, base_array, p, key, out=out)
             except NonFiniteInput as e:
                 where = name if layer is None else f"{name} (layer {layer})"
                 # The index in the whole (stacked) tensor, as the user would look it up.
                 first = ((layer,) if layer is not None else ()) + e.position
                 raise ValueError(f"{list(sources)[e.index]}: tensor {where} contains NaN or Inf (first at index "
                                  f"{first}); nothing was written") from None
-            return merged.astype(tensors[name].dtype, copy=False)
+
+        def merge_slice(name: str, layer: int | None, arrays: list[np.ndarray] | None = None) -> np.ndarray:
+            """That tensor (or layer slice) merged whole, in its checkpoint dtype."""
+            arrays = read(name, layer) if arrays is None else arrays
+            out = np.empty(arrays[0].shape, np.float32)
+            for _ in merged(name, layer, arrays, out.reshape(-1)):
+                pass
+            return out.astype(tensors[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
             """Bytes one slice's merge holds: its inputs, their float32 copies if they are not float32, the result."""
@@ -164,7 +180,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             else:
                 units = [(n, i) for n, t in tensors.items() if hf_writer.covers(n)
                          for i in (range(t.shape[0]) if t.stacked else [None])]
-                _merge_to_hf(units, merge_slice, slice_cost, budget, hf_writer, layout, workers)
+                _merge_to_hf(units, merged, merge_slice, slice_cost, budget, hf_writer, layout, workers)
         finally:
             for writer in writers:
                 writer.close()
@@ -178,12 +194,20 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     return summary
 
 
-def _merge_to_hf(units, merge_slice, slice_cost, budget, writer, layout, workers) -> None:
-    """Merge and write every (name, layer) unit in a thread pool; the first error cancels the rest."""
+def _merge_to_hf(units, merged, merge_slice, slice_cost, budget, writer, layout, workers) -> None:
+    """Merge and write every (name, layer) unit in a thread pool; the first error cancels the rest.
+
+    In HF's own layout each piece of a merged tensor goes straight to its place in the file, from a
+    buffer that stays in cache; otherwise (Orbax inputs) whole slices are converted to HF's layout.
+    """
     def one(unit):
         name, layer = unit
         with budget.hold(slice_cost(name)):
-            writer.write(name, layer, merge_slice(name, layer), layout)
+            if layout == "hf":
+                for first, values in merged(name, layer):
+                    writer.write_elements(name, layer, first, values)
+            else:
+                writer.write(name, layer, merge_slice(name, layer), layout)
 
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         futures = [pool.submit(one, u) for u in units]

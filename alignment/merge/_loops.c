@@ -1,0 +1,238 @@
+/* Compiled host loops of the merge methods; `alignment/merge/kernels.py` loads this library with ctypes
+ * (the Python entry below only makes the built file importable, so its path can be found).
+ *
+ * Every function reads the task vectors implicitly: `models` holds `num` float32 arrays of `n` elements and
+ * `base` one more, or NULL where the method has no base; tau_i = models[i] - base (models[i] without a base).
+ * Temporaries live in blocks of BLOCK elements, so one pass reads each input once at memory speed and the
+ * inner loops, with nothing else in them, vectorise (`c ? value : 0` becomes a select, not a branch, because
+ * the build says floating point never traps: -fno-trapping-math). Functions return 0, or -1 when a temporary could not
+ * be allocated. No -ffast-math: `v - v` must stay NaN for a NaN or Inf input (the combine's screen); only the
+ * float32 partial sums of a block are reordered (`omp simd reduction`), and blocks accumulate in float64.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 2048       /* N + 3 float32 rows of it stay in L1/L2 */
+#define BUCKETS 65536    /* histogram of the top 16 bits of a non-negative float32 */
+
+/* The x86-64 baseline is SSE2; an AVX2 clone is picked at load time where the CPU has it. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTORIZED __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTORIZED
+#endif
+
+static inline int64_t block_size(int64_t n, int64_t start) { return n - start < BLOCK ? n - start : BLOCK; }
+
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+/* DARE's 24-bit draw for element `index` of a model with keys (k0, k1); the entry is kept when it is below the cut. */
+static inline uint32_t dare_draw(uint32_t index, uint32_t k0, uint32_t k1) {
+    return lowbias32(lowbias32(index ^ k0) ^ k1) >> 8;
+}
+
+/* dest[:m] = the float32 bits of |x - base| (of |x| without a base), which order like the magnitudes. */
+static inline void load_magnitude_bits(const float *restrict x, const float *restrict base, int64_t m,
+                                       uint32_t *restrict dest) {
+    for (int64_t j = 0; j < m; j++) {
+        const float tau = base ? x[j] - base[j] : x[j];
+        uint32_t bits;
+        memcpy(&bits, &tau, sizeof bits);
+        dest[j] = bits & 0x7FFFFFFFu;
+    }
+}
+
+/* out[:n] = the merged values of elements [first_index, first_index + n) of a tensor; one read of every input.
+ * *screen = 0 when every tau was finite, else NaN (tau - tau per element, at the cost of one subtraction).
+ *
+ * Per model i: tau_i trimmed to |tau_i| >= thresholds[i] (0 keeps all), DARE-dropped when cut < 2**24
+ * (kept entries times scales[i]); then
+ *   election 0:   out = base + sum_i coefficients[i] tau_i            (lam already folded in)
+ *   election 1/2: TIES' disjoint mean with weights coefficients, the sign elected by the weighted sum (1) or
+ *                 by the count of signs (2): out = base + lam * sum_A w_i tau_i / sum_A w_i, A the agreeing.
+ * keys: [num, 2] uint32, model i's DARE keys; first_index makes a piece of a tensor draw as the whole would.
+ */
+VECTORIZED
+int merge_combine(const float *const *models, int64_t num, const float *base, int64_t n, int64_t first_index,
+                  const float *coefficients, const float *thresholds, const float *scales, uint32_t cut,
+                  const uint32_t *keys, int64_t election, float lam, float *out, float *screen_out) {
+    float *taus = malloc(sizeof(float) * BLOCK * (num + 2));
+    if (!taus) return -1;
+    float *restrict acc = taus + num * BLOCK, *restrict denominator = acc + BLOCK;
+    float numerator[BLOCK], screen[BLOCK];
+    const int drop = cut < (1u << 24);
+    memset(screen, 0, sizeof screen);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = block_size(n, start);
+        const float *restrict b = base ? base + start : NULL;
+        for (int64_t i = 0; i < num; i++) {
+            float *restrict tau = taus + i * BLOCK;
+            const float *restrict x = models[i] + start;
+            if (b)
+                for (int64_t j = 0; j < m; j++) {
+                    const float v = x[j] - b[j];
+                    tau[j] = v;
+                    screen[j] += v - v;
+                }
+            else
+                for (int64_t j = 0; j < m; j++) {
+                    tau[j] = x[j];
+                    screen[j] += x[j] - x[j];
+                }
+            const float c = thresholds[i];
+            if (c > 0)
+                for (int64_t j = 0; j < m; j++) tau[j] = __builtin_fabsf(tau[j]) >= c ? tau[j] : 0.0f;
+            if (drop) {
+                const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1], index = (uint32_t)(first_index + start);
+                const float s = scales[i];
+                for (int64_t j = 0; j < m; j++) tau[j] = dare_draw(index + (uint32_t)j, k0, k1) < cut ? tau[j] * s : 0.0f;
+            }
+        }
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        for (int64_t i = 0; i < num; i++) {
+            const float *restrict tau = taus + i * BLOCK;
+            const float w = coefficients[i];
+            if (election == 2)
+                for (int64_t j = 0; j < m; j++) acc[j] += tau[j] > 0 ? 1.0f : (tau[j] < 0 ? -1.0f : 0.0f);
+            else
+                for (int64_t j = 0; j < m; j++) acc[j] += w * tau[j];
+        }
+        if (election != 0) {
+            /* tau_i agrees with the elected sign when tau_i * elected > 0 (same sign, both non-zero). */
+            for (int64_t j = 0; j < m; j++) numerator[j] = denominator[j] = 0.0f;
+            for (int64_t i = 0; i < num; i++) {
+                const float *restrict tau = taus + i * BLOCK;
+                const float w = coefficients[i];
+                for (int64_t j = 0; j < m; j++) {
+                    const int agree = tau[j] * acc[j] > 0;
+                    numerator[j] += agree ? w * tau[j] : 0.0f;
+                    denominator[j] += agree ? w : 0.0f;
+                }
+            }
+            for (int64_t j = 0; j < m; j++)
+                acc[j] = denominator[j] != 0 ? lam * (numerator[j] / denominator[j]) : 0.0f;
+        }
+        float *restrict o = out + start;
+        if (b)
+            for (int64_t j = 0; j < m; j++) o[j] = b[j] + acc[j];
+        else
+            memcpy(o, acc, m * sizeof(float));
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < BLOCK; j++) total += screen[j];
+    *screen_out = total;
+    free(taus);
+    return 0;
+}
+
+/* counts[num, BUCKETS] += per model, a histogram of the top 16 bits of |tau|. One pass: each block of the base
+ * is read once for all models. */
+VECTORIZED
+int merge_magnitude_histograms(const float *const *models, int64_t num, const float *base, int64_t n,
+                               int64_t *counts) {
+    uint32_t bits[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = block_size(n, start);
+        for (int64_t i = 0; i < num; i++) {
+            int64_t *restrict count = counts + i * BUCKETS;
+            load_magnitude_bits(models[i] + start, base ? base + start : NULL, m, bits);
+            for (int64_t j = 0; j < m; j++) count[bits[j] >> 16]++;
+        }
+    }
+    return 0;
+}
+
+/* Per model i, the |tau| whose top 16 bits are buckets[i], into out[offsets[i]:offsets[i + 1]] (sized from the
+ * histogram). One pass, as merge_magnitude_histograms. */
+VECTORIZED
+int merge_bucket_magnitudes(const float *const *models, int64_t num, const float *base, int64_t n,
+                            const int64_t *buckets, const int64_t *offsets, float *out) {
+    int64_t *found = malloc(sizeof(int64_t) * num);
+    if (!found) return -1;
+    memcpy(found, offsets, sizeof(int64_t) * num);
+    uint32_t bits[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = block_size(n, start);
+        for (int64_t i = 0; i < num; i++) {
+            load_magnitude_bits(models[i] + start, base ? base + start : NULL, m, bits);
+            const uint32_t bucket = (uint32_t)buckets[i];
+            /* Matches are rare (one bucket of 65536): a vectorised test skips the runs of 64 that hold none. */
+            for (int64_t run = 0; run < m; run += 64) {
+                const int64_t stop = run + 64 < m ? run + 64 : m;
+                uint32_t any = 0;
+                for (int64_t j = run; j < stop; j++) any |= bits[j] >> 16 == bucket;
+                if (any)
+                    for (int64_t j = run; j < stop; j++)
+                        if (bits[j] >> 16 == bucket) memcpy(&out[found[i]++], &bits[j], sizeof(float));
+            }
+        }
+    }
+    free(found);
+    return 0;
+}
+
+/* result[num, num] = float64 dot products of the task vectors (float32 within a block, float64 across blocks). */
+VECTORIZED
+int merge_gram(const float *const *models, int64_t num, const float *base, int64_t n, double *result) {
+    float *taus = malloc(sizeof(float) * BLOCK * num);
+    if (!taus) return -1;
+    memset(result, 0, sizeof(double) * num * num);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = block_size(n, start);
+        for (int64_t i = 0; i < num; i++) {
+            float *restrict tau = taus + i * BLOCK;
+            const float *restrict x = models[i] + start;
+            if (base)
+                for (int64_t j = 0; j < m; j++) tau[j] = x[j] - base[start + j];
+            else
+                memcpy(tau, x, m * sizeof(float));
+        }
+        for (int64_t i = 0; i < num; i++)
+            for (int64_t k = i; k < num; k++) {
+                const float *restrict a = taus + i * BLOCK, *restrict c = taus + k * BLOCK;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < m; j++) dot += a[j] * c[j];
+                result[i * num + k] += dot;
+            }
+    }
+    for (int64_t i = 0; i < num; i++)
+        for (int64_t k = 0; k < i; k++) result[i * num + k] = result[k * num + i];
+    free(taus);
+    return 0;
+}
+
+/* sums[0] = sum |tau|, sums[1] = sum |tau| over the entries DARE keeps (keys k0, k1, cut), float64. */
+VECTORIZED
+int merge_l1_norms(const float *x, const float *base, int64_t n, uint32_t k0, uint32_t k1, uint32_t cut,
+                   double *sums) {
+    double before = 0.0, after = 0.0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = block_size(n, start);
+        float block_before = 0.0f, block_after = 0.0f;
+#pragma omp simd reduction(+ : block_before, block_after)
+        for (int64_t j = 0; j < m; j++) {
+            const float magnitude = __builtin_fabsf(base ? x[start + j] - base[start + j] : x[start + j]);
+            block_before += magnitude;
+            block_after += dare_draw((uint32_t)(start + j), k0, k1) < cut ? magnitude : 0.0f;
+        }
+        before += block_before;
+        after += block_after;
+    }
+    sums[0] = before;
+    sums[1] = after;
+    return 0;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_loops", .m_doc = "Merge loops; called through ctypes by alignment.merge.kernels."};
+
+PyMODINIT_FUNC PyInit__loops(void) { return PyModule_Create(&module); }
