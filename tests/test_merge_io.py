@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -145,6 +146,39 @@ def test_merge_on_the_mesh_equals_host(demo, tmp_path, method):
     host, mesh = read_all(tmp_path / "host"), read_all(tmp_path / "mesh")
     for name in host:
         np.testing.assert_allclose(mesh[name], host[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_units_run_largest_first_within_the_budget():
+    costs = {"a": 6, "b": 6, "c": 2, "d": 2, "e": 9, "f": 12}  # f is over the budget of 10: it runs alone
+    lock, running, started, over = threading.Lock(), [], [], []
+
+    def work(unit):
+        with lock:
+            running.append(costs[unit])
+            started.append(unit)
+            if len(running) > 1 and sum(running) > 10:
+                over.append(list(running))
+        time.sleep(0.05)
+        with lock:
+            running.remove(costs[unit])
+
+    streaming._run_in_budget(list(costs), costs.get, work, streaming._Budget(10), workers=2)
+    assert started[0] == "f" and sorted(started) == sorted(costs) and not over
+    assert started.index("c") < started.index("b")  # while a (6) runs, b (6) waits and a free thread takes c (2)
+
+
+def test_a_failing_unit_stops_the_others():
+    started = []
+
+    def work(unit):
+        started.append(unit)
+        if unit == 3:
+            raise RuntimeError("unit 3 failed")
+        time.sleep(0.01)
+
+    with pytest.raises(RuntimeError, match="unit 3 failed"):
+        streaming._run_in_budget(list(range(40)), lambda unit: 40 - unit, work, streaming._Budget(100), workers=2)
+    assert len(started) < 10
 
 
 def test_orbax_output_with_a_budget_smaller_than_any_tensor_finishes(demo, tmp_path):

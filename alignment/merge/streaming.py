@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -50,13 +50,50 @@ class _Budget:
             self.used -= nbytes
             self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def hold(self, nbytes: int):
-        self.acquire(nbytes)
+    def acquire_first_fitting(self, pending: list, cost: Callable[[Any], int]) -> Any:
+        """Remove from `pending` its first unit that fits in what is left (waiting until one does) and hold its
+        cost; None once `pending` is empty."""
+        with self._cond:
+            while pending:
+                for k, unit in enumerate(pending):
+                    if self.used == 0 or self.used + cost(unit) <= self.limit:
+                        self.used += cost(unit)
+                        return pending.pop(k)
+                self._cond.wait()
+            return None
+
+    def drop(self, pending: list) -> None:
+        """Empty `pending`: threads finish the unit they hold and take no other."""
+        with self._cond:
+            pending.clear()
+            self._cond.notify_all()
+
+
+def _run_in_budget(units: Sequence, cost: Callable[[Any], int], work: Callable[[Any], None], budget: _Budget,
+                   workers: int) -> None:
+    """work(unit) for every unit on `workers` threads, largest first. A free thread takes the largest waiting unit
+    that fits in what the running ones leave of the budget, so a large unit waiting for room does not idle the
+    other threads. The first error stops the rest and is raised."""
+    pending = sorted(units, key=cost, reverse=True)
+
+    def worker():
+        while (unit := budget.acquire_first_fitting(pending, cost)) is not None:
+            try:
+                work(unit)
+            except BaseException:
+                budget.drop(pending)
+                raise
+            finally:
+                budget.release(cost(unit))
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(worker) for _ in range(workers)]
         try:
-            yield
-        finally:
-            self.release(nbytes)
+            for f in futures:
+                f.result()
+        except BaseException:
+            budget.drop(pending)
+            raise
 
 
 def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output: str = "", hf_output: str = "",
@@ -195,29 +232,20 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
 
 
 def _merge_to_hf(units, merged, merge_slice, slice_cost, budget, writer, layout, workers) -> None:
-    """Merge and write every (name, layer) unit in a thread pool; the first error cancels the rest.
+    """Merge and write every (name, layer) unit on `workers` threads within the memory budget.
 
     In HF's own layout each piece of a merged tensor goes straight to its place in the file, from a
     buffer that stays in cache; otherwise (Orbax inputs) whole slices are converted to HF's layout.
     """
     def one(unit):
         name, layer = unit
-        with budget.hold(slice_cost(name)):
-            if layout == "hf":
-                for first, values in merged(name, layer):
-                    writer.write_elements(name, layer, first, values)
-            else:
-                writer.write(name, layer, merge_slice(name, layer), layout)
+        if layout == "hf":
+            for first, values in merged(name, layer):
+                writer.write_elements(name, layer, first, values)
+        else:
+            writer.write(name, layer, merge_slice(name, layer), layout)
 
-    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        futures = [pool.submit(one, u) for u in units]
-        try:
-            for f in concurrent.futures.as_completed(futures):
-                f.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    _run_in_budget(units, lambda unit: slice_cost(unit[0]), one, budget, workers or os.cpu_count())
 
 
 def _merge_to_orbax(directory, tensors, sources, merge_slice, slice_cost, budget, hf_writer) -> None:
