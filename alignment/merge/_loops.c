@@ -17,8 +17,8 @@
 #define BLOCK 2048       /* N + 3 float32 rows of it stay in L1/L2 */
 #define BUCKETS 65536    /* histogram of the top 16 bits of a non-negative float32 */
 
-/* The x86-64 baseline is SSE2; an AVX2 clone is picked at load time where the CPU has it. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* The x86-64 baseline is SSE2; an AVX2 clone is picked at load time where the CPU has it (GCC with glibc: ifunc). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define VECTORIZED __attribute__((target_clones("avx2", "default")))
 #else
 #define VECTORIZED
@@ -50,6 +50,24 @@ static inline void load_magnitude_bits(const float *restrict x, const float *res
     }
 }
 
+/* One block of model i's task vector, into tau[:m] and its contribution into acc[:m]: tau = x - base (x without a
+ * base), trimmed to |tau| >= c, DARE-dropped (kept entries times s) when drop; acc += w tau, or sign(tau) when
+ * count; screen += tau - tau before the trim (NaN for a NaN or Inf). One loop reads x once; the flags are
+ * constants at every call (see merge_combine), so each combination compiles to its own vectorised loop. */
+static inline __attribute__((always_inline)) void load_task_vector(
+        const float *restrict x, const float *restrict base, int has_base, int drop, int count, int64_t m, float c,
+        uint32_t index, uint32_t k0, uint32_t k1, uint32_t cut, float s, float w, float *restrict tau,
+        float *restrict acc, float *restrict screen) {
+    for (int64_t j = 0; j < m; j++) {
+        float v = has_base ? x[j] - base[j] : x[j];
+        screen[j] += v - v;
+        v = __builtin_fabsf(v) >= c ? v : 0.0f;
+        if (drop) v = dare_draw(index + (uint32_t)j, k0, k1) < cut ? v * s : 0.0f;
+        tau[j] = v;
+        acc[j] += count ? (v > 0 ? 1.0f : (v < 0 ? -1.0f : 0.0f)) : w * v;
+    }
+}
+
 /* out[:n] = the merged values of elements [first_index, first_index + n) of a tensor; one read of every input.
  * *screen = 0 when every tau was finite, else NaN (tau - tau per element, at the cost of one subtraction).
  *
@@ -73,37 +91,25 @@ int merge_combine(const float *const *models, int64_t num, const float *base, in
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t m = block_size(n, start);
         const float *restrict b = base ? base + start : NULL;
-        for (int64_t i = 0; i < num; i++) {
-            float *restrict tau = taus + i * BLOCK;
-            const float *restrict x = models[i] + start;
-            if (b)
-                for (int64_t j = 0; j < m; j++) {
-                    const float v = x[j] - b[j];
-                    tau[j] = v;
-                    screen[j] += v - v;
-                }
-            else
-                for (int64_t j = 0; j < m; j++) {
-                    tau[j] = x[j];
-                    screen[j] += x[j] - x[j];
-                }
-            const float c = thresholds[i];
-            if (c > 0)
-                for (int64_t j = 0; j < m; j++) tau[j] = __builtin_fabsf(tau[j]) >= c ? tau[j] : 0.0f;
-            if (drop) {
-                const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1], index = (uint32_t)(first_index + start);
-                const float s = scales[i];
-                for (int64_t j = 0; j < m; j++) tau[j] = dare_draw(index + (uint32_t)j, k0, k1) < cut ? tau[j] * s : 0.0f;
-            }
-        }
         for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
         for (int64_t i = 0; i < num; i++) {
-            const float *restrict tau = taus + i * BLOCK;
-            const float w = coefficients[i];
-            if (election == 2)
-                for (int64_t j = 0; j < m; j++) acc[j] += tau[j] > 0 ? 1.0f : (tau[j] < 0 ? -1.0f : 0.0f);
-            else
-                for (int64_t j = 0; j < m; j++) acc[j] += w * tau[j];
+            const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1], index = (uint32_t)(first_index + start);
+            const float c = thresholds[i], s = scales[i], w = coefficients[i];
+            const float *restrict x = models[i] + start;
+            float *restrict tau = taus + i * BLOCK;
+#define LOAD(HAS_BASE, DROP, COUNT) \
+    load_task_vector(x, b, HAS_BASE, DROP, COUNT, m, c, index, k0, k1, cut, s, w, tau, acc, screen); break
+            switch ((b != NULL) * 4 + drop * 2 + (election == 2)) {
+                case 0: LOAD(0, 0, 0);
+                case 1: LOAD(0, 0, 1);
+                case 2: LOAD(0, 1, 0);
+                case 3: LOAD(0, 1, 1);
+                case 4: LOAD(1, 0, 0);
+                case 5: LOAD(1, 0, 1);
+                case 6: LOAD(1, 1, 0);
+                default: LOAD(1, 1, 1);
+            }
+#undef LOAD
         }
         if (election != 0) {
             /* tau_i agrees with the elected sign when tau_i * elected > 0 (same sign, both non-zero). */
