@@ -310,7 +310,8 @@ def test_pieces_are_the_whole(method, params):
     models, base, w = case_inputs(method)
     p = make_spec(method, len(models), dict(weights=w, **params)).resolve("layers/q_proj", 0, 1)
     whole = merge_tensor(method, models, base, p, (4,)).reshape(-1)
-    pieces = [(first, values.copy()) for first, values in merge_pieces(method, models, base, p, (4,), piece_elements=301)]
+    pieces = [(first, values.copy())
+              for first, values in merge_pieces(method, models, base, p, (4,), piece_elements=301)]
     assert [first for first, _ in pieces] == list(range(0, whole.size, 301))
     np.testing.assert_array_equal(np.concatenate([values for _, values in pieces]), whole)
 

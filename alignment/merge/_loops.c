@@ -239,6 +239,7 @@ int merge_l1_norms(const float *x, const float *base, int64_t n, uint32_t k0, ui
 }
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, .m_name = "_loops", .m_doc = "Merge loops; called through ctypes by alignment.merge.kernels."};
+    PyModuleDef_HEAD_INIT, .m_name = "_loops",
+    .m_doc = "Merge loops; called through ctypes by alignment.merge.kernels."};
 
 PyMODINIT_FUNC PyInit__loops(void) { return PyModule_Create(&module); }

@@ -85,7 +85,8 @@ def _address(array: np.ndarray, dtype, size: int, what: str) -> int:
 def _inputs(models: Sequence[np.ndarray], base: np.ndarray) -> tuple[Any, int, int | None, int]:
     """(pointer array, N, base pointer or None, n) for the loops."""
     n = models[0].size
-    pointers = (ctypes.c_void_p * len(models))(*[_address(m, np.float32, n, f"model {i}") for i, m in enumerate(models)])
+    addresses = [_address(m, np.float32, n, f"model {i}") for i, m in enumerate(models)]
+    pointers = (ctypes.c_void_p * len(models))(*addresses)
     return pointers, len(models), _address(base, np.float32, n, "base") if base.size else None, n
 
 
@@ -109,7 +110,8 @@ def combine(models, base, coefficients, thresholds, scales, cut, keys, election,
     pointers, num, base_pointer, n = _inputs(models, base)
     per_model = [np.ascontiguousarray(a, np.float32) for a in (coefficients, thresholds, scales)]
     keys = np.ascontiguousarray(keys, np.uint32)
-    addresses = [_address(a, np.float32, num, name) for a, name in zip(per_model, ("coefficients", "thresholds", "scales"))]
+    addresses = [_address(a, np.float32, num, name)
+                 for a, name in zip(per_model, ("coefficients", "thresholds", "scales"))]
     if keys.shape != (num, 2):
         raise ValueError(f"keys: need [{num}, 2] uint32, got {keys.shape}")
     screen = ctypes.c_float()

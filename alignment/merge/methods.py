@@ -2,7 +2,8 @@
 
 `merge_tensor(method, models, base, p, seed)` takes N arrays of one shape S (any float dtype), the base
 (shape S, or None where the method has no base) and resolved `TensorParams`, and returns float32 of
-shape S; `merge_pieces` yields the same values a cache-sized piece at a time, for writing straight to a file. Every method works on task vectors tau_i = theta_i - base (tau_i = theta_i without a base).
+shape S; `merge_pieces` yields the same values a cache-sized piece at a time, for writing straight to a
+file. Every method works on task vectors tau_i = theta_i - base (tau_i = theta_i without a base).
 
 Scope of "tensor": whole-tensor statistics (TIES' magnitude threshold, DARE's L1 rescale, SLERP's and
 Model Stock's angles) are taken over the array given. `alignment.merge.streaming` passes each layer
