@@ -11,8 +11,9 @@ setuptools.setup(
     # The merge methods' host loops, in C: loaded through ctypes by alignment/merge/kernels.py. No -ffast-math
     # (the NaN/Inf screen needs IEEE arithmetic); contraction off so every build rounds the same; no trapping
     # floating point (it never traps here), so `c ? x * s : 0` vectorises as a select instead of a branch.
+    # optional: without a C compiler everything but merging installs (merging then says how to build it).
     ext_modules=[setuptools.Extension(
-        "alignment.merge._loops", ["alignment/merge/_loops.c"],
+        "alignment.merge._loops", ["alignment/merge/_loops.c"], optional=True,
         extra_compile_args=["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"])],
     install_requires=[
         "jax>=0.6",

@@ -220,6 +220,13 @@ def test_non_finite_input_is_named(method):
         with pytest.raises(NonFiniteInput) as error:
             merge(method, models, base, density=0.5)
         assert (error.value.index, error.value.position) == (2, (0, 0, 1))
+    models[1][2, 3, 40], models[0][5, 6, 50] = 1.5, np.nan  # in the last piece of 301: still an index of S
+    if base is not None:
+        base[0, 0, 1] = 1.5
+    p = make_spec(method, 2, dict(density=0.5, weights=(1.0, 1.0))).resolve("layers/q_proj", 0, 1)
+    with pytest.raises(NonFiniteInput) as error:
+        list(merge_pieces(method, models, base, p, piece_elements=301))
+    assert (error.value.index, error.value.position) == (0, (5, 6, 50))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -318,12 +325,31 @@ def test_pieces_are_the_whole(method, params):
 
 def test_kernels_refuse_arrays_they_cannot_read():
     x = np.ones(10, np.float32)
-    with pytest.raises(ValueError, match="model 1: need a C-contiguous 1-D float32 array of 10 elements"):
+    with pytest.raises(ValueError, match="model 1: need an aligned C-contiguous 1-D float32 array of 10 elements"):
         kernels.gram((x, np.ones(10)), NO_BASE)
     with pytest.raises(ValueError, match="base: need .* of 10 elements"):
         kernels.gram((x,), np.ones(9, np.float32))
     with pytest.raises(ValueError, match="model 0"):
         kernels.l1_norms(np.ones(20, np.float32)[::2], NO_BASE, 1, 2, 3)
+    misaligned = np.frombuffer(b"\0" + np.arange(10, dtype=np.float32).tobytes(), np.float32, 10, offset=1)
+    with pytest.raises(ValueError, match="model 0: need an aligned"):
+        kernels.gram((misaligned,), NO_BASE)
+    # A tensor at an odd offset of a mapped file is copied to aligned memory before the loops see it.
+    np.testing.assert_array_equal(merge("linear", [misaligned], None), np.arange(10, dtype=np.float32))
+
+
+def test_kernels_stop_when_an_input_changed_between_passes():
+    x = np.full(100, 3.0, np.float32)
+    bucket = np.array([x.view(np.uint32)[0] >> 16], np.int64)
+    out = np.empty(5, np.float32)
+    with pytest.raises(RuntimeError, match="changed while it was being read"):
+        kernels.bucket_magnitudes((x,), NO_BASE, bucket, np.array([0, 5]), out)  # the histogram counted 5, not 100
+
+
+def test_a_build_from_other_sources_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "_LOOPS_VERSION", kernels._LOOPS_VERSION + 1)
+    with pytest.raises(ImportError, match="built from other sources"):
+        kernels._library()
 
 
 def test_dare_seed_changes_the_masks():

@@ -5,8 +5,8 @@
  * `base` one more, or NULL where the method has no base; tau_i = models[i] - base (models[i] without a base).
  * Temporaries live in blocks of BLOCK elements, so one pass reads each input once at memory speed and the
  * inner loops, with nothing else in them, vectorise (`c ? value : 0` becomes a select, not a branch, because
- * the build says floating point never traps: -fno-trapping-math). Functions return 0, or -1 when a temporary could not
- * be allocated. No -ffast-math: `v - v` must stay NaN for a NaN or Inf input (the combine's screen); only the
+ * the build says floating point never traps: -fno-trapping-math). Functions return 0, -1 when a temporary could not
+ * be allocated, or -2 when an input changed between two passes over it. No -ffast-math: `v - v` must stay NaN for a NaN or Inf input (the combine's screen); only the
  * float32 partial sums of a block are reordered (`omp simd reduction`), and blocks accumulate in float64.
  */
 #include <Python.h>
@@ -14,8 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 2048       /* N + 3 float32 rows of it stay in L1/L2 */
+#define BLOCK 2048       /* N + 4 float32 rows of it stay in L2 */
 #define BUCKETS 65536    /* histogram of the top 16 bits of a non-negative float32 */
+/* The calling convention of the functions below: kernels.py refuses a build whose version is not its own (an
+ * in-place build left over from older sources would otherwise be called with the wrong arguments). */
+#define LOOPS_VERSION 1
+
+int merge_loops_version(void) { return LOOPS_VERSION; }
 
 /* The x86-64 baseline is SSE2; an AVX2 clone is picked at load time where the CPU has it (GCC with glibc: ifunc). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
@@ -157,7 +162,8 @@ int merge_magnitude_histograms(const float *const *models, int64_t num, const fl
 }
 
 /* Per model i, the |tau| whose top 16 bits are buckets[i], into out[offsets[i]:offsets[i + 1]] (sized from the
- * histogram). One pass, as merge_magnitude_histograms. */
+ * histogram). One pass, as merge_magnitude_histograms; -2 if a model has more of them than the histogram counted
+ * (its mapped file changed in between). */
 VECTORIZED
 int merge_bucket_magnitudes(const float *const *models, int64_t num, const float *base, int64_t n,
                             const int64_t *buckets, const int64_t *offsets, float *out) {
@@ -177,7 +183,13 @@ int merge_bucket_magnitudes(const float *const *models, int64_t num, const float
                 for (int64_t j = run; j < stop; j++) any |= bits[j] >> 16 == bucket;
                 if (any)
                     for (int64_t j = run; j < stop; j++)
-                        if (bits[j] >> 16 == bucket) memcpy(&out[found[i]++], &bits[j], sizeof(float));
+                        if (bits[j] >> 16 == bucket) {
+                            if (found[i] == offsets[i + 1]) {
+                                free(found);
+                                return -2;
+                            }
+                            memcpy(&out[found[i]++], &bits[j], sizeof(float));
+                        }
             }
         }
     }

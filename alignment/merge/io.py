@@ -227,8 +227,11 @@ class HFWriter:
     def write_elements(self, name: str, layer: int | None, first: int, values: np.ndarray) -> None:
         """Write elements [first, first + values.size) of one tensor (a layer slice of a stacked one) in HF's
         layout and C order, converted to the file's dtype; safe from any thread."""
-        hf_name, _ = self._conversions[(name, layer)]
+        hf_name, t = self._conversions[(name, layer)]
         fd, offset, dtype = self._where[hf_name]
+        if first < 0 or first + values.size > int(np.prod(t.hf_shape)):
+            raise ValueError(f"{hf_name}: elements [{first}, {first + values.size}) are outside its "
+                             f"{int(np.prod(t.hf_shape))}")
         data = np.ascontiguousarray(values, dtype=dtype)
         view, done = memoryview(data.reshape(-1).view(np.uint8)), 0
         offset += first * dtype.itemsize

@@ -26,6 +26,7 @@ import numpy as np
 
 BUCKETS = 1 << 16  # histogram of the top 16 bits of a non-negative float32 (as _loops.c)
 _UNIFORM_BITS = 24
+_LOOPS_VERSION = 1  # LOOPS_VERSION of _loops.c: the calling convention below
 
 
 def dare_keys(seed: Sequence[int], num_models: int) -> np.ndarray:
@@ -56,6 +57,9 @@ def _library() -> ctypes.CDLL:
         raise ImportError("alignment/merge/_loops.c is not compiled: install the package (pip install -e .), "
                           "which builds it (a C compiler and the Python headers are needed)")
     library = ctypes.CDLL(spec.origin)
+    if library.merge_loops_version() != _LOOPS_VERSION:
+        raise ImportError(f"{spec.origin} was built from other sources than alignment/merge/_loops.c: rebuild it "
+                          "(pip install -e .)")
     pointer, i64, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
     signatures = {  # every loop returns 0, or -1 when a temporary could not be allocated
         "merge_combine": [pointer, i64, pointer, i64, i64, pointer, pointer, pointer, u32, pointer, i64, f32,
@@ -75,10 +79,12 @@ _LOOPS = _library()
 
 
 def _address(array: np.ndarray, dtype, size: int, what: str) -> int:
-    """The data pointer of a C-contiguous 1-D `dtype` array of `size` elements; a loop reads exactly that many."""
-    if array.dtype != dtype or array.ndim != 1 or array.size != size or not array.flags.c_contiguous:
-        raise ValueError(f"{what}: need a C-contiguous 1-D {np.dtype(dtype).name} array of {size} elements, got "
-                         f"{array.dtype} {array.shape}")
+    """The data pointer of an aligned C-contiguous 1-D `dtype` array of `size` elements; a loop reads exactly
+    that many."""
+    if (array.dtype != dtype or array.ndim != 1 or array.size != size or not array.flags.c_contiguous
+            or not array.flags.aligned):
+        raise ValueError(f"{what}: need an aligned C-contiguous 1-D {np.dtype(dtype).name} array of {size} "
+                         f"elements, got {array.dtype} {array.shape}")
     return array.ctypes.data
 
 
@@ -91,8 +97,10 @@ def _inputs(models: Sequence[np.ndarray], base: np.ndarray) -> tuple[Any, int, i
 
 
 def _run(status: int) -> None:
-    if status != 0:
+    if status == -1:
         raise MemoryError("a merge loop could not allocate its block buffers")
+    if status != 0:
+        raise RuntimeError("an input of the merge changed while it was being read (its file was rewritten)")
 
 
 def combine(models, base, coefficients, thresholds, scales, cut, keys, election, lam, out, first_index=0) -> float:
@@ -124,8 +132,10 @@ def magnitude_histograms(models, base, counts) -> None:
     """counts[N, BUCKETS] (int64) += per model, a histogram of the top 16 bits of |tau| (non-negative floats
     order like their bits). One pass: each block of the base is read once for all models."""
     pointers, num, base_pointer, n = _inputs(models, base)
-    _run(_LOOPS.merge_magnitude_histograms(pointers, num, base_pointer, n,
-                                           _address(counts.reshape(-1), np.int64, num * BUCKETS, "counts")))
+    if counts.shape != (num, BUCKETS) or counts.dtype != np.int64 or not counts.flags.c_contiguous:
+        raise ValueError(f"counts: need a C-contiguous int64 [{num}, {BUCKETS}] array, got {counts.dtype} "
+                         f"{counts.shape}")
+    _run(_LOOPS.merge_magnitude_histograms(pointers, num, base_pointer, n, counts.ctypes.data))
 
 
 def bucket_magnitudes(models, base, buckets, offsets, out) -> None:

@@ -88,8 +88,8 @@ METHODS: dict[str, Method] = {
 
 
 def flat_float32(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """C-order float32 1-D views (copies only where an input is not float32 or not contiguous)."""
-    return tuple(np.ascontiguousarray(a, np.float32).reshape(-1) for a in arrays)
+    """C-order float32 1-D views (copies only where an input is not float32, not contiguous or not aligned)."""
+    return tuple(np.require(a, np.float32, ["C", "A"]).reshape(-1) for a in arrays)
 
 
 NO_BASE = flat_float32([np.empty(0, np.float32)])[0]  # the base of methods without one
@@ -293,10 +293,15 @@ def merge_pieces(name: str, models: Sequence[np.ndarray], base: np.ndarray | Non
     for first in range(0, size, step):
         stop = min(size, first + step)
         values = buffer[:stop - first]
-        screen = kernels.combine(tuple(x[first:stop] for x in flat), b[first:stop] if b.size else b, *per_model, cut,
-                                 keys, election, np.float32(lam), values, first_index=first)
+        pieces, base_piece = tuple(x[first:stop] for x in flat), b[first:stop] if b.size else b
+        screen = kernels.combine(pieces, base_piece, *per_model, cut, keys, election, np.float32(lam), values,
+                                 first_index=first)
         if not np.isfinite(screen):  # a NaN/Inf input, or a task vector that overflowed float32: find out which
-            check_finite([*models, *([] if base is None else [base])])
+            try:
+                check_finite([*pieces, *([base_piece] if b.size else [])])
+            except NonFiniteInput as e:  # e.position is in the piece: as an index of S
+                position = np.unravel_index(first + e.position[0], np.shape(models[0]))
+                raise NonFiniteInput(e.index, tuple(int(i) for i in position)) from None
         yield first, values
 
 

@@ -193,7 +193,8 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             return out.astype(tensors[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
-            """Bytes one slice's merge holds: its inputs, their float32 copies if they are not float32, the result."""
+            """Bytes one slice's merge may hold: its inputs, their float32 copies if they are not float32, the result
+            (whole where it is converted or goes to Orbax; an HF -> HF merge holds only a 1 MB piece of it)."""
             info = tensors[name]
             elements = int(np.prod(info.shape[1:] if info.stacked else info.shape))
             copies = 0 if info.dtype == np.float32 else 4 * len(sources)
@@ -245,7 +246,7 @@ def _merge_to_hf(units, merged, merge_slice, slice_cost, budget, writer, layout,
         else:
             writer.write(name, layer, merge_slice(name, layer), layout)
 
-    _run_in_budget(units, lambda unit: slice_cost(unit[0]), one, budget, workers or os.cpu_count())
+    _run_in_budget(units, lambda unit: slice_cost(unit[0]), one, budget, workers or os.cpu_count() or 1)
 
 
 def _merge_to_orbax(directory, tensors, sources, merge_slice, slice_cost, budget, hf_writer) -> None:
