@@ -97,7 +97,7 @@ def main() -> None:
     for names, uses_base, _ in RUNS.values():
         key = (tuple(names), uses_base)
         if key not in own_floors:
-            own_floors[key] = copy_floor([os.path.join(m, n) for n in names] + ([os.path.join(m, "base")] if uses_base else []))
+            own_floors[key] = copy_floor([os.path.join(m, n) for n in [*names, *["base"] * uses_base]])
             print(json.dumps({"bench": "merge_copy_floor_own_inputs", "inputs": list(names) + ["base"] * uses_base,
                               "wall_s": round(own_floors[key], 3)}))
     floor_s = own_floors[(tuple(os.path.basename(d) for d in inputs), False)]  # linear's inputs: the peers' floor

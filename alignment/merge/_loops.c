@@ -5,9 +5,10 @@
  * `base` one more, or NULL where the method has no base; tau_i = models[i] - base (models[i] without a base).
  * Temporaries live in blocks of BLOCK elements, so one pass reads each input once at memory speed and the
  * inner loops, with nothing else in them, vectorise (`c ? value : 0` becomes a select, not a branch, because
- * the build says floating point never traps: -fno-trapping-math). Functions return 0, -1 when a temporary could not
- * be allocated, or -2 when an input changed between two passes over it. No -ffast-math: `v - v` must stay NaN for a NaN or Inf input (the combine's screen); only the
- * float32 partial sums of a block are reordered (`omp simd reduction`), and blocks accumulate in float64.
+ * the build says floating point never traps: -fno-trapping-math). Functions return 0, -1 when a temporary could
+ * not be allocated, or -2 when an input changed between two passes over it. No -ffast-math: `v - v` must stay
+ * NaN for a NaN or Inf input (the combine's screen); only the float32 partial sums of a block are reordered
+ * (`omp simd reduction`), and blocks accumulate in float64.
  */
 #include <Python.h>
 #include <stdint.h>

@@ -229,9 +229,9 @@ class HFWriter:
         layout and C order, converted to the file's dtype; safe from any thread."""
         hf_name, t = self._conversions[(name, layer)]
         fd, offset, dtype = self._where[hf_name]
-        if first < 0 or first + values.size > int(np.prod(t.hf_shape)):
-            raise ValueError(f"{hf_name}: elements [{first}, {first + values.size}) are outside its "
-                             f"{int(np.prod(t.hf_shape))}")
+        size = int(np.prod(t.hf_shape))
+        if first < 0 or first + values.size > size:
+            raise ValueError(f"{hf_name}: elements [{first}, {first + values.size}) are outside its {size}")
         data = np.ascontiguousarray(values, dtype=dtype)
         view, done = memoryview(data.reshape(-1).view(np.uint8)), 0
         offset += first * dtype.itemsize

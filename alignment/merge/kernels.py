@@ -61,7 +61,7 @@ def _library() -> ctypes.CDLL:
         raise ImportError(f"{spec.origin} was built from other sources than alignment/merge/_loops.c: rebuild it "
                           "(pip install -e .)")
     pointer, i64, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
-    signatures = {  # every loop returns 0, or -1 when a temporary could not be allocated
+    signatures = {  # every loop returns a status: 0, or the error `_run` raises
         "merge_combine": [pointer, i64, pointer, i64, i64, pointer, pointer, pointer, u32, pointer, i64, f32,
                           pointer, pointer],
         "merge_magnitude_histograms": [pointer, i64, pointer, i64, pointer],
@@ -158,8 +158,7 @@ def gram(models, base) -> np.ndarray:
 
 def l1_norms(x, base, k0, k1, cut) -> tuple[float, float]:
     """(sum |tau|, sum |tau| over the entries DARE keeps with keys (k0, k1)), float64."""
-    _, _, base_pointer, n = _inputs([x], base)
+    (x_pointer,), _, base_pointer, n = _inputs([x], base)
     sums = np.empty(2)
-    _run(_LOOPS.merge_l1_norms(_address(x, np.float32, n, "x"), base_pointer, n, int(k0), int(k1), cut,
-                               sums.ctypes.data))
+    _run(_LOOPS.merge_l1_norms(x_pointer, base_pointer, n, int(k0), int(k1), cut, sums.ctypes.data))
     return float(sums[0]), float(sums[1])
