@@ -14,7 +14,7 @@ import pytest
 import safetensors.numpy
 
 from alignment.models import hf
-from alignment.models.config import ModelConfig
+from alignment.models.config import ModelConfig, from_hf_config
 from alignment.models.hf import load_hf_checkpoint, save_hf_checkpoint
 from alignment.models.transformer import Transformer, rope_inverse_frequencies
 
@@ -33,6 +33,12 @@ LLAMA_GQA = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidde
 LLAMA31 = dict(LLAMA_GQA, num_hidden_layers=3, rope_theta=500000.0,
                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=16))
+# 4,096 positions, most past original_max_position_embeddings, with weights large enough (logits up to ~6) that
+# one ulp in an inverse frequency shows in the logits by the last positions.
+LLAMA31_LONG = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.15,
+                    rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                           high_freq_factor=4.0, original_max_position_embeddings=512))
 QWEN2_TIED = dict(vocab_size=192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
@@ -131,6 +137,37 @@ def test_logits_match_transformers(tmp_path_factory, kind, hf_kwargs, offset):
     inputs = _inputs(config.vocab_size, offset=offset)
     diff = np.abs(_project_logits(config, params, *inputs) - _hf_logits(model, *inputs)).max()
     assert diff < 1e-4, diff
+
+
+@needs_hf
+@pytest.mark.parametrize("rope", [
+    dict(rope_theta=10000.0),
+    dict(rope_theta=10000.0, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=8192)),
+], ids=["default", "linear", "llama3"])
+def test_rope_inverse_frequencies_are_transformers_bits(rope):
+    """Llama-3.1 8B's head_dim and RoPE (and the older schemes): the same float32 values, bit for bit."""
+    hf_config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=16384, **rope)
+    expected = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq.numpy()
+    got = rope_inverse_frequencies(from_hf_config(hf_config.to_dict()))
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+@needs_hf
+def test_long_context_logits_match_transformers(tmp_path_factory):
+    """Compiled forward (where the frequencies are built) at 4,096 positions with llama3 scaling, float32."""
+    model, path = _save_hf(tmp_path_factory, "llama", LLAMA31_LONG)
+    config, params = load_hf_checkpoint(path)
+    seq = 4096
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, seq), dtype=np.int32)
+    positions, segment_ids = np.arange(seq, dtype=np.int32)[None], np.ones((1, seq), np.int32)
+    transformer = Transformer(config)
+    logits = jax.jit(lambda p, *inputs: transformer.apply({"params": p}, transformer.apply({"params": p}, *inputs),
+                                                          method="logits"))
+    ours = np.asarray(logits(params, tokens, positions, segment_ids))
+    diff = np.abs(ours - _hf_logits(model, tokens, positions, segment_ids)).max()
+    assert diff < 2e-5, diff
 
 
 @needs_hf
