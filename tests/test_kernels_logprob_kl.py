@@ -21,10 +21,10 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def make_inputs(seed: int, dtype=jnp.float32, n=N, vocab=V, k=K):
+def make_inputs(seed: int, dtype=jnp.float32, n=N, vocab=V, k=K, d=D):
     rng = np.random.default_rng(seed)
-    hidden = jnp.asarray(rng.standard_normal((n, D)), dtype)
-    unembedding = jnp.asarray(rng.standard_normal((D, vocab)) * 0.5, dtype)
+    hidden = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    unembedding = jnp.asarray(rng.standard_normal((d, vocab)) * 0.5, dtype)
     targets = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
     ids = jnp.asarray(np.stack([rng.permutation(vocab)[:k] for _ in range(n)]), jnp.int32)
     ref_logp = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((n, k)) * 2, jnp.float32), axis=-1)
@@ -55,7 +55,7 @@ def weighted_loss(fn, targets, ids, ref_logp, weights, with_topk=True):
 
 
 def check_against_reference(fn, seed, dtype, with_topk=True, **sizes):
-    """Outputs and gradients of `fn` against the dense oracle on fresh inputs (sizes: make_inputs' n, vocab, k)."""
+    """Outputs and gradients of `fn` against the dense oracle on fresh inputs (sizes: make_inputs' n, vocab, k, d)."""
     hidden, unembedding, targets, ids, ref_logp, weights = make_inputs(seed, dtype, **sizes)
     kw = dict(temperature=TEMPERATURE, with_entropy=True)
     topk = (ids, ref_logp) if with_topk else (None, None)
@@ -90,7 +90,7 @@ def test_xla_matches_reference(dtype):
 # Interpret mode is slow: the Pallas kernels run at the test sizes (N, V, K = 37, 203, 11: every block and
 # the top-K width padded) with the top-K in fp32 and bf16, and once without it (the kernels' other path).
 PALLAS = {
-    "pallas_gpu": functools.partial(pallas_gpu.logprob_kl, block_n=16, block_v=64, interpret=True),
+    "pallas_gpu": functools.partial(pallas_gpu.logprob_kl, block_n=16, block_v=64, block_d=8, interpret=True),
     "pallas_tpu": functools.partial(pallas_tpu.logprob_kl, block_n=16, block_v=128, interpret=True),
 }
 
@@ -99,6 +99,13 @@ PALLAS = {
 @pytest.mark.parametrize("impl", sorted(PALLAS))
 def test_pallas_interpret_matches_reference(impl, dtype, with_topk):
     check_against_reference(PALLAS[impl], 2 if impl == "pallas_gpu" else 3, dtype, with_topk)
+
+
+def test_pallas_gpu_pads_a_hidden_size_its_chunks_do_not_divide():
+    """D 20 in chunks of 8: the hidden size is zero-padded to 24, and dhidden comes back as [N, 20]."""
+    check_against_reference(PALLAS["pallas_gpu"], 9, jnp.float32, with_topk=False, n=20, d=20)
+    with pytest.raises(ValueError, match="block_d=24 must be a power of two"):
+        pallas_gpu.logprob_kl(*make_inputs(9, n=4)[:3], block_d=24)
 
 
 @pytest.mark.parametrize("impl", ["xla"] + sorted(PALLAS))

@@ -5,10 +5,18 @@ scratch. Per-token vectors travel lane-broadcast as [tokens, 128] tiles.
   forward   grid (token blocks, vocab blocks)
   dhidden   grid (token blocks, vocab blocks), accumulating [block_n, D]
   dW        grid (vocab blocks, token blocks), accumulating [D, block_v]
-A block holds whole hidden rows. With the top-K, `topk` = K (static): the forward kernel picks up the
+A block holds whole hidden rows, so the blocks' VMEM grows with D: `block_sizes` shrinks block_v, then
+block_n, from the requested sizes until the pipelined blocks and scratch fit VMEM_BUDGET, and every call
+asks Mosaic for VMEM_LIMIT (XLA's default scoped limit, 16 MiB on v5e and v5p, is too small for a Llama-3
+8B head: D 4096 at (256, 512) needs ~30 MiB). With the top-K, `topk` = K (static): the forward kernel picks up the
 logits at the reference's top-K ids [*, Kp] into a [block_n, Kp] scratch as their vocabulary blocks
 pass, and the backward kernels add kl_coef [*, Kp] at those ids; the [N, K] KL math is in common.py.
 Pallas calls are not partitioned by XLA: `alignment/algorithms/logprobs.py` runs this under shard_map.
+
+Checked by cross-lowering on a CPU host (tests/test_kernels_lowering.py; JAX 0.10.2, chip description of
+v5e): the Pallas -> Mosaic lowering (block shapes, primitives) for fp32 and bf16, D 896 to 8192, K 64 and
+500, N and V not divisible by the blocks, and the VMEM estimate of every call against VMEM_LIMIT for v5e,
+v5p and v6e (v4's 16 MiB of VMEM is too small for VMEM_LIMIT). Mosaic's layout passes run only on a TPU.
 """
 from __future__ import annotations
 
@@ -22,7 +30,42 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.logprob_kl import common
 
 LANES = 128
-_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+VMEM_LIMIT = 32 * 2**20  # asked of Mosaic for every call: within the VMEM of v5e, v5p and v6e (64+ MiB)
+VMEM_BUDGET = 24 * 2**20  # for the pipelined blocks and scratch; the rest is the kernel body's temporaries
+_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT)
+
+
+def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """VMEM bytes of a [rows, cols] block: (8, 128) tiles of 32-bit words (16-bit values pack 2 rows)."""
+    sublanes = 8 * (4 // itemsize)
+    return -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * itemsize
+
+
+def vmem_bytes(block_n: int, block_v: int, d: int, itemsize: int, slots: int) -> int:
+    """VMEM of the biggest of the three calls: two buffers per block (inputs and outputs), plus scratch.
+
+    slots: Kp, the top-K width (0 without the top-K)."""
+    h, w = _tile_bytes(block_n, d, itemsize), _tile_bytes(d, block_v, itemsize)
+    vec = _tile_bytes(block_n, LANES, 4)
+    topk = _tile_bytes(block_n, slots, 4) if slots else 0
+    forward = 2 * (h + w + 4 * vec + 2 * topk) + 4 * _tile_bytes(block_n, 1, 4) + topk
+    dhidden = 2 * (2 * h + w + 5 * vec + 2 * topk) + _tile_bytes(block_n, d, 4)
+    dw = 2 * (h + 2 * w + 5 * vec + 2 * topk) + _tile_bytes(d, block_v, 4)
+    return max(forward, dhidden, dw)
+
+
+def block_sizes(block_n: int, block_v: int, d: int, itemsize: int, slots: int) -> tuple[int, int]:
+    """(block_n, block_v) at most the requested sizes whose calls fit VMEM_BUDGET: block_v halves down to
+    256 first, then block_n to 128, block_v to 128 and block_n to 8 (blocks stay multiples of (8, 128)
+    and, as long as they can, fill a 256-wide MXU)."""
+    sizes = [block_n, block_v]
+    for which, floor in ((1, 256), (0, 128), (1, 128), (0, 8)):
+        while vmem_bytes(*sizes, d, itemsize, slots) > VMEM_BUDGET and sizes[which] // 2 >= floor:
+            sizes[which] //= 2
+    if vmem_bytes(*sizes, d, itemsize, slots) > VMEM_BUDGET:
+        raise ValueError(f"logprob_kl pallas_tpu: hidden size {d} ({itemsize}-byte values) does not fit "
+                         f"{VMEM_BUDGET // 2**20} MiB of VMEM even at blocks {tuple(sizes)}; use impl='xla'")
+    return sizes[0], sizes[1]
 
 
 def _forward_kernel(h_ref, w_ref, t_ref, *refs, temperature, vocab, topk):
@@ -111,6 +154,8 @@ def logprob_kl(hidden, unembedding, targets, ref_topk_ids=None, ref_topk_logprob
     """Same contract as `reference.logprob_kl`."""
     topk = 0 if ref_topk_ids is None else ref_topk_ids.shape[1]
     kw = dict(temperature=float(temperature), vocab=unembedding.shape[1], topk=topk)
+    itemsize = max(jnp.dtype(hidden.dtype).itemsize, jnp.dtype(unembedding.dtype).itemsize)
+    block_n, block_v = block_sizes(block_n, block_v, hidden.shape[1], itemsize, topk and common.topk_width(topk))
     mode = pltpu.InterpretParams() if interpret else False
 
     def forward(h, w, t, ids):
