@@ -7,6 +7,11 @@ of rows and loops over the other sequence inside the kernel (the Triton style):
   dk, dv    grid (batch, kv_heads, key blocks), loop over query blocks of every head in the group
 Masks follow `reference.mask` (segment ids, causal by position), so every key block is visited;
 the mask zeroes what a query must not see.
+
+Checked by cross-lowering on a CPU host (tests/test_kernels_lowering*.py; JAX 0.10.2): the Pallas -> Triton
+lowering, forward and backward, fp32 and bf16, head dims 64 and 128, GQA 32/8 and 4/2 and 14/2, lengths no
+block divides, inside the sharded SFT / GRPO steps and the generation programs; every tile at most
+[64, 128]. Triton's compile to PTX runs only on a GPU (`benchmarks/device_check.py`).
 """
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ or sublanes (keys) so every block has a TPU-tileable shape. Layout: [batch, head
   dq       grid (batch, heads, q blocks, k blocks)
   dk, dv   grid (batch, kv_heads, k blocks, groups * q blocks)
 Pallas calls are not partitioned by XLA: `api.py` wraps this in `shard_map` over the model mesh.
+
+Checked by cross-lowering on a CPU host (tests/test_kernels_lowering*.py; JAX 0.10.2, chip description of
+v5e through Mosaic's TPU-info registry): the Pallas -> Mosaic lowering (block shapes, primitives), forward
+and backward, fp32 and bf16, head dims 64 and 128, GQA, lengths no block divides, inside the sharded SFT /
+GRPO steps and the generation programs; each call's blocks take under 2 MiB of VMEM (v5e, v5p, v6e).
+Mosaic's layout passes run only on a TPU.
 """
 from __future__ import annotations
 
