@@ -5,22 +5,31 @@ Layout: `<directory>/<step>/state` holds the TrainState pytree (params, optimize
 the wanted shardings, so a checkpoint written on one mesh loads onto any other mesh shape. Before any
 tensor is read, the checkpoint's metadata is checked against the target and every mismatch is reported
 at once, instead of orbax failing (or silently casting) on the first one.
+
+A step whose files are missing, truncated or unreadable is corrupt, never a mismatch: resuming skips it
+with a warning, restores the newest readable step and moves the corrupt ones aside (renamed
+`<step>.corrupt-<time>`, kept for inspection) so the resumed run writes those steps anew.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 logger = logging.getLogger(__name__)
 
 STATE = "state"
 DATA = "data"
+# Step directories are named by their step alone ("<directory>/120"); a renamed `120.corrupt-...` is no step.
+STEP_NAMES = ocp.step.standard_name_format()
 
 
 def _log(message: str, *args: Any) -> None:
@@ -49,6 +58,48 @@ def _describe(leaf: Any) -> str:
 
 class IncompatibleCheckpoint(ValueError):
     """The checkpoint is complete but holds a different model (names, shapes or dtypes)."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step whose files are missing, truncated or unreadable."""
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
+def _state_metadata(step_dir: epath.Path) -> Any:
+    """The stored state's tree of shapes and dtypes; CorruptCheckpoint when it cannot be read.
+
+    Read through the handler, not `CheckpointManager.item_metadata`, which turns a missing or unreadable
+    file into None and so into an apparent mismatch of every tensor.
+    """
+    try:
+        return ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, the step cannot describe its tensors
+        raise CorruptCheckpoint(f"checkpoint {step_dir} is corrupt: its state metadata cannot be read "
+                                f"({_first_line(e)})") from None
+
+
+def _drop_closed_loop_traces() -> None:
+    """Keep a failed Orbax restore from printing dozens of 'RuntimeError: Event loop is closed' traces.
+
+    Orbax reads a step's arrays concurrently on an event loop that it closes as soon as one read fails;
+    the reads still in flight finish later on TensorStore threads, each calling back into the closed loop,
+    and Python prints every such error as an unraisable exception, up to interpreter exit. Installed before
+    the first restore and kept for the rest of the process, since those callbacks can come at any time;
+    only that error is dropped, any other goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_traces", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_traces = True
+    sys.unraisablehook = hook
 
 
 def check_compatible(expected: Any, found: Any, where: str) -> None:
@@ -83,7 +134,7 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save, step_name_format=STEP_NAMES)
         # Handlers are registered up front so metadata can be read before the first save or restore.
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -104,29 +155,56 @@ class Checkpointer:
     def restore(self, abstract_state: Any, shardings: Any, step: int | None = None) -> tuple[Any, dict | None]:
         """(state laid out by `shardings`, data_state or None) from `step`.
 
-        Without `step`, the newest complete checkpoint: one left half-written (e.g. by a crash during
-        a save) is skipped, with a warning, in favour of the one before it.
+        Without `step`, the newest complete checkpoint: a newer one left half-written (e.g. by a crash during
+        a save) or otherwise corrupt is skipped with a warning and moved aside, so the run writes it anew.
         """
+        _drop_closed_loop_traces()
         if step is not None:
             return self._restore_step(self._resolve_step(step), abstract_state, shardings)
         self._resolve_step(None)  # raises when there is none at all
+        corrupt = []
         for candidate in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return self._restore_step(candidate, abstract_state, shardings)
+                restored = self._restore_step(candidate, abstract_state, shardings)
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                logger.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); trying the previous "
-                               "one", candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+                logger.warning("checkpoint step %d in %s is incomplete or unreadable (%s); trying the previous one",
+                               candidate, self.directory, _first_line(e))
+                corrupt.append(candidate)
+                continue
+            if corrupt:
+                self._move_aside(corrupt)
+            return restored
+        raise FileNotFoundError(f"no complete checkpoint in {self.directory}: steps {sorted(corrupt)} are all "
+                                "incomplete or corrupt (reasons in the warnings above); move them away to start afresh")
 
     def _restore_step(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict | None]:
-        check_compatible(abstract_state, self._manager.item_metadata(step)[STATE], f"{self.directory} step {step}")
+        step_dir = ocp.step.find_step_path(self.directory, STEP_NAMES, step=step)
+        check_compatible(abstract_state, _state_metadata(step_dir), f"{self.directory} step {step}")
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(_targets(abstract_state, shardings)),
                                      DATA: ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
         _log("checkpoint: restored step %d from %s", step, self.directory)
         return restored[STATE], restored[DATA]
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Rename corrupt step directories to `<step>.corrupt-<time>`, which Orbax does not take for steps.
+
+        Orbax skips a save at or below its latest step, so a corrupt step left in place would never be
+        rewritten and every later start would fall back again.
+        """
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if jax.process_index() == 0:
+            for step in steps:
+                path = ocp.step.find_step_path(self.directory, STEP_NAMES, step=step)
+                target = path.parent / f"{path.name}.corrupt-{stamp}"
+                path.rename(target)
+                logger.warning("checkpoint: moved corrupt step %d aside to %s; the resumed run writes it anew",
+                               step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoint: corrupt steps moved aside")
+        self._manager.reload()
 
     def _resolve_step(self, step: int | None) -> int:
         """The requested step, or the latest; a missing checkpoint is a FileNotFoundError naming the directory."""
@@ -171,9 +249,9 @@ def load_params(path: str | os.PathLike, abstract_params: Any, shardings: Any) -
     root, step = _locate(epath.Path(path))
     # PyTree (not Standard) handler: the on-disk format is the same, and it supports partial restore.
     handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers=handlers) as manager:
-        stored = manager.item_metadata(step)[STATE]
+    stored = _state_metadata(ocp.step.find_step_path(root, STEP_NAMES, step=step))
+    options = ocp.CheckpointManagerOptions(read_only=True, step_name_format=STEP_NAMES)
+    with ocp.CheckpointManager(root, options=options, item_handlers=handlers) as manager:
         check_compatible({"params": abstract_params}, {"params": stored["params"]}, f"{root} step {step}")
         target = {"params": _targets(abstract_params, shardings)}
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -1,16 +1,28 @@
-"""Checkpoint round-trips, resharding across meshes, retention, mismatch detection and params-only loads."""
+"""Checkpoint round-trips, resharding across meshes, retention, mismatch detection, params-only loads, and
+corrupt checkpoints: every file of a saved step deleted or truncated, the run resumes bit-identical."""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignment import checkpoint
-from alignment.checkpoint import Checkpointer, load_params
+from alignment.checkpoint import Checkpointer, CorruptCheckpoint, load_params
+from alignment.config import load_config_file
 from alignment.models.config import ModelConfig
 from alignment.models.transformer import Transformer, dummy_inputs
 from alignment.sharding import DEFAULT_RULES, make_mesh
+from alignment.stages import sft
+from alignment.train import runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
 
@@ -187,3 +199,170 @@ def test_half_written_checkpoint_falls_back_to_previous(tmp_path, caplog, state)
     assert "step 4" in caplog.text and "incomplete or unreadable" in caplog.text
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_state_metadata_is_corrupt_not_a_mismatch(tmp_path, caplog, state):
+    """Without `state/_METADATA` a step cannot describe its tensors: corrupt, never 'does not match the model'."""
+    abstract, shardings = setup(make_mesh(MESH_8))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, state, {"next_index": 2})
+        ckpt.save(4, state, {"next_index": 4})
+    (tmp_path / "4" / "state" / "_METADATA").unlink()
+    with pytest.raises(CorruptCheckpoint, match=r"4 is corrupt: its state metadata cannot be read") as error:
+        load_params(tmp_path / "4", abstract.params, shardings.params)
+    assert "does not match" not in str(error.value)
+    with Checkpointer(tmp_path, async_save=False) as ckpt, caplog.at_level("WARNING"):
+        assert ckpt.restore(abstract, shardings)[1] == {"next_index": 2}
+    assert "step 4" in caplog.text and "incomplete or unreadable" in caplog.text
+    assert "does not match" not in caplog.text
+
+
+def test_corrupt_step_is_moved_aside_and_written_anew(tmp_path, caplog, state):
+    """Orbax skips a save at or below its latest step: left in place, a corrupt step would never be rewritten."""
+    abstract, shardings = setup(one_device_mesh())
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, state, {"next_index": 2})
+        ckpt.save(4, state, {"next_index": 4})
+    (tmp_path / "4" / "data" / "metadata").unlink()
+    with Checkpointer(tmp_path, async_save=False, max_to_keep=1) as ckpt, caplog.at_level("WARNING"):
+        assert ckpt.restore(abstract, shardings)[1] == {"next_index": 2}
+        assert ckpt.latest_step() == 2
+        assert ckpt.save(4, state, {"next_index": 4})
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("4.corrupt-")]
+    assert len(moved) == 1 and not (moved[0] / "data" / "metadata").exists()
+    assert (moved[0] / "state").is_dir()  # renamed as it was, for inspection; retention (max_to_keep) spares it
+    assert f"moved corrupt step 4 aside to {moved[0]}" in caplog.text
+    caplog.clear()
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level("WARNING"):
+        assert ckpt.latest_step() == 4
+        assert ckpt.restore(abstract, shardings)[1] == {"next_index": 4}
+    assert "incomplete or unreadable" not in caplog.text  # a later start no longer falls back
+
+
+# --- a real run: every file of a saved step deleted or truncated, then a restart --------------------------------
+
+# A tiny SFT run, 4 steps, a checkpoint after each; shared by the in-process runs and the command line.
+RUN = {"model.num_layers": 1, "model.hidden_size": 32, "model.intermediate_size": 64, "batch_size": 8, "steps": 4,
+       "log_every": 1, "data.num_embedded": 64, "data.num_embedded_eval": 8, "data.max_length": 32,
+       "data.pack_buffer": 16, "checkpoint.every": 1, "checkpoint.keep": 3}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_config():
+    config = load_config_file(str(REPO / "configs" / "sft.py"))
+    config.update_from_flattened_dict(RUN)
+    return config
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """Every restart compiles the same programs; a persistent cache loads them instead (~1 s a run, not ~6)."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()  # the cache is otherwise set up once per process, by the first compilation
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, compilation_cache):
+    """The uninterrupted run's workdir (checkpoints 2, 3, 4)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    sft.run(run_config(), str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def target():
+    """(abstract state, shardings) of the run's model, to read its checkpoints back."""
+    config = run_config()
+    _, model, mesh, rules = runtime.setup_model(config)
+    return state_shardings(model, make_optimizer(config.optimizer, config.steps)[0], mesh, rules, dummy_inputs())
+
+
+def saved_step(workdir, step, target):
+    """(state, data-iterator state) of `step` in the run's workdir."""
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        return ckpt.restore(*target, step=step)
+
+
+@pytest.fixture(scope="module")
+def expected(reference, target):
+    """step -> what the uninterrupted run saved at steps 3 and 4."""
+    return {step: saved_step(reference, step, target) for step in (3, 4)}
+
+
+def step_files(step_dir: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
+
+
+def damage(path: pathlib.Path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+    else:  # truncate: what a crash in the middle of writing it leaves
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+def check_resume(reference, expected, target, workdir, name, how, caplog) -> None:
+    """Stop after step 3 (step 4 never written), damage file `name` of step 3, restart: the run must end on
+    exactly the uninterrupted run's steps 3 and 4, falling back to step 2 whenever the damage is detected."""
+    shutil.copytree(reference / "checkpoints", workdir / "checkpoints")
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    damage(workdir / "checkpoints" / "3" / name, how)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        sft.run(run_config(), str(workdir))
+    moved = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.startswith("3.corrupt-")]
+    if "step 3 in" in caplog.text and "incomplete or unreadable" in caplog.text:
+        assert "restored step 2" in caplog.text
+        assert len(moved) == 1 and "moved corrupt step 3 aside" in caplog.text, moved
+    else:
+        assert "restored step 3" in caplog.text and not moved
+    for step in (3, 4):  # step 3 is sound again: written anew after a fallback, or read fine without one
+        state, data_state = saved_step(workdir, step, target)
+        assert data_state == expected[step][1]
+        assert_trees_equal(state, expected[step][0])
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_damaged_file_resumes_bit_identical(reference, expected, target, tmp_path, caplog, how):
+    """Each file of a real step in turn (state arrays, ocdbt manifests, _METADATA, _CHECKPOINT_METADATA, the data
+    iterator state, ...). One test runs them all, sharing the reference run; failures are reported together."""
+    names = step_files(reference / "checkpoints" / "3")
+    assert {"state/_METADATA", "data/metadata", "_CHECKPOINT_METADATA"} <= set(names), names
+    assert sum("ocdbt" in name or name.startswith("state/d/") for name in names) >= 3, names
+    failures = []
+    for index, name in enumerate(names):
+        try:
+            check_resume(reference, expected, target, tmp_path / str(index), name, how, caplog)
+        except Exception as e:  # noqa: BLE001 - collected, so one run reports every file that fails
+            failures.append(f"{how} {name}: {type(e).__name__}: {str(e)[:300]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_checkpoint_corrupt_is_one_error_line(reference, tmp_path):
+    """The command line: three corrupt steps (array data, metadata, iterator state) give one warning each and
+    one error line, without the traces of Orbax's reads still in flight nor a 'does not match' report."""
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", checkpoints)
+    for path in (checkpoints / "4" / "state").rglob("*"):
+        if path.is_file() and "/d/" in str(path):
+            path.unlink()
+    (checkpoints / "3" / "state" / "_METADATA").unlink()
+    damage(checkpoints / "2" / "data" / "metadata", "truncate")
+    command = [sys.executable, "-m", "alignment.launch", "--config=configs/sft.py", f"--workdir={tmp_path}",
+               *(f"--config.{key}={value}" for key, value in RUN.items())]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "does not match" not in result.stderr, result.stderr
+    not_logged = [line for line in result.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
+    assert not_logged == [f"error: no complete checkpoint in {checkpoints}: steps [2, 3, 4] are all incomplete or "
+                          "corrupt (reasons in the warnings above); move them away to start afresh"], result.stderr
+    assert result.stderr.count("incomplete or unreadable") == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "3", "4"]  # nothing moved when nothing is usable
