@@ -87,6 +87,16 @@ def configure_logging(argv: list[str]) -> None:
     project.propagate = False
 
 
+def make_workdir(path: str) -> None:
+    """Create `path` with its parents; a path that is a file, or cannot be created, is a ValueError naming it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--workdir {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {path}: cannot create the directory ({e.strerror or e})") from None
+
+
 def run_warm_start(config, workdir: str) -> None:
     """Run `config.warm_start` (a whole stage config, e.g. a short SFT) into workdir/warm_start first and
     start this stage from its final checkpoint; a finished warm start is reused on restart."""
@@ -112,7 +122,7 @@ def main(argv):
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints, metrics and outputs go there)")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    make_workdir(_WORKDIR.value)
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)

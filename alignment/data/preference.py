@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alignment import sharding
 from alignment.data.chat import encode_chat
+from alignment.data.sources import open_data_file
 from alignment.data.synthetic import arithmetic_record
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models.transformer import SharedKV
@@ -98,12 +99,7 @@ class PreferenceStats:
 
 def read_lines(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
     """(where, record, error) per non-blank line of a .jsonl or .jsonl.gz file; `where` is 'path:line'."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        f = opener(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
-    with f:
+    with open_data_file(path, gzip.open if path.endswith(".gz") else open) as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:

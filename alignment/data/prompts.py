@@ -28,14 +28,17 @@ def load_prompts(sources: Mapping, *, seed: int, num_embedded: int, skip_bad_rec
     """category -> records (chat form, with `answer` and any other fields the rewards need)."""
     by_category: dict[str, list[dict]] = collections.defaultdict(list)
     for index, (category, source) in enumerate(sorted(sources.items())):
-        records, _ = load_records(source.path, category=category, fmt=source.get("format", "auto"),
-                                  skip_bad_records=skip_bad_records, seed=seed + index, num_embedded=num_embedded,
-                                  embedded=source.get("embedded", None))
+        records, stats = load_records(source.path, category=category, fmt=source.get("format", "auto"),
+                                      skip_bad_records=skip_bad_records, seed=seed + index, num_embedded=num_embedded,
+                                      embedded=source.get("embedded", None))
+        if not records:
+            found = f"all {stats.read} records skipped {dict(stats.skipped)}" if stats.read else "it holds no records"
+            raise ValueError(f"prompt source {category!r} ({source.path}): no prompts ({found})")
         for number, record in enumerate(records):
             record.setdefault("prompt_id", f"{category}-{number}")
             by_category[record["category"]].append(record)
     if not by_category:
-        raise ValueError("no prompts loaded")
+        raise ValueError("no prompt sources configured")
     return dict(by_category)
 
 

@@ -35,12 +35,20 @@ class SourceStats:
         return {"read": self.read, "skipped": dict(self.skipped)}
 
 
-def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+def open_data_file(path: str, opener: Callable = open):
+    """`opener(path, "rb")`; a path that is missing, a directory or unreadable is an error naming it."""
     try:
-        f = open(path, "rb")
+        return opener(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"data file not found: {path}") from None
-    with f:
+    except IsADirectoryError:
+        raise ValueError(f"data file {path} is a directory; expected a JSONL file") from None
+    except OSError as e:
+        raise ValueError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open_data_file(path) as f:
         yield from enumerate(f, start=1)
 
 

@@ -34,6 +34,8 @@ def load_prompts(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
         if not isinstance(record.get("messages"), list) or not record["messages"]:
             raise ValueError(f"{config.prompts}:{number}: expected a non-empty list field 'messages'")
         records.append((f"{config.prompts}:{number}", record))
+    if not records:
+        raise ValueError(f"{config.prompts}: no prompts (the file holds no records)")
     return records
 
 
