@@ -4,22 +4,35 @@
     python -m alignment.serve --checkpoint=/models/qwen2-hf --chat_template=chatml --port=8000
     python -m alignment.serve --checkpoint=/tmp/sft/checkpoints --model=tiny --tokenizer=embedded
 
-Requests run through the engine one at a time (a lock); each request's n samples share one prefill. Supported
-request fields: messages / prompt, max_tokens (or max_completion_tokens), temperature (default 1), top_p, n,
-stop, seed, and the common extensions top_k and min_p. A prompt that leaves no room for max_tokens is refused
-with 400 (code context_length_exceeded), never truncated. Errors are JSON: {"error": {"message", "type",
-"param", "code"}}.
+Requests run through the engine one at a time (a lock); each request's n samples share one prefill, and n is
+padded to a power of two so a new n re-uses a compiled program (prompt and token lengths are bucketed by the
+engine). Supported request fields: model, messages / prompt, max_tokens (or max_completion_tokens),
+temperature (default 1), top_p, n, stop, seed, and the common extensions top_k and min_p; message content is a
+string or a list of text parts. A `model` other than the served names gets 404 model_not_found; an absent one
+means the served model. A prompt that leaves no room for max_tokens is refused with 400 (code
+context_length_exceeded), never truncated. Errors are JSON: {"error": {"message", "type", "param", "code"}}.
+
+Hostile or departed clients are contained: at most `max_connections` connections are served at once (more
+get 503 at once), every socket read waits at most `read_timeout` seconds and a request body must arrive
+within it (else 408), and a client that disconnects cancels its generation within `CANCEL_CHECK_STEPS` decode
+steps, so the next request does not wait for abandoned work.
 """
 from __future__ import annotations
 
+import collections
+import contextvars
 import http.server
 import json
+import math
 import os
 import secrets
+import select
+import socket
+import sys
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import app, flags, logging
@@ -27,7 +40,7 @@ from absl import app, flags, logging
 from alignment.config import model_preset
 from alignment.data.chat import encode_chat
 from alignment.generation.build import build_engine
-from alignment.generation.engine import Engine
+from alignment.generation.engine import Cancelled, Engine, bucket
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
 from alignment.train.runtime import is_hf_checkpoint
@@ -35,6 +48,13 @@ from alignment.train.runtime import is_hf_checkpoint
 MAX_BODY_BYTES = 16 << 20
 MAX_SAMPLES = 64
 MAX_STOPS = 4
+CANCEL_CHECK_STEPS = 16  # decode steps between checks of the client's connection
+REFUSED_GRACE_S = 1.0  # a refused connection is closed this long after its 503, once its request has arrived
+MAX_REFUSED = 256  # refused connections waiting for that close; beyond it the oldest are closed at once
+
+# The current request's "has the client gone away" check, set by the handler thread around a service call;
+# None outside a request (a Service called directly).
+client_gone: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("client_gone", default=None)
 
 
 class RequestError(ValueError):
@@ -44,24 +64,48 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param, self.code, self.status = param, code, status
 
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, rule: str = "") -> Any:
     """body[name] (or default when absent/null), type- and range-checked."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, kind) or (check and not check(value)):
+    bad = isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and
+                                                                      not math.isfinite(value))
+    if bad or (check and not check(value)):
         raise RequestError(f"'{name}' must be {rule}, got {json.dumps(value)}", param=name)
     return value
 
 
 def _sampling(body: dict) -> SamplingParams:
     return SamplingParams(
-        temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, "a number >= 0")),
+        temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, "a finite number >= 0")),
         top_k=_field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0"),
         top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         min_p=float(_field(body, "min_p", (int, float), 0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")),
     )
+
+
+def _text_messages(messages: list) -> list:
+    """messages with each list-of-parts content ([{"type": "text", "text": ...}, ...], as many OpenAI clients
+    send) joined into one string, parts separated by newlines; parts other than text are refused."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    got = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise RequestError(f"messages[{i}].content[{j}]: only text parts "
+                                       f"{{\"type\": \"text\", \"text\": ...}} are supported, got {got!r}",
+                                       param=f"messages[{i}].content")
+            message = {**message, "content": "\n".join(part["text"] for part in content)}
+        out.append(message)
+    return out
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -75,23 +119,45 @@ def _stops(body: dict) -> tuple[str, ...]:
 
 
 class Service:
-    """Turns request bodies into engine calls and OpenAI response bodies; thread-safe."""
+    """Turns request bodies into engine calls and OpenAI response bodies; thread-safe.
 
-    def __init__(self, engine: Engine, tokenizer, chat_template: str, model_name: str, default_max_tokens: int = 256,
-                 pas=None):
-        """pas: an `alignment.pas.augment.Pas` put in front of the model for chat requests, or None."""
+    While a request runs in a handler thread, `client_gone` holds its connection check: the generation stops
+    (engine `Cancelled`) when the client has gone away.
+    """
+
+    def __init__(self, engine: Engine, tokenizer, chat_template: str, model_name: str | Sequence[str],
+                 default_max_tokens: int = 256, pas=None):
+        """model_name: the name, or names, a request's `model` may give; the first is the one answers report.
+        pas: an `alignment.pas.augment.Pas` put in front of the model for chat requests, or None."""
         self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
-        self.model_name, self.default_max_tokens, self.pas = model_name, default_max_tokens, pas
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        if not self.model_names:
+            raise ValueError("a served model needs at least one name")
+        self.model_name, self.default_max_tokens, self.pas = self.model_names[0], default_max_tokens, pas
         self._lock = threading.Lock()
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "alignment"}]}
+        return {"object": "list",
+                "data": [{"id": name, "object": "model", "owned_by": "alignment"} for name in self.model_names]}
+
+    def _check_model(self, body: dict) -> None:
+        """404 model_not_found for a `model` this server does not serve, as the OpenAI API answers."""
+        model = body.get("model")
+        if model is None:
+            return
+        if not isinstance(model, str):
+            raise RequestError(f"'model' must be a string, got {json.dumps(model)}", param="model")
+        if model not in self.model_names:
+            raise RequestError(f"model {model!r} is not served here; served: {', '.join(self.model_names)}",
+                               param="model", code="model_not_found", status=404)
 
     def chat_completions(self, body: dict) -> dict:
+        self._check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                                param="messages")
+        messages = _text_messages(messages)
         if self.pas is not None:
             messages = self._with_pas(messages, body.get("pas_keywords") or [])
         try:
@@ -115,6 +181,7 @@ class Service:
             raise RequestError(f"messages: PAS cannot complement them ({e})", param="messages") from None
 
     def completions(self, body: dict) -> dict:
+        self._check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -145,10 +212,11 @@ class Service:
         n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_SAMPLES, f"an integer in [1, {MAX_SAMPLES}]")
         seed = _field(body, "seed", int, None, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
         sampling, stop = _sampling(body), _stops(body)
-        with self._lock:
-            out = self.engine.generate([ids], max_tokens, sampling, num_samples=n,
+        with self._lock:  # a client that left while waiting here is cancelled before the prefill
+            out = self.engine.generate([ids], max_tokens, sampling, num_samples=n, pad_samples_to=bucket(n, 1),
                                        seeds=[secrets.randbits(31) if seed is None else seed],
-                                       stop_ids=self._single_token_stops(stop))
+                                       stop_ids=self._single_token_stops(stop), cancelled=client_gone.get(),
+                                       check_every=CANCEL_CHECK_STEPS)
         choices = [finish(self.tokenizer, out.row(r), bool(out.stopped[r]), stop) for r in range(n)]
         completion_tokens = sum(c["num_tokens"] for c in choices)
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
@@ -161,10 +229,17 @@ class Service:
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes requests to `self.server.service`; every answer is JSON."""
+    """Routes requests to `self.server.service`; every answer is JSON.
+
+    A failure to write to a client that went away propagates to `Server.handle_error`, which logs one line.
+    """
 
     protocol_version = "HTTP/1.1"
     routes = {"/v1/chat/completions": "chat_completions", "/v1/completions": "completions"}
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # socketserver applies it to every read and write of the socket
+        super().setup()
 
     def do_GET(self):
         path = self.path.rstrip("/")
@@ -183,23 +258,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise RequestError(f"unknown path {self.path}; POST /v1/chat/completions or /v1/completions",
                                    status=404)
             body = self._read_json()
-            self._send(200, getattr(self.server.service, self.routes[path])(body))
+            token = client_gone.set(self._client_gone)
+            try:
+                answer = getattr(self.server.service, self.routes[path])(body)
+            finally:
+                client_gone.reset(token)
         except RequestError as e:
-            self._error(e)
+            return self._error(e)
+        except Cancelled as e:
+            logging.info("%s went away; its generation stopped after %d decode steps", self.address_string(),
+                         e.steps)
+            self.close_connection = True
+            return None
         except ValueError as e:  # invalid settings found deeper (e.g. sampling parameters)
-            self._error(RequestError(str(e)))
+            return self._error(RequestError(str(e)))
         except Exception as e:  # a bug, not the client's fault: say so and keep serving
             logging.exception("request to %s failed", path)
-            self._error(RequestError(f"internal error: {type(e).__name__}: {e}", status=500))
+            return self._error(RequestError(f"internal error: {type(e).__name__}: {e}", status=500))
+        self._send(200, answer)
 
     def _read_json(self) -> dict:
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise RequestError("a Content-Length header is required", status=411) from None
+        if length < 0:
+            raise RequestError(f"Content-Length must be >= 0, got {length}")
         if length > MAX_BODY_BYTES:
             raise RequestError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}", status=413)
-        raw = self.rfile.read(length)
+        raw = self._read_body(length)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -208,10 +295,39 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
         return body
 
+    def _read_body(self, length: int) -> bytes:
+        """`length` bytes of body, which must all arrive within the read timeout (a trickle does not extend it)."""
+        deadline = time.monotonic() + self.server.read_timeout
+        parts, missing = [], length
+        try:
+            while missing:
+                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                part = self.rfile.read1(missing)
+                if not part:
+                    raise RequestError(f"the connection closed after {length - missing} of {length} body bytes")
+                parts.append(part)
+                missing -= len(part)
+                if missing and time.monotonic() >= deadline:
+                    raise TimeoutError
+        except TimeoutError:
+            raise RequestError(f"{length - missing} of the {length} body bytes arrived within "
+                               f"{self.server.read_timeout:g} s", status=408) from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed or reset its connection (a waiting end-of-stream or error)."""
+        poller = select.poll()  # not select.select, which fails on descriptors above 1023
+        poller.register(self.connection, select.POLLIN)
+        try:
+            return bool(poller.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
     def _error(self, e: RequestError):
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
         self.close_connection = True  # the body may be unread; do not parse it as the next request
-        self._send(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}})
+        self._send(e.status, e.body())
 
     def _send(self, status: int, payload: dict):
         data = json.dumps(payload).encode()
@@ -225,12 +341,90 @@ class Handler(http.server.BaseHTTPRequestHandler):
         logging.info("%s %s", self.address_string(), format % args)
 
 
-def make_server(service: Service, host: str = "127.0.0.1", port: int = 0) -> http.server.ThreadingHTTPServer:
-    """A server bound to (host, port); port 0 picks a free one (see `server.server_address`)."""
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    server.service = service
-    return server
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them; a connection beyond gets 503 at once."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog; the default 5 drops a burst of concurrent clients' connects
+
+    def __init__(self, address: tuple[str, int], service, max_connections: int = 64, read_timeout: float = 30.0):
+        """service: has models(), chat_completions(body) and completions(body) (`Service` or a stand-in);
+        read_timeout: seconds any socket read may wait, and the time a request body has to arrive in."""
+        if max_connections < 1 or not read_timeout > 0:
+            raise ValueError(f"max_connections must be >= 1 and read_timeout > 0, got {max_connections} and "
+                             f"{read_timeout}")
+        super().__init__(address, Handler)
+        self.service, self.max_connections, self.read_timeout = service, max_connections, read_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused = collections.deque()  # (time refused, socket) waiting to be closed
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            return self._refuse(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+        return None
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address) -> None:
+        """Answers 503 without blocking the accept loop. The socket is closed a grace period later, after the
+        client's request has arrived and been read: closing over unread bytes resets the connection, and the
+        client could lose the 503."""
+        logging.warning("%s refused: %d connections in flight", client_address[0], self.max_connections)
+        error = RequestError(f"the server is busy ({self.max_connections} connections in flight); retry shortly",
+                             code="server_busy", status=503)
+        data = json.dumps(error.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.setblocking(False)
+            request.send(head + data)  # a few hundred bytes: the fresh socket's send buffer takes them whole
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._refused.append((time.monotonic(), request))
+
+    def service_actions(self):
+        """Closes refused connections whose grace period is over (serve_forever calls this every poll)."""
+        while self._refused and (len(self._refused) > MAX_REFUSED or
+                                 time.monotonic() - self._refused[0][0] > REFUSED_GRACE_S):
+            self._close_refused(self._refused.popleft()[1])
+
+    @staticmethod
+    def _close_refused(sock: socket.socket) -> None:
+        try:
+            for _ in range(16):  # what the client sent, so closing does not reset the connection
+                if not sock.recv(1 << 16):
+                    break
+        except OSError:
+            pass
+        sock.close()
+
+    def server_close(self):
+        super().server_close()
+        while self._refused:
+            self._close_refused(self._refused.popleft()[1])
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):  # the client left or stalled: nothing to debug
+            logging.info("%s: connection dropped (%s: %s)", client_address[0], type(error).__name__, error)
+        else:
+            logging.exception("request from %s failed", client_address[0])
+
+
+def make_server(service, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
+                read_timeout: float = 30.0) -> Server:
+    """A server bound to (host, port); port 0 picks a free one (see `server.server_address`). See `Server`."""
+    return Server((host, port), service, max_connections, read_timeout)
 
 
 def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", chat_template: str = "chatml",
@@ -245,6 +439,12 @@ def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", cha
         mesh=dict(data=-1, fsdp=1, tensor=1, sequence=1), sharding_rules={}))
 
 
+def served_model_names(checkpoint: str, names: Sequence[str] = ()) -> list[str]:
+    """The `model` names requests may give: `names` when given, else the checkpoint's directory name and
+    'default', the name this project's configs send (eval `model_name`, the PAS teacher's and judge's `model`)."""
+    return list(names) or [os.path.basename(os.path.normpath(checkpoint)), "default"]
+
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "'embedded', a HF directory or an Orbax checkpoint.")
 _MODEL = flags.DEFINE_string("model", "tiny", "configs/models preset for Orbax checkpoints and 'embedded'.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer; default: the HF directory, else 'embedded'.")
@@ -253,6 +453,12 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "New tokens when a request does not say.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random-init seed for --checkpoint=embedded.")
+_SERVED_NAMES = flags.DEFINE_list("served_model_name", [], "Names a request's `model` may give (the first is "
+                                   "reported); default: the checkpoint's directory name and 'default', the name "
+                                   "this project's configs send.")
+_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", 64, "Connections served at once; more get 503.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout", 30.0, "Seconds a socket read may wait (an idle keep-alive "
+                                   "connection is closed after it); a request body must arrive within it.")
 _PAS = flags.DEFINE_string("pas", "", "PAS model in front of chat requests: a pas run's pas_model directory or "
                                       "an API root; '' = off.")
 
@@ -264,15 +470,15 @@ def main(argv):
         raise app.UsageError("--checkpoint is required ('embedded', a HF directory or an Orbax checkpoint)")
     config = engine_config(_CHECKPOINT.value, _MODEL.value, _TOKENIZER.value, _TEMPLATE.value, _SEED.value)
     engine, tokenizer = build_engine(config)
-    name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
+    names = served_model_names(_CHECKPOINT.value, _SERVED_NAMES.value)
     pas = None
     if _PAS.value:
         from alignment.pas.augment import load_pas
 
         pas = load_pas(_PAS.value)
-    server = make_server(Service(engine, tokenizer, _TEMPLATE.value, name, _MAX_TOKENS.value, pas), _HOST.value,
-                         _PORT.value)
-    logging.info("serving %s on http://%s:%d/v1", name, *server.server_address[:2])
+    server = make_server(Service(engine, tokenizer, _TEMPLATE.value, names, _MAX_TOKENS.value, pas), _HOST.value,
+                         _PORT.value, _MAX_CONNECTIONS.value, _READ_TIMEOUT.value)
+    logging.info("serving %s on http://%s:%d/v1", " = ".join(names), *server.server_address[:2])
     try:
         server.serve_forever()
     finally:

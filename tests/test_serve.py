@@ -1,6 +1,11 @@
-"""The OpenAI-compatible server answers real HTTP clients on localhost; bad requests get 4xx JSON errors."""
+"""The OpenAI-compatible server answers real HTTP clients on localhost; bad requests get 4xx JSON errors; hostile
+or departed clients (stalled bodies, too many connections, disconnects, broken pipes) are contained."""
+import contextlib
 import json
+import logging
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,32 +18,46 @@ from alignment.config import model_preset
 from alignment.data.chat import encode_chat, render_chat_text
 from alignment.data.tokenizer import load_tokenizer
 from alignment.generation import client
-from alignment.generation.engine import Engine
+from alignment.generation.engine import Cancelled, Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
-from alignment.serve import Service, engine_config, make_server
+from alignment.serve import CANCEL_CHECK_STEPS, Service, engine_config, make_server, served_model_names
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 MAX_LEN = 64  # a short context makes the over-long case cheap
 
 
 @pytest.fixture(scope="module")
-def served():
+def model():
+    """(config, params, tokenizer, one-device mesh) of the tiny model."""
     config = ModelConfig.from_dict(model_preset("tiny").to_dict())
-    model = Transformer(config)
-    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, *dummy_inputs())["params"]))(jax.random.key(0))
-    tokenizer = load_tokenizer("embedded")
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    engine = Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id,
-                    stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN)
-    server = make_server(Service(engine, tokenizer, "chatml", "tiny"), "127.0.0.1", 0)
+    module = Transformer(config)
+    params = jax.jit(lambda key: nn.meta.unbox(module.init(key, *dummy_inputs())["params"]))(jax.random.key(0))
+    return config, params, load_tokenizer("embedded"), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+@contextlib.contextmanager
+def serving(service, **options):
+    """The base URL of `service` served in a background thread; options go to `make_server`."""
+    server = make_server(service, "127.0.0.1", 0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", engine, tokenizer
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    config, params, tokenizer, mesh = model
+    engine = Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id,
+                    stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN)
+    with serving(Service(engine, tokenizer, "chatml", "tiny")) as base:
+        yield base, engine, tokenizer
 
 
 def post(url: str, data: bytes, headers=None):
@@ -72,7 +91,8 @@ def test_chat_completion_matches_the_engine(served):
 def test_completions_and_models_and_seeded_sampling(served):
     base, _, _ = served
     # The chat rendered as plain text: about as long as the chat prompt, so the same compiled bucket serves it.
-    request = {"prompt": render_chat_text(MESSAGES, "chatml", add_generation_prompt=True), "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 4, "n": 2}
+    request = {"prompt": render_chat_text(MESSAGES, "chatml", add_generation_prompt=True), "max_tokens": 6,
+               "temperature": 1.0, "top_p": 0.9, "seed": 4, "n": 2}
     first = post(f"{base}/v1/completions", json.dumps(request).encode())
     second = post(f"{base}/v1/completions", json.dumps(request).encode())
     assert first[0] == 200 and first[1]["object"] == "text_completion"
@@ -88,6 +108,13 @@ def test_completions_and_models_and_seeded_sampling(served):
     (json.dumps({"max_tokens": 4}).encode(), 400, "'messages' must be a non-empty list"),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "unknown role"),
     (json.dumps({"messages": MESSAGES, "temperature": -1}).encode(), 400, "'temperature' must be"),
+    (json.dumps({"messages": MESSAGES, "temperature": float("inf")}).encode(), 400, "'temperature' must be"),
+    (json.dumps({"messages": MESSAGES, "temperature": float("nan")}).encode(), 400, "'temperature' must be"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', 400, "'temperature' must be"),
+    (json.dumps({"messages": MESSAGES, "top_p": float("nan")}).encode(), 400, "'top_p' must be"),
+    (json.dumps({"messages": MESSAGES, "model": 7}).encode(), 400, "'model' must be a string"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+     .encode(), 400, "only text parts"),
     (json.dumps({"messages": MESSAGES, "top_p": 0}).encode(), 400, "'top_p' must be"),
     (json.dumps({"messages": MESSAGES, "n": 0}).encode(), 400, "'n' must be"),
     (json.dumps({"messages": MESSAGES, "stream": True}).encode(), 400, "streaming is not supported"),
@@ -122,3 +149,170 @@ def test_engine_config_for_checkpoints(tmp_path):
     assert hf.init_from == str(tmp_path) and hf.tokenizer == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         engine_config(str(tmp_path / "missing"))
+
+
+def raw_exchange(base: str, data: bytes, wait: float = 10.0) -> bytes:
+    """What the server sends back on a raw connection that sends `data` and stays open, until it closes."""
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_unknown_model_is_404_model_not_found(served):
+    base, _, _ = served
+    for path, field in (("chat/completions", {"messages": MESSAGES}), ("completions", {"prompt": "Hello"})):
+        code, body = post(f"{base}/v1/{path}", json.dumps({"model": "gpt-4o", "max_tokens": 2, **field}).encode())
+        assert code == 404, body
+        assert body["error"] == {"message": body["error"]["message"], "type": "invalid_request_error",
+                                 "param": "model", "code": "model_not_found"}
+        assert "gpt-4o" in body["error"]["message"] and "tiny" in body["error"]["message"]
+
+
+def test_served_model_names():
+    assert served_model_names("/models/qwen2-7b/") == ["qwen2-7b", "default"]  # 'default': what configs send
+    assert served_model_names("embedded", ["a", "b"]) == ["a", "b"]
+
+
+def test_content_as_a_list_of_text_parts(served):
+    base, _, _ = served
+    as_string = {"messages": [{"role": "user", "content": "What is 2 + 3?\nThink."}], "max_tokens": 4,
+                 "temperature": 0, "n": 2}
+    as_parts = {**as_string, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"},
+                                                                          {"type": "text", "text": "Think."}]}]}
+    strings, parts = (post(f"{base}/v1/chat/completions", json.dumps(b).encode()) for b in (as_string, as_parts))
+    assert strings[0] == parts[0] == 200, parts
+    assert strings[1]["usage"] == parts[1]["usage"]
+    assert strings[1]["choices"] == parts[1]["choices"]
+
+
+def test_a_new_n_or_length_reuses_the_compiled_programs(served):
+    base, _, _ = served
+    compiles = []
+    listener = lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") \
+        else None
+    request = lambda n, content, max_tokens: post(f"{base}/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "n": n}).encode())
+    assert request(3, "What is 2 + 3?", 5)[0] == 200  # compiles the programs of n = 3 and 4 (padded to 4)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        # Prompts of 19, 20 and 29 tokens (one 32-token bucket), 3 to 7 new tokens (one 16-token bucket).
+        for n, content, max_tokens in ((4, "What is 2 + 3?", 5), (3, "What is 12 + 1?", 7),
+                                       (4, "Name two prime numbers, please.", 3)):
+            code, body = request(n, content, max_tokens)
+            assert code == 200 and len(body["choices"]) == n, body
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_stalled_and_malformed_bodies_do_not_hold_a_worker(served):
+    base, _, _ = served
+    engine, tokenizer = served[1], served[2]
+    with serving(Service(engine, tokenizer, "chatml", "tiny"), read_timeout=0.5) as quick:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n"
+        start = time.monotonic()
+        answer = raw_exchange(quick, head.format(100).encode() + b'{"messages"')  # 11 of 100 bytes, then silence
+        assert answer.startswith(b"HTTP/1.1 408") and b"11 of the 100 body bytes" in answer, answer
+        assert raw_exchange(quick, head.format(-5).encode()).startswith(b"HTTP/1.1 400")
+        assert raw_exchange(quick, head.format(1 << 40).encode()).startswith(b"HTTP/1.1 413")
+        assert raw_exchange(quick, b"") == b""  # an idle connection is closed after the read timeout
+        assert time.monotonic() - start < 5
+
+
+def test_connections_beyond_the_limit_get_503_at_once(served):
+    _, engine, tokenizer = served
+    with serving(Service(engine, tokenizer, "chatml", "tiny"), max_connections=2) as base:
+        port = int(base.rsplit(":", 1)[1])
+        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # idle: they hold both slots
+        try:
+            start = time.monotonic()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=10)
+            assert refused.value.code == 503 and time.monotonic() - start < 2
+            assert json.loads(refused.value.read())["error"]["code"] == "server_busy"
+        finally:
+            for sock in holders:
+                sock.close()
+        for _ in range(50):  # the holders' threads see the close and give their slots back
+            try:
+                with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
+                    assert response.status == 200
+                break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                time.sleep(0.1)
+        else:
+            pytest.fail("slots were not given back")
+
+
+class GatedEngine:
+    """The engine, with its cancellation check held at the second chunk boundary until the test says go, and
+    every generate call's outcome recorded: 'done' or the decode steps a cancelled one ran."""
+
+    def __init__(self, engine):
+        self.engine, self.outcomes = engine, []
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, *args, cancelled=None, **kwargs):
+        calls = []
+
+        def check():
+            calls.append(1)
+            if len(calls) == 3:  # before the prefill, after it, then after the first chunk of decode steps
+                self.reached.set()
+                self.go.wait(30)
+                deadline = time.monotonic() + 5
+                while not cancelled() and time.monotonic() < deadline:  # the client's FIN is on its way
+                    time.sleep(0.01)
+            return cancelled()
+
+        try:
+            out = self.engine.generate(*args, cancelled=check if cancelled else None, **kwargs)
+        except Cancelled as e:
+            self.outcomes.append(e.steps)
+            raise
+        self.outcomes.append("done")
+        return out
+
+
+def test_a_departed_client_cancels_its_generation(model):
+    config, params, tokenizer, mesh = model
+    # No stop tokens, so only the token limit or a cancellation ends the generation.
+    engine = GatedEngine(Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id))
+    max_tokens = 200
+    with serving(Service(engine, tokenizer, "chatml", "tiny")) as base:
+        body = json.dumps({"prompt": "Count: 1 2 3", "max_tokens": max_tokens, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert engine.reached.wait(60), "the generation never reached its first chunk boundary"
+        sock.close()
+        engine.go.set()
+        code, answer = post(f"{base}/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 3}).encode())
+        assert code == 200, answer
+    assert engine.outcomes == [1 + CANCEL_CHECK_STEPS, "done"]  # stopped at that boundary, not after 200 steps
+
+
+def test_broken_pipes_are_one_log_line(served, caplog, capsys):
+    _, engine, tokenizer = served
+    server = make_server(Service(engine, tokenizer, "chatml", "tiny"))
+    try:
+        mine, theirs = socket.socketpair()
+        theirs.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        theirs.close()  # gone before the answer: writing it fails with a broken pipe
+        with caplog.at_level(logging.INFO):
+            server.process_request(mine, ("client", 0))
+            deadline = time.monotonic() + 10
+            while "connection dropped" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        server.server_close()
+    dropped = [r for r in caplog.records if "connection dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "BrokenPipeError" in dropped[0].getMessage() and not dropped[0].exc_info
+    assert "Traceback" not in caplog.text + capsys.readouterr().err
