@@ -5,6 +5,7 @@
         --config.merge.models="('/ckpt/math', '/ckpt/code', '/ckpt/chat')" --config.merge.base=/ckpt/sft
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from alignment.config import model_preset
 
@@ -31,12 +32,16 @@ def get_config():
         shard_min_elements=1 << 24,  # with several local devices, merge tensors this large sharded; 0 = never
         params=ml_collections.ConfigDict(dict(  # a number, or a list of anchors interpolated over layer depth
             weights=(),  # one per model (number or anchors); () = 1.0 each
-            density=1.0,  # ties / dare_*: fraction of task-vector entries kept
+            density=1.0,  # ties / dare_*: fraction of task-vector entries kept (ties: max(1, int(density * n)))
+            densities=(),  # ties / dare_*: one density per model (number or anchors); () = density for each
             lam=1.0,  # scale of the combined task vector
             t=0.5,  # slerp: 0 = first model, 1 = second
-            normalize=None,  # divide by sum(weights); None = method default (linear True, task_arithmetic False)
-            rescale="inverse",  # dare_*: 'inverse' (x 1/density) or 'l1' (restore each task vector's L1 norm)
+            normalize=placeholder(bool),  # divide by the (agreeing) weights' sum; None = method default (linear,
+            # ties True; task_arithmetic, dare_linear, dare_ties False: mergekit's defaults)
+            rescale=placeholder(str),  # ties / dare_*: 'none', 'inverse' (x 1/density) or 'l1' (restore each task
+            # vector's L1 norm, mergekit's rescale: true); None = method default (ties 'none', dare_* 'l1')
             election="sum",  # ties / dare_ties sign election: 'sum' of values or 'count' of signs
+            clamp_cosine=False,  # model_stock: clip the mean cosine to [0, 1] (t in [0, 1]); False = mergekit's t
         )),
         overrides=(),  # ((regex on tensor names like 'layers/q_proj', dict(field=value)), ...); first match wins
     ))

@@ -111,15 +111,16 @@ def test_hf_and_orbax_paths_agree(demo, tmp_path):
 
 
 def ref_ties(models, base, density, lam=1.0):
-    """TIES in float64 on one tensor: trim each task vector to its top `density` by magnitude, elect, disjoint mean."""
+    """TIES in float64 on one tensor, as mergekit: keep each task vector's max(1, int(density * n)) largest
+    magnitudes, elect the sign of the sum (+ where it is 0), average the agreeing entries."""
     taus = []
     for m in models:
         tau = m - base
-        k = int(round(density * tau.size))
+        k = max(1, int(density * tau.size))
         threshold = np.sort(np.abs(tau).ravel())[::-1][k - 1]
         taus.append(np.where(np.abs(tau) >= threshold, tau, 0.0))
     taus = np.stack(taus)
-    agree = (np.sign(taus) == np.sign(taus.sum(0))) & (taus != 0)
+    agree = np.sign(taus) == np.where(taus.sum(0) >= 0, 1.0, -1.0)
     count = agree.sum(0)
     return base + lam * np.where(count > 0, (taus * agree).sum(0) / np.maximum(count, 1), 0.0)
 

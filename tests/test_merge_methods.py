@@ -31,17 +31,26 @@ def merge(method, models, base, seed=(0,), **params):
 
 
 def ref_trim(tau, density):
-    k = int(round(density * tau.size))
+    """mergekit's magnitude trim: the max(1, int(density * n)) largest |tau| (inputs here have no ties)."""
+    if density >= 1:
+        return tau
+    k = max(1, int(density * tau.size))
     threshold = np.sort(np.abs(tau).ravel())[::-1][k - 1]
     return np.where(np.abs(tau) >= threshold, tau, 0.0)
 
 
-def ref_disjoint_mean(taus, weights, election):
-    taus, w = np.stack(taus), np.asarray(weights, np.float64)[:, None, None, None]
-    elected = np.sign((w * taus).sum(0)) if election == "sum" else np.sign(np.sign(taus).sum(0))
-    agree = (np.sign(taus) == elected) & (elected != 0)
+def ref_disjoint_mean(taus, weights, election, normalize=True):
+    """mergekit's TIES consensus: the sign of sum_i w_i tau_i ('sum') or of sum_i sign(w_i tau_i) ('count'), +
+    where that sum is >= 0; the agreeing w_i tau_i summed, divided by the agreeing weights (1 where 0)."""
+    w = np.asarray(weights, np.float64).reshape(-1, *(1,) * taus[0].ndim)
+    weighted = w * np.stack(taus)
+    total = weighted.sum(0) if election == "sum" else np.sign(weighted).sum(0)
+    agree = np.sign(weighted) == np.where(total >= 0, 1.0, -1.0)
+    numerator = (weighted * agree).sum(0)
+    if not normalize:
+        return numerator
     den = (w * agree).sum(0)
-    return np.where(den > 0, (w * taus * agree).sum(0) / np.where(den > 0, den, 1), 0.0)
+    return numerator / np.where(den == 0, 1.0, den)
 
 
 def f64(xs):
@@ -106,34 +115,81 @@ def test_ties(election, density):
 
 def test_trim_keeps_the_requested_fraction():
     tau = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
-    (threshold,) = trim_thresholds(flat_float32([tau]), NO_BASE, 0.25)
+    (threshold,) = trim_thresholds(flat_float32([tau]), NO_BASE, (0.25,))
     kept = np.where(np.abs(tau) >= threshold, tau, 0)
     assert np.count_nonzero(kept) == 250
     assert np.abs(kept[kept != 0]).min() >= np.abs(tau[kept == 0]).max()
 
 
+@pytest.mark.parametrize("size, density, kept", [(10, 0.37, 3), (2226, 0.3335, 742), (7, 0.1, 1), (9, 0.99, 8)])
+def test_trim_counts_entries_as_mergekit(size, density, kept):
+    """mergekit keeps max(1, int(density * n)) entries: 3 of 10 at 0.37 (not round's 4), at least one."""
+    tau = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    got = merge("ties", [tau], np.zeros_like(tau), density=density)
+    assert np.count_nonzero(got) == kept
+    np.testing.assert_array_equal(got[got != 0], tau[got != 0])  # one model: its kept entries, unscaled
+
+
+def test_ties_per_model_densities_normalize_and_l1_rescale():
+    """mergekit's per-model density, `normalize: false` (the agreeing task vectors summed, not averaged) and
+    `rescale: true` (each trimmed task vector scaled back to its L1 norm)."""
+    rng = np.random.default_rng(18)
+    models, base = draw(rng, 3)
+    w, densities = rng.uniform(0.5, 1.5, 3), (0.2, 0.5, 0.9)
+    b = base.astype(np.float64)
+    for normalize, rescale in [(False, "none"), (True, "l1"), (False, "inverse")]:
+        taus = []
+        for m, d in zip(f64(models), densities):
+            tau, kept = m - b, ref_trim(m - b, d)
+            scale = {"none": 1.0, "inverse": 1 / d, "l1": np.abs(tau).sum() / np.abs(kept).sum()}[rescale]
+            taus.append(kept * scale)
+        want = b + 0.8 * ref_disjoint_mean(taus, w, "sum", normalize)
+        got = merge("ties", models, base, weights=tuple(w), densities=densities, lam=0.8, normalize=normalize,
+                    rescale=rescale)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=5e-6, err_msg=f"{normalize} {rescale}")
+
+
+def test_ties_election_with_negative_weights_and_a_zero_sum():
+    """The sign elected is that of sum_i w_i tau_i, + where it is 0, and tau_i agrees when sign(w_i tau_i) does:
+    a negative weight flips a model's vote (mergekit). The project elected 0 and used sign(tau_i) before."""
+    base = np.zeros(4, np.float32)
+    a = np.array([1.0, 2.0, -1.0, 3.0], np.float32)
+    b = np.array([-1.0, 1.0, 1.0, -3.0], np.float32)
+    got = merge("ties", [a, b], base, weights=(1.0, -1.0))
+    # weighted: a = [1, 2, -1, 3], -b = [1, -1, -1, 3]: sums [2, 1, -2, 6] elect [+, +, -, +]
+    # a agrees everywhere, -b at 0, 2, 3; where both agree their weights sum to 0, which divides by 1
+    np.testing.assert_allclose(got, [2.0, 2.0, -2.0, 6.0])
+    want = ref_disjoint_mean([a.astype(np.float64), b.astype(np.float64)], (1.0, -1.0), "sum")
+    np.testing.assert_allclose(got, want)
+    tied = merge("ties", [np.float32([1.0, -2.0]), np.float32([-1.0, 2.0])], np.zeros(2, np.float32))
+    np.testing.assert_allclose(tied, [1.0, 2.0])  # a zero sum elects +: the positive entry alone
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-@pytest.mark.parametrize("rescale", ["inverse", "l1"])
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
 def test_dare(method, rescale):
+    """Per-model densities (mergekit's per-model `density`), each model's own draws and rescale."""
     rng = np.random.default_rng(6)
     models, base = draw(rng, 3)
-    density, w = 0.6, rng.uniform(0.5, 1.5, 3)
+    densities, w = (0.6, 0.3, 0.8), rng.uniform(0.5, 1.5, 3)
     b = base.astype(np.float64)
     taus = []
-    for i, m in enumerate(f64(models)):
+    for i, (m, density) in enumerate(zip(f64(models), densities)):
         tau = m - b
         kept = np.where(ref_dare_keep((42,), i, tau.size, density).reshape(SHAPE), tau, 0.0)
-        scale = 1 / density if rescale == "inverse" else np.abs(tau).sum() / np.abs(kept).sum()
+        scale = {"inverse": 1 / density, "l1": np.abs(tau).sum() / np.abs(kept).sum(), "none": 1.0}[rescale]
         taus.append(kept * scale)
-    delta = sum(wi * t for wi, t in zip(w, taus)) if method == "dare_linear" else ref_disjoint_mean(taus, w, "sum")
-    got = merge(method, models, base, (42,), weights=tuple(w), density=density, rescale=rescale)
+    # mergekit's defaults: neither normalises (DARE-TIES sums the agreeing task vectors)
+    delta = (sum(wi * t for wi, t in zip(w, taus)) if method == "dare_linear"
+             else ref_disjoint_mean(taus, w, "sum", normalize=False))
+    got = merge(method, models, base, (42,), weights=tuple(w), densities=densities, rescale=rescale)
     np.testing.assert_allclose(got, b + delta, rtol=2e-6, atol=5e-6)
 
 
 def test_dare_keeps_density_and_is_unbiased():
     tau = np.random.default_rng(7).standard_normal(200_000).astype(np.float32)
     zero = np.zeros_like(tau)
-    kept = merge("dare_linear", [tau], zero, density=0.3)
+    kept = merge("dare_linear", [tau], zero, density=0.3, rescale="inverse")
     assert abs(np.count_nonzero(kept) / tau.size - 0.3) < 0.01
     assert abs(kept.sum() - tau.sum()) < 0.03 * np.abs(tau).sum()
     l1 = merge("dare_linear", [tau], zero, density=0.3, rescale="l1")
@@ -154,6 +210,13 @@ def test_slerp(t):
     a, b = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
     got = merge("slerp", [a, b], None, t=t)
     np.testing.assert_allclose(got, ref_slerp(a.astype(np.float64), b.astype(np.float64), t), rtol=1e-5, atol=1e-6)
+
+
+def test_slerp_of_a_zero_tensor_is_at_a_right_angle():
+    """mergekit counts a norm <= 1e-8 as 1, so a zero tensor has cosine 0 (the project took it as parallel)."""
+    b = np.random.default_rng(19).standard_normal(SHAPE).astype(np.float32)
+    got = merge("slerp", [np.zeros_like(b), b], None, t=0.3)
+    np.testing.assert_allclose(got, np.sin(0.3 * np.pi / 2) * b.astype(np.float64), rtol=1e-6)
 
 
 def test_slerp_nearly_parallel_is_linear():
@@ -181,10 +244,39 @@ def test_model_stock(n):
 
 
 def test_model_stock_with_opposed_task_vectors_keeps_the_base():
+    """Exactly opposed task vectors: 1 + (N - 1) cos = 0 has no finite t, and mergekit keeps the base."""
     rng = np.random.default_rng(12)
     models, base = draw(rng, 2)
     opposed = [base + (models[0] - base), base - (models[0] - base)]
     np.testing.assert_allclose(merge("model_stock", opposed, base), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_model_stock_negative_cosine_extrapolates_unless_clamped(n):
+    """mergekit does not clip the mean cosine: a negative one gives t < 0, a step away from the models' mean.
+    clamp_cosine=True clips it to [0, 1] (then t = 0: the base)."""
+    rng = np.random.default_rng(20 + n)
+    base = rng.standard_normal(SHAPE)
+    shared = rng.standard_normal(SHAPE)
+    signs = [1.0, -1.0, -1.0][:n]
+    models = [(base + s * shared + 1.2 * rng.standard_normal(SHAPE)).astype(np.float32) for s in signs]
+    base = base.astype(np.float32)
+    b, ms = base.astype(np.float64), f64(models)
+    taus = [m - b for m in ms]
+    cos = np.mean([(x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()) for x, y in itertools.combinations(taus, 2)])
+    assert -0.45 < cos < -0.1
+    t = n * cos / (1 + (n - 1) * cos)
+    want = t * np.mean(ms, axis=0) + (1 - t) * b
+    np.testing.assert_allclose(merge("model_stock", models, base), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(merge("model_stock", models, base, clamp_cosine=True), base, atol=1e-6)
+
+
+def test_normalize_by_a_zero_weight_sum_divides_by_one():
+    """mergekit: |sum of weights| < 1e-8 divides by 1 instead of blowing up."""
+    rng = np.random.default_rng(21)
+    models, base = draw(rng, 2)
+    got = merge("task_arithmetic", models, base, weights=(1.0, -1.0), normalize=True)
+    np.testing.assert_allclose(got, base + (models[0] - models[1]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -253,6 +345,17 @@ def test_overrides_by_pattern_first_match_wins():
     assert make_spec("ties", 2, {}, [("nothing_like_this", dict(lam=1.0))]).unmatched_patterns(["embed"])
 
 
+def test_method_defaults_are_mergekits():
+    """normalize and rescale default as in mergekit (its `rescale: true` is 'l1'), so a config naming only the method,
+    weights and densities merges as the same mergekit YAML does."""
+    want = {"linear": (True, "none"), "task_arithmetic": (False, "none"), "ties": (True, "none"),
+            "dare_ties": (False, "l1"), "dare_linear": (False, "l1")}
+    for method, defaults in want.items():
+        p = make_spec(method, 2, {}).resolve("embed", None, 1)
+        assert (p.normalize, p.rescale) == defaults, method
+    assert make_spec("model_stock", 2, {}).resolve("embed", None, 1).clamp_cosine is False
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(densty=0.5), "Did you mean 'density'"),
     (dict(density=0.0), "density must lie in"),
@@ -275,11 +378,11 @@ def test_kth_largest_is_exact_with_ties_and_edges():
     for values in (np.abs(rng.standard_normal(5000)), rng.integers(0, 4, 5000), np.float32([0.0, 3.0])):
         values = np.asarray(values, np.float32)
         for k in {1, 2, max(1, values.size // 3), values.size}:
-            assert magnitude_thresholds(flat_float32([values]), NO_BASE, k) == (np.sort(values)[::-1][k - 1],)
-    models, base = draw(rng, 3)  # several models in one pass, each with its own threshold
+            assert magnitude_thresholds(flat_float32([values]), NO_BASE, [k]) == (np.sort(values)[::-1][k - 1],)
+    models, base = draw(rng, 3)  # several models in one pass, each with its own threshold and rank
     taus = [np.abs(m - base).ravel() for m in models]
-    got = magnitude_thresholds(flat_float32(models), flat_float32([base])[0], 700)
-    assert got == tuple(np.sort(t)[::-1][699] for t in taus)
+    got = magnitude_thresholds(flat_float32(models), flat_float32([base])[0], [700, 5, 2000])
+    assert got == tuple(np.sort(t)[::-1][k - 1] for t, k in zip(taus, [700, 5, 2000]))
 
 
 # ----------------------------------------------------------------------------- sharded
@@ -330,7 +433,7 @@ def test_kernels_refuse_arrays_they_cannot_read():
     with pytest.raises(ValueError, match="base: need .* of 10 elements"):
         kernels.gram((x,), np.ones(9, np.float32))
     with pytest.raises(ValueError, match="model 0"):
-        kernels.l1_norms(np.ones(20, np.float32)[::2], NO_BASE, 1, 2, 3)
+        kernels.l1_norms((np.ones(20, np.float32)[::2],), NO_BASE, [0.0], [[1, 2]], [3])
     misaligned = np.frombuffer(b"\0" + np.arange(10, dtype=np.float32).tobytes(), np.float32, 10, offset=1)
     with pytest.raises(ValueError, match="model 0: need an aligned"):
         kernels.gram((misaligned,), NO_BASE)

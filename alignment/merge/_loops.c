@@ -19,7 +19,7 @@
 #define BUCKETS 65536    /* histogram of the top 16 bits of a non-negative float32 */
 /* The calling convention of the functions below: kernels.py refuses a build whose version is not its own (an
  * in-place build left over from older sources would otherwise be called with the wrong arguments). */
-#define LOOPS_VERSION 1
+#define LOOPS_VERSION 2
 
 int merge_loops_version(void) { return LOOPS_VERSION; }
 
@@ -57,9 +57,9 @@ static inline void load_magnitude_bits(const float *restrict x, const float *res
 }
 
 /* One block of model i's task vector, into tau[:m] and its contribution into acc[:m]: tau = x - base (x without a
- * base), trimmed to |tau| >= c, DARE-dropped (kept entries times s) when drop; acc += w tau, or sign(tau) when
- * count; screen += tau - tau before the trim (NaN for a NaN or Inf). One loop reads x once; the flags are
- * constants at every call (see merge_combine), so each combination compiles to its own vectorised loop. */
+ * base), kept where |tau| >= c and (when drop) DARE's draw is below the cut, kept entries times s; acc += w tau, or
+ * sign(w tau) when count; screen += tau - tau before the trim (NaN for a NaN or Inf). One loop reads x once; the
+ * flags are constants at every call (see merge_combine), so each combination compiles to its own vectorised loop. */
 static inline __attribute__((always_inline)) void load_task_vector(
         const float *restrict x, const float *restrict base, int has_base, int drop, int count, int64_t m, float c,
         uint32_t index, uint32_t k0, uint32_t k1, uint32_t cut, float s, float w, float *restrict tau,
@@ -67,32 +67,35 @@ static inline __attribute__((always_inline)) void load_task_vector(
     for (int64_t j = 0; j < m; j++) {
         float v = has_base ? x[j] - base[j] : x[j];
         screen[j] += v - v;
-        v = __builtin_fabsf(v) >= c ? v : 0.0f;
-        if (drop) v = dare_draw(index + (uint32_t)j, k0, k1) < cut ? v * s : 0.0f;
+        int keep = __builtin_fabsf(v) >= c;
+        if (drop) keep &= dare_draw(index + (uint32_t)j, k0, k1) < cut;
+        v = keep ? v * s : 0.0f;
         tau[j] = v;
-        acc[j] += count ? (v > 0 ? 1.0f : (v < 0 ? -1.0f : 0.0f)) : w * v;
+        const float weighted = w * v;
+        acc[j] += count ? (weighted > 0 ? 1.0f : (weighted < 0 ? -1.0f : 0.0f)) : weighted;
     }
 }
 
 /* out[:n] = the merged values of elements [first_index, first_index + n) of a tensor; one read of every input.
  * *screen = 0 when every tau was finite, else NaN (tau - tau per element, at the cost of one subtraction).
  *
- * Per model i: tau_i trimmed to |tau_i| >= thresholds[i] (0 keeps all), DARE-dropped when cut < 2**24
- * (kept entries times scales[i]); then
- *   election 0:   out = base + sum_i coefficients[i] tau_i            (lam already folded in)
- *   election 1/2: TIES' disjoint mean with weights coefficients, the sign elected by the weighted sum (1) or
- *                 by the count of signs (2): out = base + lam * sum_A w_i tau_i / sum_A w_i, A the agreeing.
+ * Per model i: tau_i kept where |tau_i| >= thresholds[i] (0 keeps all) and, when cuts[i] < 2**24, where its DARE
+ * draw is below cuts[i]; kept entries times scales[i]. Then
+ *   election 0:   out = base + sum_i coefficients[i] tau_i            (normalisation and lam already folded in)
+ *   election 1/2: TIES' disjoint sum with weights w = coefficients: the elected sign is + where S >= 0, else -,
+ *                 S = sum_i w_i tau_i (1) or sum_i sign(w_i tau_i) (2); A = {i: sign(w_i tau_i) = elected sign};
+ *                 out = base + lam * sum_A w_i tau_i, divided by sum_A w_i when normalize (by 1 where that is 0).
  * keys: [num, 2] uint32, model i's DARE keys; first_index makes a piece of a tensor draw as the whole would.
  */
 VECTORIZED
 int merge_combine(const float *const *models, int64_t num, const float *base, int64_t n, int64_t first_index,
-                  const float *coefficients, const float *thresholds, const float *scales, uint32_t cut,
-                  const uint32_t *keys, int64_t election, float lam, float *out, float *screen_out) {
+                  const float *coefficients, const float *thresholds, const float *scales, const uint32_t *cuts,
+                  const uint32_t *keys, int64_t election, int64_t normalize, float lam, float *out,
+                  float *screen_out) {
     float *taus = malloc(sizeof(float) * BLOCK * (num + 2));
     if (!taus) return -1;
     float *restrict acc = taus + num * BLOCK, *restrict denominator = acc + BLOCK;
     float numerator[BLOCK], screen[BLOCK];
-    const int drop = cut < (1u << 24);
     memset(screen, 0, sizeof screen);
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t m = block_size(n, start);
@@ -100,6 +103,8 @@ int merge_combine(const float *const *models, int64_t num, const float *base, in
         for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
         for (int64_t i = 0; i < num; i++) {
             const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1], index = (uint32_t)(first_index + start);
+            const uint32_t cut = cuts[i];
+            const int drop = cut < (1u << 24);
             const float c = thresholds[i], s = scales[i], w = coefficients[i];
             const float *restrict x = models[i] + start;
             float *restrict tau = taus + i * BLOCK;
@@ -118,19 +123,22 @@ int merge_combine(const float *const *models, int64_t num, const float *base, in
 #undef LOAD
         }
         if (election != 0) {
-            /* tau_i agrees with the elected sign when tau_i * elected > 0 (same sign, both non-zero). */
             for (int64_t j = 0; j < m; j++) numerator[j] = denominator[j] = 0.0f;
             for (int64_t i = 0; i < num; i++) {
                 const float *restrict tau = taus + i * BLOCK;
                 const float w = coefficients[i];
                 for (int64_t j = 0; j < m; j++) {
-                    const int agree = tau[j] * acc[j] > 0;
-                    numerator[j] += agree ? w * tau[j] : 0.0f;
+                    const float weighted = w * tau[j];
+                    const int agree = acc[j] >= 0 ? weighted > 0 : weighted < 0;
+                    numerator[j] += agree ? weighted : 0.0f;
                     denominator[j] += agree ? w : 0.0f;
                 }
             }
-            for (int64_t j = 0; j < m; j++)
-                acc[j] = denominator[j] != 0 ? lam * (numerator[j] / denominator[j]) : 0.0f;
+            if (normalize)
+                for (int64_t j = 0; j < m; j++)
+                    acc[j] = lam * (numerator[j] / (denominator[j] != 0 ? denominator[j] : 1.0f));
+            else
+                for (int64_t j = 0; j < m; j++) acc[j] = lam * numerator[j];
         }
         float *restrict o = out + start;
         if (b)
@@ -229,25 +237,32 @@ int merge_gram(const float *const *models, int64_t num, const float *base, int64
     return 0;
 }
 
-/* sums[0] = sum |tau|, sums[1] = sum |tau| over the entries DARE keeps (keys k0, k1, cut), float64. */
+/* Per model i, sums[2i] = sum |tau_i| and sums[2i + 1] = sum |tau_i| over the entries kept: |tau_i| >= thresholds[i]
+ * and DARE's draw (keys [num, 2]) below cuts[i] (every draw is, for a cut of 2**24), float64. One pass: each block
+ * of the base is read once for all models. */
 VECTORIZED
-int merge_l1_norms(const float *x, const float *base, int64_t n, uint32_t k0, uint32_t k1, uint32_t cut,
-                   double *sums) {
-    double before = 0.0, after = 0.0;
+int merge_l1_norms(const float *const *models, int64_t num, const float *base, int64_t n, const float *thresholds,
+                   const uint32_t *keys, const uint32_t *cuts, double *sums) {
+    memset(sums, 0, sizeof(double) * 2 * num);
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t m = block_size(n, start);
-        float block_before = 0.0f, block_after = 0.0f;
+        for (int64_t i = 0; i < num; i++) {
+            const float *restrict x = models[i] + start;
+            const float *restrict b = base ? base + start : NULL;
+            const float c = thresholds[i];
+            const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1], cut = cuts[i];
+            float block_before = 0.0f, block_after = 0.0f;
 #pragma omp simd reduction(+ : block_before, block_after)
-        for (int64_t j = 0; j < m; j++) {
-            const float magnitude = __builtin_fabsf(base ? x[start + j] - base[start + j] : x[start + j]);
-            block_before += magnitude;
-            block_after += dare_draw((uint32_t)(start + j), k0, k1) < cut ? magnitude : 0.0f;
+            for (int64_t j = 0; j < m; j++) {
+                const float magnitude = __builtin_fabsf(b ? x[j] - b[j] : x[j]);
+                const int keep = magnitude >= c && dare_draw((uint32_t)(start + j), k0, k1) < cut;
+                block_before += magnitude;
+                block_after += keep ? magnitude : 0.0f;
+            }
+            sums[2 * i] += block_before;
+            sums[2 * i + 1] += block_after;
         }
-        before += block_before;
-        after += block_after;
     }
-    sums[0] = before;
-    sums[1] = after;
     return 0;
 }
 

@@ -12,8 +12,9 @@ and `base` a float32 [n] array, or an empty one where the method has no base; ta
 
 DARE's random drop uses a counter-based hash instead of a sequential generator, so any element's draw
 is known from (key, index) alone and the tensor can be cut or threaded freely:
-    u_i[j] = lowbias32(lowbias32(j ^ k_i0) ^ k_i1) >> 8     (24 bits; kept when u < density * 2**24)
-with (k_i0, k_i1) = `dare_keys(seed, N)[i]` and j the element's C-order index in the tensor.
+    u_i[j] = lowbias32(lowbias32(j ^ k_i0) ^ k_i1) >> 8     (24 bits; kept when u < int(density * 2**24))
+with (k_i0, k_i1) = `dare_keys(seed, N)[i]` and j the element's C-order index in the tensor. A cut of
+KEEP_ALL (2**24) keeps every entry.
 `dare_bits` is the same hash for any array module (NumPy in tests, jax.numpy on a mesh).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 
 BUCKETS = 1 << 16  # histogram of the top 16 bits of a non-negative float32 (as _loops.c)
 _UNIFORM_BITS = 24
-_LOOPS_VERSION = 1  # LOOPS_VERSION of _loops.c: the calling convention below
+KEEP_ALL = 1 << _UNIFORM_BITS  # a DARE cut that every draw is below: no drop
+_LOOPS_VERSION = 2  # LOOPS_VERSION of _loops.c: the calling convention below
 
 
 def dare_keys(seed: Sequence[int], num_models: int) -> np.ndarray:
@@ -60,14 +62,14 @@ def _library() -> ctypes.CDLL:
     if library.merge_loops_version() != _LOOPS_VERSION:
         raise ImportError(f"{spec.origin} was built from other sources than alignment/merge/_loops.c: rebuild it "
                           "(pip install -e .)")
-    pointer, i64, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
+    pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {  # every loop returns a status: 0, or the error `_run` raises
-        "merge_combine": [pointer, i64, pointer, i64, i64, pointer, pointer, pointer, u32, pointer, i64, f32,
-                          pointer, pointer],
+        "merge_combine": [pointer, i64, pointer, i64, i64, pointer, pointer, pointer, pointer, pointer, i64, i64,
+                          f32, pointer, pointer],
         "merge_magnitude_histograms": [pointer, i64, pointer, i64, pointer],
         "merge_bucket_magnitudes": [pointer, i64, pointer, i64, pointer, pointer, pointer],
         "merge_gram": [pointer, i64, pointer, i64, pointer],
-        "merge_l1_norms": [pointer, pointer, i64, u32, u32, u32, pointer],
+        "merge_l1_norms": [pointer, i64, pointer, i64, pointer, pointer, pointer, pointer],
     }
     for name, arguments in signatures.items():
         getattr(library, name).argtypes = arguments
@@ -103,28 +105,32 @@ def _run(status: int) -> None:
         raise RuntimeError("an input of the merge changed while it was being read (its file was rewritten)")
 
 
-def combine(models, base, coefficients, thresholds, scales, cut, keys, election, lam, out, first_index=0) -> float:
+def combine(models, base, coefficients, thresholds, scales, cuts, keys, election, normalize, lam, out,
+            first_index=0) -> float:
     """out[n] = the merged float32 values; one read of every input. Returns 0 when every tau was finite, else
     NaN (a screen for NaN/Inf inputs at the cost of one subtraction per element).
 
-    Per model i: tau_i, trimmed to |tau_i| >= thresholds[i] (0 keeps all), DARE-dropped with scales[i]
-    when cut < 2**24; then
-      election 0: out = base + sum_i coefficients[i] tau_i            (lam already folded in)
-      election 1/2: TIES' disjoint mean with weights coefficients, sign elected by the weighted sum (1)
-                    or by the count of signs (2): out = base + lam * sum_A w_i tau_i / sum_A w_i.
-    coefficients, thresholds, scales: float32 [N]; keys: uint32 [N, 2] (`dare_keys`); first_index: the index
-    of the inputs' first element in their tensor, so a piece of it draws DARE's masks as the whole would.
+    Per model i: tau_i kept where |tau_i| >= thresholds[i] (0 keeps all) and its DARE draw is below cuts[i]
+    (KEEP_ALL keeps all), kept entries times scales[i]; then
+      election 0: out = base + sum_i coefficients[i] tau_i            (normalisation and lam already folded in)
+      election 1/2: TIES' disjoint sum with weights w = coefficients, the sign elected (+ where the sum is >= 0)
+                    by sum_i w_i tau_i (1) or by sum_i sign(w_i tau_i) (2); A = the i with sign(w_i tau_i) elected:
+                    out = base + lam * sum_A w_i tau_i, divided by sum_A w_i (1 where 0) when normalize.
+    coefficients, thresholds, scales: float32 [N]; cuts: uint32 [N]; keys: uint32 [N, 2] (`dare_keys`);
+    first_index: the index of the inputs' first element in their tensor, so a piece of it draws DARE's masks as
+    the whole would.
     """
     pointers, num, base_pointer, n = _inputs(models, base)
     per_model = [np.ascontiguousarray(a, np.float32) for a in (coefficients, thresholds, scales)]
-    keys = np.ascontiguousarray(keys, np.uint32)
+    cuts, keys = np.ascontiguousarray(cuts, np.uint32), np.ascontiguousarray(keys, np.uint32)
     addresses = [_address(a, np.float32, num, name)
                  for a, name in zip(per_model, ("coefficients", "thresholds", "scales"))]
     if keys.shape != (num, 2):
         raise ValueError(f"keys: need [{num}, 2] uint32, got {keys.shape}")
     screen = ctypes.c_float()
-    _run(_LOOPS.merge_combine(pointers, num, base_pointer, n, first_index, *addresses, cut, keys.ctypes.data, election,
-                              lam, _address(out, np.float32, n, "out"), ctypes.byref(screen)))
+    _run(_LOOPS.merge_combine(pointers, num, base_pointer, n, first_index, *addresses,
+                              _address(cuts, np.uint32, num, "cuts"), keys.ctypes.data, election, int(normalize), lam,
+                              _address(out, np.float32, n, "out"), ctypes.byref(screen)))
     return screen.value
 
 
@@ -156,9 +162,15 @@ def gram(models, base) -> np.ndarray:
     return result
 
 
-def l1_norms(x, base, k0, k1, cut) -> tuple[float, float]:
-    """(sum |tau|, sum |tau| over the entries DARE keeps with keys (k0, k1)), float64."""
-    (x_pointer,), _, base_pointer, n = _inputs([x], base)
-    sums = np.empty(2)
-    _run(_LOOPS.merge_l1_norms(x_pointer, base_pointer, n, int(k0), int(k1), cut, sums.ctypes.data))
-    return float(sums[0]), float(sums[1])
+def l1_norms(models, base, thresholds, keys, cuts) -> np.ndarray:
+    """[N, 2] float64: per model, sum |tau| and sum |tau| over the entries kept (|tau| >= thresholds[i] and its DARE
+    draw with keys[i] below cuts[i]). One pass, as `magnitude_histograms`."""
+    pointers, num, base_pointer, n = _inputs(models, base)
+    thresholds = np.ascontiguousarray(thresholds, np.float32)
+    keys, cuts = np.ascontiguousarray(keys, np.uint32), np.ascontiguousarray(cuts, np.uint32)
+    if keys.shape != (num, 2):
+        raise ValueError(f"keys: need [{num}, 2] uint32, got {keys.shape}")
+    sums = np.empty((num, 2))
+    _run(_LOOPS.merge_l1_norms(pointers, num, base_pointer, n, _address(thresholds, np.float32, num, "thresholds"),
+                               keys.ctypes.data, _address(cuts, np.uint32, num, "cuts"), sums.ctypes.data))
+    return sums

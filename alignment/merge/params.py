@@ -4,9 +4,10 @@ Tensor names are project parameter paths ('embed', 'layers/q_proj', 'final_norm'
 the checkpoint format. A value is a number (or a string/bool option) or a sequence of numbers: anchors
 spread evenly over depth and linearly interpolated, e.g. density=(0.2, 0.8) goes from 0.2 at the
 first layer to 0.8 at the last. Depth is 0 for 'embed', layer / (num_layers - 1) inside the stacked
-'layers/*' tensors, and 1 for the tensors after the stack. `weights` has one value per model, each a
-number or anchors. Overrides are (regex, values) pairs searched in the tensor name; for every field
-the first matching override that sets it wins, else the default.
+'layers/*' tensors, and 1 for the tensors after the stack. `weights` and `densities` have one value per
+model, each a number or anchors. Overrides are (regex, values) pairs searched in the tensor name; for
+every field the first matching override that sets it wins, else the default. (A mergekit YAML is
+resolved by mergekit's own rules instead: `alignment.merge.mergekit_yaml`.)
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from alignment.config import suggest
 from alignment.merge.methods import METHODS, TensorParams
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TensorParams))
-_CHOICES = {"rescale": ("inverse", "l1"), "election": ("sum", "count")}
+_CHOICES = {"rescale": ("none", "inverse", "l1"), "election": ("sum", "count")}
+_PER_MODEL = ("weights", "densities")  # one value (a number or anchors) per model
+_BOOLEANS = ("normalize", "clamp_cosine")
 
 
 def depth(name: str, layer: int | None, num_layers: int) -> float:
@@ -44,23 +47,23 @@ def _numbers(value: Any) -> list[float]:
 
 def _check(field: str, value: Any, num_models: int, where: str) -> None:
     """Raise ValueError naming `where` and the field for a value out of range or of the wrong form."""
-    if field == "weights":
+    if field in _PER_MODEL:
         if len(value) != num_models:
-            raise ValueError(f"{where}: weights has {len(value)} entries, one per model is needed ({num_models})")
-        for w in value:
-            if isinstance(w, (list, tuple)) and len(w) == 0:
-                raise ValueError(f"{where}: weights has an empty anchor list")
+            raise ValueError(f"{where}: {field} has {len(value)} entries, one per model is needed ({num_models})")
+        for v in value:
+            _check(field[:-1] if field == "weights" else "density", v, num_models, where)
         return
     if field in _CHOICES:
         if value not in _CHOICES[field]:
             raise ValueError(f"{where}: {field}={value!r}; choose from {_CHOICES[field]}")
         return
-    if field == "normalize":
+    if field in _BOOLEANS:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: normalize must be True or False, got {value!r}")
+            raise ValueError(f"{where}: {field} must be True or False, got {value!r}")
         return
     numbers = _numbers(value)
-    if not numbers or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in numbers):
+    if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                              for v in numbers):
         raise ValueError(f"{where}: {field} must be a number or a non-empty list of numbers, got {value!r}")
     if field == "density" and not all(0.0 < v <= 1.0 for v in numbers):
         raise ValueError(f"{where}: density must lie in (0, 1], got {value!r}")
@@ -82,7 +85,7 @@ class ParamSpec:
                 if field in fields and pattern.search(name):
                     value = fields[field]
                     break
-            values[field] = (tuple(at_depth(w, d) for w in value) if field == "weights" else at_depth(value, d))
+            values[field] = tuple(at_depth(v, d) for v in value) if field in _PER_MODEL else at_depth(value, d)
         return TensorParams(**values)
 
     def unmatched_patterns(self, names: Sequence[str]) -> list[str]:
@@ -105,10 +108,10 @@ def make_spec(method: str, num_models: int, values: Mapping[str, Any],
             if field not in FIELDS:
                 raise ValueError(f"{where}: unknown merge parameter {field!r}.{suggest(field, FIELDS)} "
                                  f"Parameters: {list(FIELDS)}")
-            if field == "weights" and not isinstance(value, (list, tuple)):
-                raise ValueError(f"{where}: weights must be a list with one entry per model, got {value!r}")
-            if field == "weights" and len(value) == 0:
-                continue  # () means the default: weight 1 for every model
+            if field in _PER_MODEL and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{where}: {field} must be a list with one entry per model, got {value!r}")
+            if field in _PER_MODEL and len(value) == 0:
+                continue  # () means the default: weight 1 / `density` for every model
             _check(field, value, num_models, where)
             out[field] = tuple(value) if isinstance(value, list) else value
         return out

@@ -37,7 +37,8 @@ def use_mesh(shape: Sequence[int], min_elements: int) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("name", "normalize", "election"))
 def _combine(models, base, keeps, numbers, *, name: str, normalize: bool, election: str):
-    """`combine` on device: models/base/keeps sharded [S]; numbers: float32 weights [N], lam [] and the statistics."""
+    """`combine` on device: models/base/keeps sharded [S]; numbers: float32 weights [N], lam [] and the statistics
+    but DARE's cuts."""
     b = None if base is None else base.astype(jnp.float32)
     taus = [m.astype(jnp.float32) if b is None else m.astype(jnp.float32) - b for m in models]
     p = TensorParams(weights=tuple(numbers["weights"]), lam=numbers["lam"], normalize=normalize, election=election)
@@ -58,13 +59,14 @@ def merge_tensor_sharded(name: str, models: Sequence[np.ndarray], base: np.ndarr
     flat = flat_float32(models)
     keys = kernels.dare_keys(seed, len(models))
     stats = statistics(method, flat, NO_BASE if base is None else flat_float32([base])[0], p, keys)
+    cuts = stats.pop("cuts", None)
     numbers = {k: np.asarray(v, np.float32) for k, v in stats.items()}
     numbers.update(weights=np.asarray(p.weights, np.float32), lam=np.float32(p.lam))
     keeps = None
     if method.random:  # the host's DARE draws, so both paths drop the same entries
         index = np.arange(flat[0].size, dtype=np.uint32)
-        keeps = [jax.device_put((kernels.dare_bits(np, key, index) < kernels.dare_cut(p.density)).reshape(shape),
-                                sharding) for key in keys]
+        keeps = [jax.device_put((kernels.dare_bits(np, key, index) < cut).reshape(shape), sharding)
+                 for key, cut in zip(keys, cuts)]
     put = functools.partial(jax.device_put, device=sharding)
     merged = _combine([put(m) for m in models], None if base is None else put(base), keeps, numbers,
                       name=name, normalize=p.normalize, election=p.election)
