@@ -74,11 +74,11 @@ def test_pass_at_k_rejects_bad_input_and_averages():
 def test_completion_program_accepts_continuations_and_whole_functions():
     prompt = 'def add(a, b):\n    """Sum."""\n'
     test = "def check(f):\n    assert f(2, 3) == 5\n"
-    continuation = passk.completion_program(prompt, "    return a + b\n", test, "add")
-    whole = passk.completion_program(prompt, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```", test, "add")
-    for program in (continuation, whole):
+    continuation = passk.completion_solution(prompt, "    return a + b\n", "add")
+    whole = passk.completion_solution(prompt, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```", "add")
+    for solution in (continuation, whole):
         scope = {}
-        exec(program, scope)  # raises if check() fails
+        exec(f"{solution}\n{test}\ncheck(add)\n", scope)  # raises if check() fails
 
 
 # ---- CFBench: per-sample CSR / ISR / PSR ----

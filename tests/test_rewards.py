@@ -97,24 +97,53 @@ def test_ifeval(completion, params, expected):
 # --- code -----------------------------------------------------------------------------------------------------
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 1"]
+SLOW_ADD = "import time\ndef add(a, b):\n    if a == 0:\n        time.sleep(60)\n    return a + b"
 
 
 @pytest.mark.parametrize("completion, tests, expected", [
     ("Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.", ADD_TESTS, 2 / 3),
     ("def add(a, b):\n    return a + b", "assert add(1, 2) == 3", 1.0),  # one test program
+    ("def add(a, b):\n    return a + b", "assert add(1, 2) == 3\nassert add(0, 0) == 1", 0.0),  # all or nothing
     ("def add(a, b):\n    return a - b", ADD_TESTS, 0.0),
     # The main block does not run, so reading stdin there cannot break it.
     ("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    input()", ADD_TESTS[:2], 1.0),
     ("def add(a, b):\n    return a +", ADD_TESTS, 0.0),  # syntax error
     ("import os\nos.abort()", ADD_TESTS, 0.0),  # crash
     ("while True:\n    pass", ADD_TESTS, 0.0),  # CPU hang
-    ("def add(a, b):\n    return a + b", [*ADD_TESTS[:2], "import time\ntime.sleep(60)"], 0.0),  # idle hang
-    # Neither an early clean exit nor a printed imitation of the report is credited.
+    (SLOW_ADD, ADD_TESTS, 0.0),  # idle hang in the third test: the run is cut, nothing counts
+    # Stdin tests run the solution as a program and compare what it printed.
+    ("print(sum(map(int, input().split())))", [{"stdin": "1 2\n", "stdout": "3\n"},
+                                               {"stdin": "2 2", "stdout": "5"}], 0.5),
+    # Neither an early clean exit nor a printed imitation of a result is credited.
     ("import os\nos._exit(0)", ADD_TESTS, 0.0),
-    ("import os\nprint('0123456789abcdef 3', flush=True)\nos._exit(0)", ADD_TESTS, 0.0),
+    ("import os\nprint('[0, \"value\", 3]', flush=True)\nos._exit(0)", ADD_TESTS, 0.0),
 ])
 def test_code(completion, tests, expected):
     assert REWARDS["code"](_sample(completion, tests=tests), FAST) == pytest.approx(expected)
+
+
+def test_code_score_is_counted_by_the_caller():
+    """A program that writes forged result lines on the results channel, or exits from an atexit hook after
+    adding its own, gains nothing: values are compared here and repeated records void the run."""
+    forge = ("import os\nos.write(3, b'[0, \"value\", 1000]\\n[1, \"value\", true]\\n')\nos._exit(0)")
+    atexit = ("import atexit, os\ndef add(a, b):\n    return a + b\n"
+              "atexit.register(lambda: os.write(3, b'[2, \"value\", 1]\\n'))")
+    for completion in (forge, atexit):
+        assert REWARDS["code"](_sample(completion, tests=ADD_TESTS), FAST) == 0.0
+
+
+@pytest.mark.parametrize("tests, message", [
+    ([], "'tests' must be a test program or a non-empty list"),
+    (["import time\ntime.sleep(60)"], "test 1: line 2: cannot split `time.sleep(60)`"),
+    (["assert add(1, 2) == add(2, 1)"], "neither side is a constant"),
+    (["assert all(add(i, i) == 2 * i for i in range(3))"], "is not a call of a function of the solution"),
+    (["def f(:"], "test 1: the test does not parse"),
+    ([{"stdin": "1"}], "test 1: a test is an assert program or"),
+])
+def test_code_tests_that_cannot_be_split_name_the_prompt(tests, message):
+    result = RewardFunction({"code": {"weight": 1.0, **FAST}})([_sample("def add(a, b): return a + b", "q-3",
+                                                                       tests=tests)])
+    assert result.errors and "prompt 'q-3'" in result.errors[0]["error"] and message in result.errors[0]["error"]
 
 
 # --- reward model ---------------------------------------------------------------------------------------------
@@ -147,6 +176,7 @@ def test_failing_batch_is_rescored_one_by_one(monkeypatch):
         return np.array([len(s.completion) for s in samples], float)
 
     monkeypatch.setitem(registry.PARAMS, "scorer", {})
+    monkeypatch.setitem(registry.RANGES, "scorer", (0.0, math.inf))
     monkeypatch.setitem(REWARDS, "scorer", lambda s, p: float(batch([s], p)[0]))
     monkeypatch.setitem(registry.BATCHED, "scorer", batch)
     result = RewardFunction({"scorer": {"weight": 1.0}})([_sample("ab", "a"), _sample("bad", "b")])
@@ -171,6 +201,22 @@ def test_weighted_sum():
     assert result.valid.all() and result.errors == []
 
 
+def test_scores_are_clamped_to_declared_ranges(monkeypatch, caplog):
+    assert set(registry.RANGES) == set(REWARDS)
+    monkeypatch.setitem(registry.PARAMS, "wild", {})
+    monkeypatch.setitem(REWARDS, "wild", lambda s, p: float(s.completion))
+    monkeypatch.setitem(registry.RANGES, "wild", (0.0, 1.0))
+    with caplog.at_level(logging.WARNING):
+        result = RewardFunction({"wild": {"weight": 2.0}})([_sample("1000", "p-hi"), _sample("-3", "p-lo"),
+                                                            _sample("0.25", "p-ok")])
+    np.testing.assert_array_equal(result.components["wild"], [1.0, 0.0, 0.25])
+    np.testing.assert_array_equal(result.total, [2.0, 0.0, 0.5])
+    assert "p-hi" in caplog.text and "p-lo" in caplog.text and "p-ok" not in caplog.text
+    monkeypatch.delitem(registry.RANGES, "wild")
+    with pytest.raises(ValueError, match="reward 'wild' declares no range"):
+        RewardFunction({"wild": {"weight": 1.0}})
+
+
 # --- on_error -------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -182,6 +228,7 @@ def boom(monkeypatch):
         return math.nan if sample.prompt_id == "p-nan" else 1.0
 
     monkeypatch.setitem(registry.PARAMS, "boom", {})
+    monkeypatch.setitem(registry.RANGES, "boom", (0.0, 1.0))
     monkeypatch.setitem(REWARDS, "boom", fn)
     spec = {"boom": {"weight": 2.0}, "length": {"weight": 1.0, "max": 1}}
     samples = [_sample("a", "p-ok"), _sample("b", "p-bad"), _sample("cc", "p-nan")]

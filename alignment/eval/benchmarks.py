@@ -25,7 +25,7 @@ import numpy as np
 from alignment.data.sources import read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
 from alignment.eval import answers, checklist, ifeval, passk
-from alignment.rewards import sandbox
+from alignment.rewards import sandbox, verdict
 
 GSM8K_SUFFIX = "\nSolve the problem step by step, then give the final number as 'The answer is N.'"
 MATH_SUFFIX = "\nSolve the problem step by step and put the final answer in \\boxed{}."
@@ -136,6 +136,8 @@ def load_humaneval(path: str, limit: int, seed: int) -> list[dict]:
     samples = []
     for number, record in _limited(read_jsonl(path), limit):
         _require(record, ("task_id", "prompt", "test", "entry_point"), f"{path}:{number}")
+        # A test that cannot be judged stops the run here, before any generation.
+        verdict.humaneval_suite(record["test"], record["entry_point"], f"{path}:{number}: task {record['task_id']!r}")
         samples.append({"id": str(record["task_id"]), "category": "code",
                         "messages": _user(HUMANEVAL_INSTRUCTION.format(prompt=record["prompt"])),
                         **{k: record[k] for k in ("prompt", "test", "entry_point")}})
@@ -143,13 +145,17 @@ def load_humaneval(path: str, limit: int, seed: int) -> list[dict]:
 
 
 def score_humaneval(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
-    """Run each response against its problem's tests in the sandbox; samples of one problem share an id."""
-    programs = [passk.completion_program(s["prompt"], r, s["test"], s["entry_point"])
-                for s, r in zip(samples, responses)]
+    """Judge each response against its problem's tests (calls in the sandbox, checks here); samples of one
+    problem share an id."""
+    def judge(sample: dict, response: str) -> verdict.Verdict:
+        suite = verdict.humaneval_suite(sample["test"], sample["entry_point"], f"humaneval task {sample['id']!r}")
+        solution = passk.completion_solution(sample["prompt"], response, sample["entry_point"])
+        return verdict.judge(solution, suite, ctx.sandbox_limits)
+
     with concurrent.futures.ThreadPoolExecutor(max(1, ctx.sandbox_workers)) as pool:
-        runs = list(pool.map(lambda p: sandbox.run_python(p, ctx.sandbox_limits), programs))
-    return [{"id": s["id"], "category": s["category"], "score": float(run.passed), "status": run.status,
-             "stderr": run.stderr[-500:]} for s, run in zip(samples, runs)]
+        verdicts = list(pool.map(judge, samples, responses))
+    return [{"id": s["id"], "category": s["category"], "score": float(v.status == "passed"), "status": v.status,
+             "reason": v.reason[:500]} for s, v in zip(samples, verdicts)]
 
 
 def aggregate_humaneval(results: list[dict], ctx: Context) -> dict:

@@ -1,4 +1,4 @@
-"""pass@k for sampled code solutions, and the program that checks a HumanEval-style completion."""
+"""pass@k for sampled code solutions, and the code of a HumanEval-style completion."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +25,6 @@ def mean_pass_at_k(passed: list[list[bool]], k: int) -> float:
     return float(np.mean([pass_at_k(len(p), sum(p), k) for p in passed]))
 
 
-def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The HumanEval check program: prompt + completion define the function, `test` defines check()."""
-    return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
-
-
 def extract_code(response: str) -> str:
     """The first fenced code block of a chat response (```python ... ```), else the response itself."""
     start = response.find("```")
@@ -42,11 +37,9 @@ def extract_code(response: str) -> str:
     return response[body_start + 1:end]
 
 
-def completion_program(prompt: str, response: str, test: str, entry_point: str) -> str:
-    """The check program for a model response, which is either a continuation of the prompt or, as chat
-    models usually answer, a whole function. A whole function is appended after the prompt, whose stub
+def completion_solution(prompt: str, response: str, entry_point: str) -> str:
+    """The code a model response gives for a HumanEval prompt, which is either a continuation of the prompt or,
+    as chat models usually answer, a whole function. A whole function goes after the prompt, whose stub
     (signature + docstring) is valid Python and is simply redefined; the prompt keeps its imports."""
     code = extract_code(response)
-    if f"def {entry_point}" in code:
-        return humaneval_program(prompt, "\n" + code, test, entry_point)
-    return humaneval_program(prompt, code, test, entry_point)
+    return prompt + ("\n" if f"def {entry_point}" in code else "") + code

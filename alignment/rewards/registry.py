@@ -5,8 +5,9 @@ and defaults (`REQUIRED` marks those without one). `RewardFunction` scores a bat
 rewards, and a reward that raises is never silent: it is logged and recorded with the prompt id, then scored
 per `on_error`.
 
-Rewards run serially in the calling (main) thread: math-verify enforces its timeouts with signals, and the
-sandbox starts its subprocesses with a `preexec_fn`, which is unsafe to fork from a multi-threaded process.
+Every score is clamped to its reward's declared range (`RANGES`), with a warning naming the reward and the
+prompt when it was outside. Rewards run serially in the calling (main) thread: math-verify enforces its timeouts
+with signals.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import logging
 import math
 import numbers
 import re
-import secrets
 from typing import Callable, Mapping, Sequence
 
 import ml_collections
@@ -24,7 +24,7 @@ import numpy as np
 
 from alignment.config import suggest
 from alignment.eval import answers, ifeval, passk
-from alignment.rewards import sandbox
+from alignment.rewards import sandbox, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -170,38 +170,15 @@ def _check_ifeval(p: dict) -> None:
 
 # --- code -----------------------------------------------------------------------------------------------------
 
-# Runs the solution and then each test in one namespace, and reports the count of passed tests on a line
-# tagged with a per-run nonce, so neither a solution that exits early with status 0 nor one printing a
-# fake report is credited. A solution under `if __name__ == "__main__":` does not run its main block.
-_HARNESS = """\
-_namespace = {{"__name__": "solution"}}
-exec(compile({solution!r}, "solution.py", "exec"), _namespace)
-_passed = 0
-for _test in {tests!r}:
-    try:
-        exec(compile(_test, "test.py", "exec"), _namespace)
-        _passed += 1
-    except Exception:
-        pass
-print({nonce!r}, _passed, flush=True)
-"""
-
-
 def code_reward(sample: Sample, params: Mapping) -> float:
-    """Fraction of record["tests"] (a test program or a list of them: asserts) passed by the completion's
-    code in the sandbox; a program that crashes, hangs or exceeds a limit scores 0."""
+    """Fraction of record["tests"] passed by the completion's code (its first fenced block, else all of it):
+    an assert program or a list of them and of {"stdin", "stdout"} cases (see `verdict`). The tests are split
+    into calls and expected values here; only the calls run in the sandbox and the returned values are checked
+    here, so the program cannot forge its score. A program that crashes, hangs or exceeds a limit scores 0."""
     p = _params("code", params)
-    tests = _field(sample, "tests")
-    tests = [tests] if isinstance(tests, str) else list(tests)
-    if not tests or not all(isinstance(t, str) for t in tests):
-        raise ValueError(f"prompt {sample.prompt_id!r}: 'tests' must be a test program or a non-empty list of them")
-    nonce = secrets.token_hex(8)
-    program = _HARNESS.format(solution=passk.extract_code(sample.completion), tests=tests, nonce=nonce)
-    result = sandbox.run_python(program, sandbox.Limits(**p))
-    report = re.findall(rf"^{nonce} (\d+)$", result.stdout, re.MULTILINE)
-    if result.status != "passed" or not report:
-        return 0.0
-    return int(report[-1]) / len(tests)
+    suite = verdict.code_suite(_field(sample, "tests"), f"prompt {sample.prompt_id!r}")
+    result = verdict.judge(passk.extract_code(sample.completion), suite, sandbox.Limits(**p))
+    return result.passed / result.total
 
 
 def _check_code(p: dict) -> None:
@@ -255,6 +232,15 @@ PARAMS: dict[str, dict] = {
     "reward_model": {"checkpoint": REQUIRED},
 }
 _CHECKS = {"format": _check_format, "length": _check_length, "ifeval": _check_ifeval, "code": _check_code}
+# Declared [low, high] of each reward; scores are clamped into it.
+RANGES: dict[str, tuple[float, float]] = {
+    "math": (0.0, 1.0),
+    "format": (0.0, 1.0),
+    "length": (-1.0, 0.0),
+    "ifeval": (0.0, 1.0),
+    "code": (0.0, 1.0),
+    "reward_model": (-math.inf, math.inf),  # a learned scalar: no natural bound
+}
 
 
 def _finite(value) -> float:
@@ -262,6 +248,15 @@ def _finite(value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"reward is not finite: {value}")
     return value
+
+
+def _clamp(name: str, prompt_id: str, value: float) -> float:
+    low, high = RANGES[name]
+    if low <= value <= high:
+        return value
+    logger.warning("reward %r scored %r on prompt %r, outside its range [%g, %g]: clamped", name, value, prompt_id,
+                   low, high)
+    return min(max(value, low), high)
 
 
 def _attempt(fn: Callable[[Sample, Mapping], float], sample: Sample, params: Mapping) -> float | Exception:
@@ -286,6 +281,8 @@ class RewardFunction:
         for name, entry in spec.items():
             if name not in REWARDS:
                 raise ValueError(f"unknown reward {name!r}.{suggest(name, REWARDS)} Available: {sorted(REWARDS)}")
+            if name not in RANGES:
+                raise ValueError(f"reward {name!r} declares no range in registry.RANGES")
             if not isinstance(entry, Mapping):
                 raise ValueError(f"rewards.{name} must map 'weight' and parameters to values, got {entry!r}")
             params = dict(entry)
@@ -314,7 +311,7 @@ class RewardFunction:
             scores = np.zeros(n)
             for i, (sample, outcome) in enumerate(zip(samples, self._outcomes(name, samples))):
                 if isinstance(outcome, float):
-                    scores[i] = outcome
+                    scores[i] = _clamp(name, sample.prompt_id, outcome)
                     continue
                 error = f"{type(outcome).__name__}: {outcome}"
                 if self.on_error == "raise":
