@@ -27,6 +27,7 @@ setuptools.setup(
         "ml-collections>=1.0",
         "absl-py>=2.1",
         "safetensors>=0.4",
+        "pyyaml>=6",  # mergekit YAML merge configurations (python -m alignment.merge)
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",

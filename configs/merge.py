@@ -3,6 +3,7 @@
     python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge --config.demo=True   # offline demo
     python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge \
         --config.merge.models="('/ckpt/math', '/ckpt/code', '/ckpt/chat')" --config.merge.base=/ckpt/sft
+    python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge --config.mergekit_yaml=merge.yml
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -19,6 +20,7 @@ def get_config():
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # mesh the demo reloads onto
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides of DEFAULT_RULES
     c.demo = False  # build a random tiny base + three perturbed copies in workdir/demo and merge those
+    c.mergekit_yaml = ""  # a mergekit YAML merge config: its method, models, base and parameters replace merge.*'s
     c.merge = ml_collections.ConfigDict(dict(
         method="model_stock",  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | model_stock
         models=(),  # checkpoints to merge: Orbax (root or step directory) or HF safetensors directories
@@ -26,7 +28,7 @@ def get_config():
         output="",  # Orbax checkpoint written (step 0, loadable as init_from); '' = workdir/merged
         hf_output="",  # also write HF safetensors here ('' = no)
         hf_model_type="llama",  # config.json model_type for HF output made from Orbax inputs: llama | qwen2
-        overwrite=False,  # replace existing outputs (only once the new ones are complete)
+        overwrite=False,  # replace existing outputs (only once the new ones are complete); else they are an error
         workers=0,  # merge threads; 0 = one per CPU
         memory_budget_gb=1.0,  # bytes of tensors in flight across workers; a larger single tensor runs alone
         shard_min_elements=1 << 24,  # with several local devices, merge tensors this large sharded; 0 = never

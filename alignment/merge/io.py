@@ -12,24 +12,31 @@ Orbax or tensorstore.
 
 `HFWriter` lays out every file's header first and then `pwrite`s each tensor at its offset, so tensors
 can arrive in any order from any thread. `atomic_output` makes an output appear at its path only when
-complete.
+complete, writing it in a hidden working directory beside it that the next merge into the same path
+deletes if this one was killed.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
 import mmap
 import os
 import shutil
+import socket
 import struct
 import tempfile
+import time
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from alignment.models import hf
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,23 +158,139 @@ def check_same_tensors(sources: Mapping[str, Any]) -> dict[str, TensorInfo]:
 # ----------------------------------------------------------------------------- atomic output
 
 
+class OutputExists(ValueError):
+    """The output path exists and overwriting it was not asked for."""
+
+    def __init__(self, path: str):
+        super().__init__(f"output {path} exists: pass overwrite=True (--config.merge.overwrite=True, or --overwrite "
+                         "for python -m alignment.merge) to replace it once the new one is complete")
+
+
+WORK_INFIX = ".merge-tmp-"  # a merge into DIR/out works in DIR/.out.merge-tmp-XXXXXXXX/
+_LOCK = "lock"  # in a working directory: flock'ed by its merge while that runs; says who made it
+_OLD_INFIX = ".tmp-"  # the working directories of earlier versions, which had no lock
+
+
+def _owner() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+
+def _size_mb(directory: str) -> float:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total / 1e6
+
+
+def remove_stale_work(path: str) -> list[str]:
+    """Delete the working directories that merges into `path` left when they were killed; returns them.
+
+    A working directory is stale when nobody holds its lock (the kernel drops a killed process's lock). A merge
+    killed between moving an existing output aside and moving its new one into place left the old output in
+    its working directory: that is moved back first. Working directories of live merges are left alone, and
+    so (with a warning) are those of earlier versions, which had no lock to tell.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        work = os.path.join(parent, entry)
+        if entry.startswith(f".{name}{_OLD_INFIX}"):
+            logger.warning("%s (%.1f MB) looks like the working directory of a merge by an earlier version of this "
+                           "project; delete it unless such a merge is running", work, _size_mb(work))
+        if not entry.startswith(f".{name}{WORK_INFIX}"):
+            continue
+        try:
+            lock = open(os.path.join(work, _LOCK))
+        except FileNotFoundError:  # just removed by its merge, or by another cleaner
+            continue
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running merge
+            owner = lock.read().strip() or "unknown"
+            previous = os.path.join(work, "previous")
+            if os.path.isdir(previous) and not os.path.lexists(path):
+                os.rename(previous, path)
+                logger.warning("restored %s from %s, where a killed merge (%s) had moved it", path, work, owner)
+            size = _size_mb(work)
+            shutil.rmtree(work, ignore_errors=True)
+        logger.warning("removed %s (%.1f MB): the working directory of a merge into %s that was killed (%s)",
+                       work, size, path, owner)
+        removed.append(work)
+    return removed
+
+
+def prepare_output(path: str, overwrite: bool) -> None:
+    """Remove what killed merges into `path` left (`remove_stale_work`, which may restore a previous output), then
+    raise OutputExists if `path` exists and not overwrite."""
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        remove_stale_work(path)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExists(os.path.abspath(path))
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary directory beside `path`; rename it to `path` on success, delete it on any error."""
+    """Yield an empty directory to write `path`'s contents into; it becomes `path` only when complete.
+
+    It lives in a working directory beside `path`, `.<name>.merge-tmp-XXXXXXXX/` (the same filesystem, so
+    the final renames are atomic), with a lock file this merge holds while it runs. An existing `path` (with
+    overwrite) is moved into the working directory, the new output into place, and the working directory
+    deleted, on success and on any error. Working directories of merges into `path` that were killed are
+    deleted first (`prepare_output`).
+    """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"output {path} exists; set overwrite to replace it")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    prepare_output(path, overwrite)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{WORK_INFIX}", dir=os.path.dirname(path))
+    # Locked before it has its name, so a cleaner never finds the lock unheld while this merge runs.
+    unnamed = os.path.join(work, f"{_LOCK}.new")
+    lock = open(unnamed, "w")
     try:
-        yield tmp
-        hf.move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(_owner() + "\n")
+        lock.flush()
+        os.rename(unnamed, os.path.join(work, _LOCK))
+        output = os.path.join(work, "output")
+        os.mkdir(output)
+        yield output
+        if os.path.lexists(path):
+            previous = os.path.join(work, "previous")
+            os.rename(path, previous)
+            try:
+                os.rename(output, path)
+            except BaseException:
+                os.rename(previous, path)
+                raise
+        else:
+            os.rename(output, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        lock.close()
 
 
 # ----------------------------------------------------------------------------- HF writer
+
+
+OUT_DTYPES = ("float32", "float16", "bfloat16")  # what HF output may be written as
+# What a Hugging Face tokenizer (and the generation defaults beside it) is stored in.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer(source: str, directory: str) -> list[str]:
+    """Copy the tokenizer files `source` (an HF directory) has into `directory`; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
+    if not copied:
+        raise ValueError(f"{source} holds no tokenizer files (any of {TOKENIZER_FILES}) to copy")
+    for name in copied:
+        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+    return copied
+
 
 
 class HFWriter:

@@ -10,12 +10,14 @@ so per-tensor statistics (TIES' threshold, angles, norms) are per layer.
 Everything is checked before the first byte is written: method, base, parameters, output paths, and
 that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
 merge, naming the checkpoint and tensor (the combine screens every element on its way); outputs appear
-only when complete.
+only when complete, from a hidden working directory beside them that a merge killed outright leaves and
+the next merge into the same place removes (`io.atomic_output`).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -28,6 +30,7 @@ import numpy as np
 from alignment.merge import io
 from alignment.merge.methods import METHODS, NonFiniteInput, merge_pieces
 from alignment.merge.params import make_spec
+from alignment.models import hf
 from alignment.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -100,17 +103,22 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                       params: Mapping[str, Any] | None = None, overrides: Sequence = (), seed: int = 0,
                       overwrite: bool = False, workers: int = 0, memory_budget_bytes: int = 1 << 30,
                       model_config: ModelConfig | None = None, model_type: str = "llama",
-                      max_shard_bytes: int | None = None, shard_min_elements: int = 0) -> dict[str, Any]:
+                      max_shard_bytes: int | None = None, shard_min_elements: int = 0, spec: Any = None,
+                      out_dtype: str = "", tokenizer_from: str = "") -> dict[str, Any]:
     """Merge `models` (Orbax checkpoints or HF directories) with `method`; returns a summary dict.
 
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
-    hf_output: HF safetensors directory; at least one is required. params/overrides: see
-    `alignment.merge.params`. seed: DARE masks depend on it, the tensor name and layer (not on order or
+    hf_output: HF safetensors directory; at least one is required. An existing output is an `io.OutputExists`
+    error unless overwrite, which replaces it once the new one is complete (`io.atomic_output`). params/overrides:
+    see `alignment.merge.params`; spec: instead of them, anything with their `resolve` and `unmatched_patterns`
+    (`mergekit_yaml.MergekitParams`). seed: DARE masks depend on it, the tensor name and layer (not on order or
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
     bounded by the same memory budget). model_config: names HF tensors when HF output is made
     from Orbax inputs only. shard_min_elements: tensors this large are merged sharded over the local
-    devices when there are several (0 = never, the default; the merge stage sets it). A merge of HF
-    checkpoints into HF output with shard_min_elements 0 imports neither JAX nor Orbax.
+    devices when there are several (0 = never, the default; the merge stage sets it). out_dtype: 'float32',
+    'float16' or 'bfloat16' for the written tensors ('' = the inputs' dtype). tokenizer_from: an HF directory
+    whose tokenizer files are copied into hf_output. A merge of HF checkpoints into HF output with
+    shard_min_elements 0 imports neither JAX nor Orbax.
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -131,9 +139,16 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     for out in (output, hf_output):
         if out and os.path.abspath(out) in inputs:
             raise ValueError(f"output {out} is one of the inputs")
-        if out and os.path.exists(out) and not overwrite:
-            raise FileExistsError(f"output {out} exists; set overwrite to replace it")
-    spec = make_spec(method, len(models), dict(params or {}), overrides)
+        if out:
+            io.prepare_output(out, overwrite)
+    if out_dtype and out_dtype not in io.OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype!r}: choose from {io.OUT_DTYPES}")
+    if tokenizer_from and not hf_output:
+        raise ValueError(f"tokenizer_from={tokenizer_from} is copied into hf_output, which is not set")
+    if spec is None:
+        spec = make_spec(method, len(models), dict(params or {}), overrides)
+    elif params or overrides:
+        raise ValueError("give the merge parameters either as params/overrides or as spec, not both")
     sharded = None
     if shard_min_elements > 0:
         from alignment.merge import sharded  # imports JAX (seconds): only when merging on devices is asked for
@@ -148,8 +163,13 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         tensors = io.check_same_tensors(sources)
         unmatched = spec.unmatched_patterns(list(tensors))
         if unmatched:
-            raise ValueError(f"override patterns match no tensor: {unmatched}; tensors: {sorted(tensors)}")
+            raise ValueError(f"override patterns (of a mergekit YAML: filters, on HF tensor names) match no tensor: "
+                             f"{unmatched}; tensors: {sorted(tensors)}")
         num_layers = next((t.shape[0] for t in tensors.values() if t.stacked), 1)
+        units = [(n, i) for n, t in tensors.items() for i in (range(t.shape[0]) if t.stacked else [None])]
+        resolved = {(n, i): spec.resolve(n, i, num_layers) for n, i in units}  # a bad parameter fails here
+        written = tensors if not out_dtype else {
+            n: dataclasses.replace(t, dtype=hf.numpy_dtype(out_dtype)) for n, t in tensors.items()}
         # HF -> HF merges stay in HF's layout; anything touching Orbax uses the project layout.
         layout = "hf" if not output and all(s.kind == "hf" for s in sources.values()) else "project"
 
@@ -167,7 +187,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             arrays = read(name, layer) if arrays is None else arrays
             # DARE's draws depend on the seed, the tensor and the layer only: not on order or workers.
             key = (seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1)
-            p = spec.resolve(name, layer, num_layers)
+            p = resolved[(name, layer)]
             model_arrays, base_array = arrays[: len(models)], arrays[len(models)] if base else None
             try:
                 if sharded is not None and sharded.use_mesh(arrays[0].shape, shard_min_elements):
@@ -190,7 +210,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             out = np.empty(arrays[0].shape, np.float32)
             for _ in merged(name, layer, arrays, out.reshape(-1)):
                 pass
-            return out.astype(tensors[name].dtype, copy=False)
+            return out.astype(written[name].dtype, copy=False)
 
         def slice_cost(name: str) -> int:
             """Bytes one slice's merge may hold: its inputs, their float32 copies if they are not float32, the result
@@ -207,18 +227,19 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
             if hf_output:
                 hf_dir = cleanup.enter_context(io.atomic_output(hf_output, overwrite))
                 cfg, hf_cfg = io.hf_config_for(list(sources.values()), model_config, model_type)
-                hf_writer = io.HFWriter(hf_dir, cfg, hf_cfg, tensors, max_shard_bytes)
+                hf_writer = io.HFWriter(hf_dir, cfg, hf_cfg, written, max_shard_bytes)
                 writers.append(hf_writer)
+                if tokenizer_from:
+                    io.copy_tokenizer(tokenizer_from, hf_dir)
                 skipped = [n for n in tensors if not hf_writer.covers(n)]
                 if skipped:
                     logger.warning("HF checkpoints have no place for %s; they are left out of %s", skipped, hf_output)
             if output:
                 orbax_dir = cleanup.enter_context(io.atomic_output(output, overwrite))
-                _merge_to_orbax(orbax_dir, tensors, sources, merge_slice, slice_cost, budget, hf_writer)
+                _merge_to_orbax(orbax_dir, written, sources, merge_slice, slice_cost, budget, hf_writer)
             else:
-                units = [(n, i) for n, t in tensors.items() if hf_writer.covers(n)
-                         for i in (range(t.shape[0]) if t.stacked else [None])]
-                _merge_to_hf(units, merged, merge_slice, slice_cost, budget, hf_writer, layout, workers)
+                covered = [(n, i) for n, i in units if hf_writer.covers(n)]
+                _merge_to_hf(covered, merged, merge_slice, slice_cost, budget, hf_writer, layout, workers)
         finally:
             for writer in writers:
                 writer.close()

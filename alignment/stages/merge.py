@@ -12,6 +12,7 @@ from alignment import sharding
 from alignment.checkpoint import load_params
 from alignment.merge import merge_checkpoints
 from alignment.merge.demo import make_demo_checkpoints
+from alignment.merge.mergekit_yaml import load_mergekit_yaml
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
@@ -22,20 +23,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     m = config.merge
     model_cfg = runtime.model_config(config)
     models, base = list(m.models), m.base
-    if config.demo:
-        if models or base:
-            raise ValueError("config.demo builds its own checkpoints: leave config.merge.models and base empty")
-        base, models = make_demo_checkpoints(os.path.join(workdir, "demo"), model_cfg, seed=config.seed)
-    elif not models:
-        raise ValueError("config.merge.models is empty: list the checkpoints to merge (Orbax or HF directories), "
-                         "or run the offline demo with --config.demo=True")
-    params = {k: v for k, v in m.params.to_dict().items() if v is not None}
     output = m.output or os.path.join(workdir, "merged")
-    summary = merge_checkpoints(
-        models, m.method, base=base, output=output, hf_output=m.hf_output, params=params,
-        overrides=tuple(m.overrides), seed=config.seed, overwrite=m.overwrite, workers=m.workers,
-        memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg, model_type=m.hf_model_type,
-        shard_min_elements=m.shard_min_elements)
+    common = dict(output=output, hf_output=m.hf_output, seed=config.seed, overwrite=m.overwrite, workers=m.workers,
+                  memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg,
+                  model_type=m.hf_model_type, shard_min_elements=m.shard_min_elements)
+    if config.mergekit_yaml:
+        if config.demo or models or base or m.overrides:
+            raise ValueError("config.mergekit_yaml names the models, base and parameters: leave config.demo, "
+                             "config.merge.models, base and overrides unset")
+        summary = load_mergekit_yaml(config.mergekit_yaml).run(**common)
+    else:
+        if config.demo:
+            if models or base:
+                raise ValueError("config.demo builds its own checkpoints: leave config.merge.models and base empty")
+            base, models = make_demo_checkpoints(os.path.join(workdir, "demo"), model_cfg, seed=config.seed)
+        elif not models:
+            raise ValueError("config.merge.models is empty: list the checkpoints to merge (Orbax or HF directories), "
+                             "give a mergekit YAML (--config.mergekit_yaml=FILE), or run the offline demo with "
+                             "--config.demo=True")
+        params = {k: v for k, v in m.params.to_dict().items() if v is not None}
+        summary = merge_checkpoints(models, m.method, base=base, params=params, overrides=tuple(m.overrides),
+                                    **common)
     if config.demo:  # show that later stages can start from the result (init_from), laid out on the mesh
         mesh, rules = runtime.mesh_and_rules(config)
         boxed = abstract_params(Transformer(model_cfg), dummy_inputs())
