@@ -105,6 +105,23 @@ def test_pallas_gpu_interpret_matches_reference(dtype, head_dim):
     check_against_reference(fn, 2, dtype, head_dim)
 
 
+def test_pallas_gpu_tile_spans_cover_exactly_the_tiles_with_allowed_pairs():
+    """Each program's span runs from its first to its last tile with an allowed pair (numpy brute force);
+    on packed rows that leaves out the upper triangle and the tiles between samples outside the span."""
+    rng = np.random.default_rng(8)
+    seg, pos = packed_vectors(rng, 2, 64)
+    (first_k, end_k), (first_q, end_q) = pallas_gpu.tile_spans(seg, seg, pos, pos, 8, 16)
+    tiles = np.asarray(reference.mask(seg, seg, pos, pos)).reshape(2, 8, 8, 4, 16).any(axis=(2, 4))  # [b, nq, nk]
+    for b in range(2):
+        for i in range(8):
+            hits = np.flatnonzero(tiles[b, i])
+            assert (first_k[b, i], end_k[b, i]) == ((hits[0], hits[-1] + 1) if hits.size else (0, 0))
+        for j in range(4):
+            hits = np.flatnonzero(tiles[b, :, j])
+            assert (first_q[b, j], end_q[b, j]) == ((hits[0], hits[-1] + 1) if hits.size else (0, 0))
+    assert int(np.sum(np.asarray(end_k - first_k))) < 0.6 * 2 * 8 * 4  # most tiles are never visited
+
+
 @pytest.mark.parametrize("dtype,head_dim", CASES)
 def test_pallas_tpu_interpret_matches_reference(dtype, head_dim):
     fn = functools.partial(pallas_tpu.attention, blocks=pallas_tpu.BlockSizes(16, 16), interpret=True)

@@ -5,8 +5,10 @@ of rows and loops over the other sequence inside the kernel (the Triton style):
   forward   grid (batch, heads, q blocks), loop over key blocks with an online softmax
   dq        grid (batch, heads, q blocks), loop over key blocks
   dk, dv    grid (batch, kv_heads, key blocks), loop over query blocks of every head in the group
-Masks follow `reference.mask` (segment ids, causal by position), so every key block is visited;
-the mask zeroes what a query must not see.
+Masks follow `reference.mask` (segment ids, causal by position). A program loops only over the span of
+blocks from the first to the last (query block, key block) tile holding an allowed pair, found per batch
+row before the kernels (`tile_spans`), so the causal upper triangle and the tiles between packed samples
+outside that span cost nothing; inside it the mask zeroes what a query must not see.
 
 Checked by cross-lowering on a CPU host (tests/test_kernels_lowering*.py; JAX 0.10.2): the Pallas -> Triton
 lowering, forward and backward, fp32 and bf16, head dims 64 and 128, GQA 32/8 and 4/2 and 14/2, lengths no
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.attention import common
+from kernels.attention import common, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +35,34 @@ class BlockSizes:
     block_k: int = 64  # key rows per loop step
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, o_ref, lse_ref,
-                    *, scale, block_k):
+def tile_spans(q_seg, kv_seg, q_pos, kv_pos, block_q, block_k):
+    """The tiles each program visits: (first, end) key blocks per query block, both [batch, nq] int32, and
+    (first, end) query blocks per key block, both [batch, nk]; (0, 0) for a block with no allowed pair.
+
+    Vectors [batch, len] padded to whole blocks. The [nq, nk] table of tiles with an allowed pair is reduced
+    from one query block's [batch, block_q, kv_len] mask at a time.
+    """
+    batch, q_len = q_seg.shape
+    nq, nk = q_len // block_q, kv_seg.shape[1] // block_k
+
+    def row_of_tiles(vectors):
+        allowed = reference.mask(vectors[0], kv_seg, vectors[1], kv_pos)
+        return allowed.reshape(batch, block_q, nk, block_k).any(axis=(1, 3))
+
+    by_block = lambda x: jnp.swapaxes(x.reshape(batch, nq, block_q), 0, 1)
+    needed = jnp.swapaxes(jax.lax.map(row_of_tiles, (by_block(q_seg), by_block(q_pos))), 0, 1)  # [b, nq, nk]
+
+    def span(axis):
+        found, size = needed.any(axis), needed.shape[axis]
+        first = jnp.argmax(needed, axis)
+        end = size - jnp.argmax(jnp.flip(needed, axis), axis)
+        return jnp.where(found, first, 0).astype(jnp.int32), jnp.where(found, end, 0).astype(jnp.int32)
+
+    return span(2), span(1)
+
+
+def _forward_kernel(first_ref, end_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, o_ref,
+                    lse_ref, *, scale, block_k):
     q = q_ref[...]
     q_seg, q_pos = q_seg_ref[...][:, None], q_pos_ref[...][:, None]
 
@@ -47,14 +75,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_po
     rows, head_dim = q.shape
     init = (jnp.full((rows, 1), common.MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
+    m, l, acc = jax.lax.fori_loop(first_ref[...], end_ref[...], body, init)
     out, lse = common.finish(m, l, acc)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, lse_ref, do_ref, delta_ref,
-               dq_ref, *, scale, block_k):
+def _dq_kernel(first_ref, end_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, lse_ref,
+               do_ref, delta_ref, dq_ref, *, scale, block_k):
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     q_seg, q_pos = q_seg_ref[...][:, None], q_pos_ref[...][:, None]
@@ -66,12 +94,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref
         _, ds = common.block_grads(q, k, v_ref[keys, :], do, lse, delta, allowed, scale)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(first_ref[...], end_ref[...], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, lse_ref, do_ref, delta_ref,
-                dk_ref, dv_ref, *, scale, block_q, groups):
+def _dkv_kernel(first_ref, end_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, lse_ref,
+                do_ref, delta_ref, dk_ref, dv_ref, *, scale, block_q, groups):
     k, v = k_ref[...], v_ref[...]
     kv_seg, kv_pos = kv_seg_ref[...][None, :], kv_pos_ref[...][None, :]
 
@@ -88,7 +116,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_re
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, q_ref.shape[1] // block_q, body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(first_ref[...], end_ref[...], body, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -106,16 +134,18 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, blocks, interpret):
     all_kv = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, i: (b, h // groups, 0, 0))
     q_vec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
     kv_vec = pl.BlockSpec((None, kv_len), lambda b, h, i: (b, 0))
+    span = pl.BlockSpec((None, None), lambda b, h, i: (b, i))
+    (first, end), _ = tile_spans(q_seg, kv_seg, q_pos, kv_pos, bq, blocks.block_k)
     return pl.pallas_call(
         functools.partial(_forward_kernel, scale=head_dim ** -0.5, block_k=blocks.block_k),
         grid=(batch, heads, q_len // bq),
-        in_specs=[rows, all_kv, all_kv, q_vec, kv_vec, q_vec, kv_vec],
+        in_specs=[span, span, rows, all_kv, all_kv, q_vec, kv_vec, q_vec, kv_vec],
         out_specs=[rows, pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="attention_forward",
-    )(q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+    )(first, end, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
 
 
 def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, lse, d_out, delta, *, blocks, interpret):
@@ -125,14 +155,16 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, lse, d_out, delta, *, block
     bq, bk = blocks.block_q, blocks.block_k
     scale = head_dim ** -0.5
     inputs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos, lse, d_out, delta)
+    key_spans, query_spans = tile_spans(q_seg, kv_seg, q_pos, kv_pos, bq, bk)
 
+    span = pl.BlockSpec((None, None), lambda b, h, i: (b, i))
     rows = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0))
     row_vec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
     all_kv = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, i: (b, h // groups, 0, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=bk),
         grid=(batch, heads, q_len // bq),
-        in_specs=[rows, all_kv, all_kv, pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
+        in_specs=[span, span, rows, all_kv, all_kv, pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                   pl.BlockSpec((None, kv_len), lambda b, h, i: (b, 0)),
                   pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                   pl.BlockSpec((None, kv_len), lambda b, h, i: (b, 0)), row_vec, rows, row_vec],
@@ -141,7 +173,7 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, lse, d_out, delta, *, block
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="attention_dq",
-    )(*inputs)
+    )(*key_spans, *inputs)
 
     # One program per key block of one kv head; it reads every query of the heads in its group.
     group_rows = pl.BlockSpec((None, groups, q_len, head_dim), lambda b, kh, j: (b, kh, 0, 0))
@@ -152,13 +184,14 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, lse, d_out, delta, *, block
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block_q=bq, groups=groups),
         grid=(batch, kv_heads, kv_len // bk),
-        in_specs=[group_rows, kv_rows, kv_rows, q_all, kv_vec, q_all, kv_vec, group_vec, group_rows, group_vec],
+        in_specs=[span, span, group_rows, kv_rows, kv_rows, q_all, kv_vec, q_all, kv_vec, group_vec, group_rows,
+                  group_vec],
         out_specs=[kv_rows, kv_rows],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="attention_dkv",
-    )(*inputs)
+    )(*query_spans, *inputs)
     return dq, dk, dv
 
 
