@@ -12,10 +12,10 @@ switches the program to an unused uid drawn per run; otherwise (a laptop user) t
 where the program is that namespace's root without any capability.
 
 Which layer stops which attack (bwrap and unshare alike):
-  - PID namespace: the program is PID 1 or 2 of its own namespace; it cannot see, signal or ptrace its caller
-    or any other process (os.kill(os.getppid(), 9) names PID 0; kill(-1) reaches only the sandbox). When its
-    first process exits or is killed, the kernel kills every process left in the namespace, so a child that
-    called setsid() or holds stdout dies with it.
+  - PID namespace: the program runs in its own, below a PID 1 that only waits for it; it cannot see, signal or
+    ptrace its caller or any other process outside (their PIDs do not exist there; kill(-1) reaches only the
+    sandbox). When the program exits or is killed, PID 1 exits and the kernel kills every process left in the
+    namespace, so a child that called setsid() or holds stdout dies with it.
   - mount namespace + pivot_root: the filesystem is a read-only tmpfs holding only read-only binds of /usr (and
     the /bin, /lib... links), the interpreter's prefix, /etc/ld.so.cache, five device nodes (null, zero, full,
     random, urandom), a fresh /proc of the new PID namespace (the caller's /proc/<pid>/environ does not exist
@@ -108,7 +108,8 @@ def _view() -> tuple[tuple[str, ...], ...]:
     """The sandbox's filesystem as steps: ("ro", path) read-only bind, ("dev", path) device bind, ("link",
     target, path) symlink, ("proc", path), ("tmp", path) the scratch tmpfs, ("box", path) the program's
     directory; paths are the same inside and out."""
-    steps, mounted = [], []
+    # The scratch tmpfs first: an interpreter installed under /tmp is then bound on top of it, not hidden by it.
+    steps, mounted = [("tmp", "/tmp"), ("box", "/box"), ("proc", "/proc")], []
     for path in _SYSTEM_DIRS:
         if os.path.islink(path):
             steps.append(("link", os.readlink(path), path))
@@ -122,7 +123,6 @@ def _view() -> tuple[tuple[str, ...], ...]:
     if os.path.isfile("/etc/ld.so.cache"):
         steps.append(("ro", "/etc/ld.so.cache"))
     steps += [("dev", f"/dev/{d}") for d in _DEVICES if os.path.exists(f"/dev/{d}")]
-    steps += [("proc", "/proc"), ("tmp", "/tmp"), ("box", "/box")]
     return tuple(steps)
 
 
@@ -140,6 +140,7 @@ def _bwrap_view(program_dir: str, limits: Limits) -> list[str]:
             if parent not in made:
                 args += ["--perms", "0755", "--dir", parent]
                 made.add(parent)
+        made.add(path)
         kind = step[0]
         if kind == "ro":
             args += ["--ro-bind", path, path]
@@ -267,52 +268,40 @@ def _supervise(proc: subprocess.Popen, limits: Limits, deadline: float) -> tuple
     stdout, stderr), at most output_bytes in all. The process is left unreaped (its pid stays reserved)."""
     kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     room = int(limits.output_bytes)
-    with selectors.DefaultSelector() as selector, _pidfd(proc.pid) as pidfd:
-        selector.register(pidfd, selectors.EVENT_READ)
-        for pipe in kept:
-            os.set_blocking(pipe.fileno(), False)
-            selector.register(pipe, selectors.EVENT_READ)
-        exited = False
-        while not exited:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
-            for key, _ in selector.select(remaining):
-                if key.fileobj is pidfd:
-                    exited = True
-                    continue
-                data = _read(key.fileobj, room + 1, until_empty=False)
-                if data is None:  # end of file
-                    selector.unregister(key.fileobj)
-                    continue
-                kept[key.fileobj] += data[:room]
+    pidfd = os.pidfd_open(proc.pid)  # readable once the process has exited (Linux 5.3+)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(pidfd, selectors.EVENT_READ)
+            for pipe in kept:
+                os.set_blocking(pipe.fileno(), False)
+                selector.register(pipe, selectors.EVENT_READ)
+            exited = False
+            while not exited:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+                for key, _ in selector.select(remaining):
+                    if key.fileobj == pidfd:
+                        exited = True
+                        continue
+                    data = _read(key.fileobj, room + 1, until_empty=False)
+                    if data is None:  # end of file
+                        selector.unregister(key.fileobj)
+                        continue
+                    kept[key.fileobj] += data[:room]
+                    room -= len(data)
+                    if room < 0:
+                        return "output_limit", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+            # What the program wrote just before exiting; a straggler still holding a pipe is not waited for.
+            for pipe in [key.fileobj for key in selector.get_map().values() if key.fileobj != pidfd]:
+                data = _read(pipe, room + 1, until_empty=True) or b""
+                kept[pipe] += data[:room]
                 room -= len(data)
                 if room < 0:
                     return "output_limit", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
-        # What the program wrote just before exiting; a straggler that still holds a pipe is not waited for.
-        for pipe in [k.fileobj for k in selector.get_map().values() if k.fileobj is not pidfd]:
-            data = _read(pipe, room + 1, until_empty=True) or b""
-            kept[pipe] += data[:room]
-            room -= len(data)
-            if room < 0:
-                return "output_limit", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
+    finally:
+        os.close(pidfd)
     return "exited", bytes(kept[proc.stdout]), bytes(kept[proc.stderr])
-
-
-class _pidfd:
-    """A file descriptor that becomes readable when the process exits (Linux 5.3+), closed on exit."""
-
-    def __init__(self, pid: int):
-        self.fd = os.pidfd_open(pid)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
 
 
 def _read(pipe, limit: int, until_empty: bool) -> bytes | None:
