@@ -8,7 +8,7 @@ import pytest
 
 from alignment.rewards import sandbox
 
-FAST = sandbox.Limits(cpu_seconds=1, wall_seconds=3, memory_bytes=256 << 20, output_bytes=64 << 10)
+FAST = sandbox.Limits(cpu_seconds=1, wall_seconds=2, memory_bytes=256 << 20, output_bytes=64 << 10)
 
 
 def _backends(names):
@@ -35,15 +35,13 @@ def test_runs_a_program_with_its_stdin(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("program, statuses, reason", [
-    ("import time\ntime.sleep(60)", ["timeout"], "wall clock"),  # idle: the wall clock
-    ("x = bytearray(2 << 30)", ["failed"], "MemoryError"),  # RLIMIT_AS
-    # Deep recursion ends in MemoryError, a crash or the CPU limit, whichever comes first.
-    ("import sys\nsys.setrecursionlimit(10 ** 6)\ndef f(n):\n    return f(n + 1)\nf(0)", ["failed", "timeout"], ""),
+@pytest.mark.parametrize("program, status, reason", [
+    ("import time\ntime.sleep(60)", "timeout", "wall clock"),  # idle: the wall clock
+    ("x = bytearray(2 << 30)", "failed", "MemoryError"),  # RLIMIT_AS
 ])
-def test_limits_stop_programs(backend, program, statuses, reason):
+def test_limits_stop_programs(backend, program, status, reason):
     result, seconds = _timed(program, backend)
-    assert not result.passed and result.status in statuses and reason in result.reason and seconds < 4
+    assert not result.passed and result.status == status and reason in result.reason and seconds < 4
 
 
 @pytest.mark.parametrize("backend", ALL)

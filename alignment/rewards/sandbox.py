@@ -57,8 +57,8 @@ import time
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("bwrap", "unshare", "none")  # in order of preference
-# Programs run as root get an uid from this range, which systemd and the usual subuid ranges leave unassigned
-# (1879048192 up), drawn per run so that no other process shares its RLIMIT_NPROC count.
+# When the caller is root, each run's program gets a uid drawn from this range, which systemd and the usual
+# subuid ranges leave unassigned (1879048192 up), so that no other process shares its RLIMIT_NPROC count.
 _UID_BASE, _UID_RANGE = 0x70000000, 1 << 24
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -338,11 +338,12 @@ def _reason(status: str, returncode: int | None, stderr: str, limits: Limits, ba
     if status == "output_limit":
         return f"output_limit: wrote more than {int(limits.output_bytes)} bytes"
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")[:200]
+    last = "".join(c if c.isprintable() else "?" for c in last)  # the program's text, bound for logs
     # The namespace's PID 1 (bwrap's, or the shell) reports a program killed by signal N as status 128 + N.
     signum = -returncode if returncode < 0 else returncode - 128 if backend != "none" and returncode > 128 else 0
     if signum:
         name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
-        hint = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (CPU time limit, or killed from outside)"}.get(name, "")
+        hint = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (e.g. the CPU time limit's hard stop)"}.get(name, "")
         return f"failed: killed by {name}{hint}" + (f": {last}" if last else "")
     return f"failed: exit status {returncode}" + (f": {last}" if last else "")
 
@@ -390,11 +391,12 @@ def unavailable(backend: str) -> str:
         raise ValueError(f"unknown sandbox backend {backend!r}; choose from {list(BACKENDS)}")
     if backend == "bwrap" and shutil.which("bwrap") is None:
         return "bwrap is not installed (the distribution's bubblewrap package)"
-    try:
-        result = run_python("print(6 * 7)", Limits(wall_seconds=20), backend=backend)
+    try:  # the isolated backends must also show the program its own filesystem view
+        result = run_python("import os\nprint(42, os.path.isfile('/box/program.py'))", Limits(wall_seconds=20),
+                            backend=backend)
     except (OSError, RuntimeError) as e:
         return str(e)
-    if result.stdout.strip() != "42":
+    if result.stdout.strip() != f"42 {backend != 'none'}":
         return result.reason or f"the probe printed {result.stdout[:80]!r}"
     return ""
 
