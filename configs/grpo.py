@@ -38,6 +38,7 @@ def get_config():
         ppo_epochs=1,  # mu: passes over each rollout batch (with stored old log-probs after the first)
         minibatches=1,  # optimizer steps per pass
         kl_mode="token_reward",  # token_reward (the paper: -beta * top-K KL per token) | k3 (in the loss) | none
+        kl_importance_ratio=False,  # k3 mode: k3 times exp(logp - old_logp), TRL's default use_bias_correction_kl
         beta=0.02,  # KL weight
         kl_top_k=64,  # K of the reference's top-K support (the paper uses 500 with a 100k+ vocabulary)
         scale_rewards="group",  # group | batch | none: what the centred rewards are divided by

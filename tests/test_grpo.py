@@ -124,3 +124,19 @@ def test_first_pass_ratio_is_exactly_one():
     _, (count, metrics) = loss(params, batch)
     assert float(metrics["ratio_sum"]) == float(metrics["tokens"]) == float(count)
     assert float(metrics["clip_fraction_sum"]) == 0
+
+
+def test_kl_penalty_is_k3_times_the_importance_ratio():
+    logp, ref, old = RNG.normal(-2, 1, (3, 7)), RNG.normal(-2, 1, (3, 7)), RNG.normal(-2, 1, (3, 7))
+    k3 = np.exp(ref - logp) - (ref - logp) - 1
+    as_jax = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]
+    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref, old), False), k3, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref, old), True), k3 * np.exp(logp - old), rtol=1e-5,
+                               atol=1e-7)
+    assert grpo.kl_form(False) == "k3" and grpo.kl_form(True) == "k3_ratio"
+
+
+def test_importance_ratio_needs_the_k3_mode():
+    with pytest.raises(ValueError, match="kl_importance_ratio .* needs kl_mode 'k3', got 'token_reward'"):
+        grpo.grpo_loss(None, None, {}, None, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_mode="token_reward",
+                       beta=0.1, aggregation="token_mean", max_tokens=4, kl_importance_ratio=True)

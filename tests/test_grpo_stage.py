@@ -57,3 +57,11 @@ def test_short_run_raises_reward_and_resumes_exactly(tmp_path, space_share_rewar
     expected, actual = params_at(tmp_path / "full", 12), params_at(tmp_path / "resumed", 12)
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_importance_ratio_outside_k3_is_refused_before_any_work(tmp_path):
+    c = config(1)
+    c.rl.kl_importance_ratio = True  # with the default kl_mode, token_reward
+    with pytest.raises(ValueError, match=r"rl.kl_importance_ratio .* needs rl.kl_mode 'k3', got 'token_reward'"):
+        grpo.run(c, str(tmp_path))
+    assert not os.listdir(tmp_path)

@@ -8,7 +8,8 @@ KL to the reference policy, two modes (`config.kl_mode`):
   * "token_reward" (the paper's): KL_t = exact KL(policy || reference) over the reference's top-K tokens
     (both renormalised there, so >= 0) enters a token-level reward r_t = -beta * KL_t, the sequence
     advantage is added at the last token, and each token's advantage is the reward-to-go;
-  * "k3" (DeepSeekMath): beta * k3(logp, ref_logp) is added to the per-token loss.
+  * "k3" (DeepSeekMath): beta * k3(logp, ref_logp) is added to the per-token loss, optionally weighted by the
+    importance ratio exp(logp - old_logp) (`kl_penalty`; TRL's default `use_bias_correction_kl`).
 Loss: the PPO-clip surrogate with separate low/high clip ranges, aggregated over the global batch by
 one of AGGREGATIONS through (sum, count) pairs, so micro-batches and hosts give the exact global mean.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignment.algorithms.logprobs import k3, logprobs_entropy_kl, target_hidden  # noqa: F401 (k3 is part of the API)
+from alignment.algorithms.logprobs import k3, logprobs_entropy_kl, target_hidden
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
@@ -74,6 +75,19 @@ def clipped_surrogate(logp: jax.Array, old_logp: jax.Array, advantages: jax.Arra
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
 
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, old_logp: jax.Array, importance_ratio: bool) -> jax.Array:
+    """Per-token KL term of the k3 mode [rows, tokens]: k3(logp, ref_logp), times exp(logp - old_logp) (with its
+    gradient) when `importance_ratio` is set. k3 estimates KL(policy || reference) on tokens drawn from the
+    policy; the ratio corrects for their having been drawn from the rollout (old) policy."""
+    kl = k3(logp, ref_logp)
+    return kl * jnp.exp(logp - old_logp) if importance_ratio else kl
+
+
+def kl_form(importance_ratio: bool) -> str:
+    """The k3 mode's KL term as metrics name it: "k3", or "k3_ratio" when weighted by the importance ratio."""
+    return "k3_ratio" if importance_ratio else "k3"
+
+
 def aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str, max_tokens: int) -> tuple[jax.Array, jax.Array]:
     """(sum, count) whose global ratio is the aggregated loss.
 
@@ -115,17 +129,22 @@ def reference_topk(hidden: jax.Array, unembedding: jax.Array, k: int, temperatur
 
 
 def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float, clip_low: float,
-              clip_high: float, kl_mode: str, beta: float, aggregation: str, max_tokens: int, group: int = 1):
+              clip_high: float, kl_mode: str, beta: float, aggregation: str, max_tokens: int, group: int = 1,
+              kl_importance_ratio: bool = False):
     """The policy update loss on a rollout batch: inputs, positions, segment_ids [rows, W]; targets, loss_mask
     (completion tokens), advantages, old_logp (from the rollout policy), ref_logp (k3 mode) [rows, C], over
     the last C input columns (`logprobs.target_hidden`); first_pass [rows] (1.0 where the parameters are still
     the rollout's, so old_logp is taken as this pass's own log-prob and the ratio is exactly 1). group > 1:
     rows come in runs of that many samples of one prompt, which then runs once (`logprobs.target_hidden`).
+    kl_importance_ratio (k3 mode only): the KL term is k3 times the ratio (`kl_penalty`).
 
     Metrics also hold the policy's entropy summed over the completion tokens (`entropy_sum`), so a step that
-    skips the separate scoring pass of the policy still reports it.
+    skips the separate scoring pass of the policy still reports it, and in k3 mode the KL term summed over them,
+    named by its form (`kl_form`): `k3_sum`, or `k3_ratio_sum` with the importance ratio.
     """
     del rng
+    if kl_importance_ratio and kl_mode != "k3":
+        raise ValueError(f"kl_importance_ratio weights the k3 KL term: it needs kl_mode 'k3', got {kl_mode!r}")
     hidden = target_hidden(model, params, batch, group)
     unembedding = model.apply({"params": params}, method="unembedding")
     scored = logprobs_entropy_kl(hidden, unembedding, batch["targets"], temperature=temperature,
@@ -142,9 +161,9 @@ def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float,
         "entropy_sum": jnp.sum(jax.lax.stop_gradient(scored.entropy) * mask),
     }
     if kl_mode == "k3":
-        kl = k3(logp, batch["ref_logp"])
+        kl = kl_penalty(logp, batch["ref_logp"], old_logp, kl_importance_ratio)
         per_token = per_token + beta * kl
-        metrics["k3_sum"] = jnp.sum(kl * mask)
+        metrics[f"{kl_form(kl_importance_ratio)}_sum"] = jnp.sum(kl * mask)
     loss_sum, count = aggregate(per_token, mask, aggregation, max_tokens)
     return loss_sum, (count, metrics)
 

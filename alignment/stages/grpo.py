@@ -7,6 +7,10 @@ passes of clipped policy updates -> optionally one PTX-KL step on SFT data. Rows
 output head runs on completion tokens only), and each prompt runs once for its samples where rows keep their
 groups; with one on-policy pass and k3, scoring runs the reference only. Every `eval_every` steps:
 greedy accuracy per category on held-out prompts, which also re-weights the categories of the prompt stream.
+
+Each step records `kl`, the rollout policy's KL to the reference, and in k3 mode also the KL term of the
+loss per token over the step's updates, named by its form: `kl_k3`, or `kl_k3_ratio` with
+`rl.kl_importance_ratio` (k3 weighted by exp(logp - old_logp), TRL's `use_bias_correction_kl`).
 """
 from __future__ import annotations
 
@@ -54,6 +58,9 @@ def make_ptx_batches(config, tokenizer, model, ref_params):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl = config.rl
+    if rl.kl_importance_ratio and rl.kl_mode != "k3":
+        raise ValueError(f"rl.kl_importance_ratio weights the k3 KL term: it needs rl.kl_mode 'k3', got {rl.kl_mode!r}")
+    kl_form = grpo.kl_form(rl.kl_importance_ratio)
     model_cfg, model, mesh, rules = runtime.setup_model(config)
     tokenizer = runtime.checked_tokenizer(config, model_cfg)
     stream, held_out = loop.prompt_data(config)
@@ -82,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update_group = rl.num_samples if share else 1
     loss = functools.partial(grpo.grpo_loss, model, temperature=rl.temperature, clip_low=rl.clip_low,
                              clip_high=rl.clip_high, kl_mode=rl.kl_mode, beta=rl.beta,
-                             aggregation=rl.aggregation, max_tokens=rl.max_new_tokens, group=update_group)
+                             aggregation=rl.aggregation, max_tokens=rl.max_new_tokens, group=update_group,
+                             kl_importance_ratio=rl.kl_importance_ratio)
     # Batches keep the layout `place_batch` gives them (rows over the data axes, whatever their rank).
     update = jit_train_step(make_train_step(loss, optimizer, schedule, config.micro_batches), shardings, None)
     ptx = make_ptx_batches(config, tokenizer, model, ref_params)
@@ -124,9 +132,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, m = ptx_step(state, attach(runtime.place_batch(next(stream_ptx), target)))
             metrics.append({"ptx_kl": m["ptx_kl_sum"] / jnp.maximum(m["tokens"], 1.0)})
         metrics = jax.device_get(metrics)
+        kl_term = [m for m in metrics if f"{kl_form}_sum" in m]  # the policy updates, in k3 mode
         record = {
             **rollout_metrics(rewards, rollout.out, scored, mask),
-            **({"kl": float(metrics[0]["k3_sum"] / max(metrics[0]["tokens"], 1.0)),
+            **({f"kl_{kl_form}": float(sum(m[f"{kl_form}_sum"] for m in kl_term)
+                                       / max(sum(m["tokens"] for m in kl_term), 1.0))} if kl_term else {}),
+            **({"kl": float(metrics[0][f"{kl_form}_sum"] / max(metrics[0]["tokens"], 1.0)),
                 "entropy": float(metrics[0]["entropy_sum"] / max(metrics[0]["tokens"], 1.0))} if single_pass else {}),
             "loss": float(np.mean([m["loss"] for m in metrics if "loss" in m])),
             "clip_fraction": float(sum(m.get("clip_fraction_sum", 0) for m in metrics)
