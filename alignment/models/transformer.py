@@ -56,9 +56,9 @@ def rope_inverse_frequencies(c: ModelConfig) -> np.ndarray:
     """[head_dim // 2] float32 inverse frequencies, with linear or Llama-3.1 scaling, computed on the host.
 
     The steps are transformers' float32 ones (the frequencies checkpoints were trained with), each power
-    evaluated in float64 and rounded once. Built inside compiled code, XLA folded them with the power rounded
-    differently, one ulp off transformers for some frequencies: angles off by position x ulp, a logit error that
-    grows with position (1.4e-4 at 4,096 positions on the llama3 model of tests/test_hf.py).
+    evaluated in float64 and rounded once to float32. Built inside compiled code instead, they were folded by
+    XLA, which rounds differently: some frequencies one ulp off transformers', so angles off by position x ulp
+    and a logit error growing with position (1.4e-4 at 4,096 positions on the llama3 model of tests/test_hf.py).
     """
     f32 = np.float32
     exponents = np.arange(0, c.head_dim, 2).astype(f32) / f32(c.head_dim)
