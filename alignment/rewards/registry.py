@@ -232,7 +232,8 @@ PARAMS: dict[str, dict] = {
     "reward_model": {"checkpoint": REQUIRED},
 }
 _CHECKS = {"format": _check_format, "length": _check_length, "ifeval": _check_ifeval, "code": _check_code}
-# Declared [low, high] of each reward; scores are clamped into it.
+# Declared [low, high] of each reward; scores are clamped into it. A reward registered without one (a test's)
+# is not clamped, with a warning when a RewardFunction uses it.
 RANGES: dict[str, tuple[float, float]] = {
     "math": (0.0, 1.0),
     "format": (0.0, 1.0),
@@ -251,7 +252,7 @@ def _finite(value) -> float:
 
 
 def _clamp(name: str, prompt_id: str, value: float) -> float:
-    low, high = RANGES[name]
+    low, high = RANGES.get(name, (-math.inf, math.inf))
     if low <= value <= high:
         return value
     logger.warning("reward %r scored %r on prompt %r, outside its range [%g, %g]: clamped", name, value, prompt_id,
@@ -282,7 +283,7 @@ class RewardFunction:
             if name not in REWARDS:
                 raise ValueError(f"unknown reward {name!r}.{suggest(name, REWARDS)} Available: {sorted(REWARDS)}")
             if name not in RANGES:
-                raise ValueError(f"reward {name!r} declares no range in registry.RANGES")
+                logger.warning("reward %r declares no range in registry.RANGES: its scores are not clamped", name)
             if not isinstance(entry, Mapping):
                 raise ValueError(f"rewards.{name} must map 'weight' and parameters to values, got {entry!r}")
             params = dict(entry)
