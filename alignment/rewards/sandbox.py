@@ -158,30 +158,31 @@ def _bwrap_view(program_dir: str, limits: Limits) -> list[str]:
 
 
 def _mount_script(program_dir: str, root: str, limits: Limits) -> list[str]:
-    """Shell lines building the view on a tmpfs at `root` (inside the new mount namespace), one command each."""
+    """Shell lines building the view on a tmpfs at `root` (inside the new mount namespace): the scratch tmpfs,
+    then all other mount points in two commands (directories, files), then one line per link and per mount."""
     q, mount = shlex.quote, _tool("mount")
     lines = [f"{mount} -t tmpfs -o size=1m,mode=0755,nosuid,nodev sandbox-root {q(root)}"]
+    dirs, files, links, mounts = [], [], [], []
     for step in _view():
         kind, path = step[0], step[-1]
         target = q(root + path)
         source = program_dir if kind == "box" else path
-        if kind == "link" or (kind in ("ro", "dev", "box") and not os.path.isdir(source)):
-            lines.append(f"mkdir -p {q(root + os.path.dirname(path))}")
-        if kind == "link":
-            lines.append(f"ln -s {q(step[1])} {target}")
-        elif kind in ("ro", "dev", "box") and not os.path.isdir(source):
-            lines.append(f"touch {target}")
+        if kind == "tmp":  # first, so that mount points below it (an interpreter under /tmp) are made inside it
+            lines += [f"mkdir {target}",
+                      f"{mount} -t tmpfs -o size={int(limits.file_bytes)},mode=1777,nosuid,nodev scratch {target}"]
+        elif kind == "link":
+            dirs.append(q(root + os.path.dirname(path)))
+            links.append(f"ln -s {q(step[1])} {target}")
         else:
-            lines.append(f"mkdir -p {target}")
-        if kind in ("ro", "box"):
-            lines.append(f"{mount} --bind -o ro,nosuid,nodev {q(source)} {target}")
-        elif kind == "dev":
-            lines.append(f"{mount} --bind {q(path)} {target}")
-        elif kind == "proc":
-            lines.append(f"{mount} -t proc -o nosuid,nodev,noexec proc {target}")
-        elif kind == "tmp":
-            lines.append(f"{mount} -t tmpfs -o size={int(limits.file_bytes)},mode=1777,nosuid,nodev scratch {target}")
-    return lines
+            is_file = kind != "proc" and not os.path.isdir(source)
+            dirs.append(q(root + os.path.dirname(path)) if is_file else target)
+            files += [target] if is_file else []
+            options = "-t proc -o nosuid,nodev,noexec proc" if kind == "proc" else (
+                f"--bind {q(source)}" if kind == "dev" else f"--bind -o ro,nosuid,nodev {q(source)}")
+            mounts.append(f"{mount} {options} {target}")
+    lines.append("mkdir -p " + " ".join(dict.fromkeys(dirs)))
+    lines += ["touch " + " ".join(files)] if files else []
+    return lines + links + mounts
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def _mount_script(program_dir: str, root: str, limits: Limits) -> list[str]:
 def _tool(name: str) -> str:
     path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
     if path is None:
-        raise RuntimeError(f"the sandbox needs `{name}` (util-linux) on /usr/bin:/bin:/usr/sbin:/sbin")
+        package = "bubblewrap" if name == "bwrap" else "util-linux"
+        raise RuntimeError(f"the sandbox needs `{name}` ({package}) in /usr/bin, /bin, /usr/sbin or /sbin")
     return path
 
 
