@@ -24,19 +24,23 @@ Which layer stops which attack (bwrap and unshare alike):
     directories are not there at all.
   - network namespace: only a loopback interface that is down; sockets of any kind (socket, _socket, ctypes
     syscalls) fail to reach anything. IPC and UTS namespaces too.
-  - credentials: an unprivileged uid with no capabilities, no supplementary groups, an empty capability
-    bounding set and no_new_privs (setuid binaries cannot raise it); its own session (setsid).
+  - credentials: an unprivileged uid with no capabilities, an empty capability bounding set and no_new_privs
+    (setuid binaries cannot raise it), no supplementary groups (as root), its own session (setsid).
   - rlimits (prlimit): CPU seconds, address space per process, file size, open files, no core dumps, and
     processes (RLIMIT_NPROC, which binds because the uid is not root and is used by no other process).
   - the caller: output is read as it arrives and the program is killed past `output_bytes` (stdout and stderr
     together), so the caller's memory stays bounded; everything is killed at `wall_seconds`; the sandbox is
     killed if the caller dies (parent-death signal).
-Out of scope: kernel exploits (the namespaces and the system-call interface are the boundary: there is no
-seccomp filter), side channels (timing, CPU caches), and exhausting shared resources other than those limited
-above (e.g. total memory: up to `processes` x `memory_bytes` plus `file_bytes` of tmpfs; the program may also
-create user namespaces of its own, which give it no access outside but widen the kernel surface it can reach;
-bwrap without root disables them). The "none" backend keeps only the rlimits, the session and the
-wall/output limits: the program can read what the caller can, reach the network and signal the caller.
+The program runs as `python -S -B`: the standard library, no site-packages. Subprocesses and shells still start,
+inside the same boundaries and limits; /proc still shows machine-wide facts (CPU, memory, kernel version).
+Out of scope:
+  - kernel exploits: the namespaces and the system-call interface are the boundary (there is no seccomp
+    filter); as root the program may create user namespaces of its own, which give it no access outside but
+    widen the kernel surface it reaches (bwrap without root disables them);
+  - side channels (timing, CPU caches), and shared resources beyond the limits above: total memory can reach
+    `processes` x `memory_bytes` plus `file_bytes` of tmpfs, and CPU time is limited per process;
+  - the "none" backend keeps only the rlimits, the session and the wall/output limits: there the program can
+    read what the caller can, reach the network, signal the caller and leave processes behind.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ CALL is f(args) where f is a (dotted) name that is not a builtin, i.e. a functio
 the `candidate` parameter), optionally wrapped in NORMALIZERS such as sorted(...) or round(..., 2), which are
 applied here to the returned data. VALUE is a constant expression: literals, arithmetic, set()/tuple()/
 float('inf') and the like. Stdin tests {"stdin": str, "stdout": str} run the solution as a program and compare
-what it printed here, line by line, ignoring trailing whitespace.
+what it printed here, line by line, ignoring trailing whitespace. Tests built with loops, helper functions or
+random inputs (a few HumanEval problems) cannot be split and are refused by name.
 """
 from __future__ import annotations
 
