@@ -22,7 +22,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., LogprobKL]] = {
 
 
 def get_impl(name: str | None = None, *, interpret: bool = False) -> tuple[str, Callable]:
-    """(chosen name, fn(hidden, unembedding, targets, ref_topk_ids, ref_topk_logprobs, *, temperature, with_entropy))."""
+    """(chosen name, fn(hidden, unembedding, targets, ref_topk_ids, ref_topk_logprobs, *, temperature,
+    with_entropy))."""
     return dispatch.pick("logprob_kl", name, IMPLEMENTATIONS, interpret=interpret)
 
 
