@@ -11,7 +11,8 @@ positions <= its own, so packed samples never see each other. Query rows that ar
   xla_flash              block-sparse flash attention in pure JAX (kernels/attention/xla.py), linear memory;
                          skips score tiles the mask empties (causal triangle, between packed samples)
   pallas                 this backend's Pallas kernel (GPU or TPU), run per device under shard_map;
-                         falls back to xla_flash with a logged warning where none compiles (CPU)
+                         falls back to xla_flash with a logged warning where none compiles (CPU); on a CPU
+                         host, `kernels.dispatch.target_platform` traces the TPU or GPU kernel for lowering
   cudnn                  jax.nn.dot_product_attention on cuDNN; falls back to xla_flash off GPU
 """
 from __future__ import annotations
