@@ -2,11 +2,13 @@
 
 On a machine with one GPU, from a fresh copy of the repository:
 
-    pip install -e . && pip install -U "jax[cuda12]"     # JAX's CUDA 12 wheels (jax-cuda12-plugin/-pjrt); or cuda13
-    python -m benchmarks.device_check                     # ~6 minutes on an H100; --budget_s caps it
+    pip install -e . "jax[cuda12]==0.10.2"   # JAX's CUDA 12 wheels (jax-cuda12-plugin, -pjrt and NVIDIA's CUDA
+                                             # libraries); jax[cuda13]==0.10.2 on a CUDA 13 driver. 0.10.2 is the
+                                             # JAX the kernels were cross-lowered with (tests/test_kernels_lowering*)
+    python -m benchmarks.device_check        # about 6-7 minutes on an H100 (estimated); --budget_s caps it
 
-Sections (`--sections`, default all, in this order; every item's failure is caught and reported in the JSON,
-the rest still runs, and a section that would start past `--budget_s` is skipped and says so):
+Sections (`--sections`, default all, in this order; every item's failure is caught and reported in the JSON and
+the rest still runs; a section whose estimated time no longer fits in `--budget_s` is skipped and says so):
   correctness  the Pallas attention (segments, GQA) and cuDNN attention, and the fused log-prob kernels (top-K
                KL; the logp + entropy of a k3 loss), bf16 and fp32, values and gradients against the float32
                reference: attention seq 4096 with 32/8 heads of 128; fused head N 16384, D 4096, V 128256
