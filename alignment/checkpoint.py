@@ -81,24 +81,33 @@ def _state_metadata(step_dir: epath.Path) -> Any:
                                 f"({_first_line(e)})") from None
 
 
-def _drop_closed_loop_traces() -> None:
-    """Keep a failed Orbax restore from printing dozens of 'RuntimeError: Event loop is closed' traces.
+def _is_restore_leftover(unraisable) -> bool:
+    """Whether an unraisable exception comes from the reads a failed Orbax restore left behind.
 
-    Orbax reads a step's arrays concurrently on an event loop that it closes as soon as one read fails;
-    the reads still in flight finish later on TensorStore threads, each calling back into the closed loop,
-    and Python prints every such error as an unraisable exception, up to interpreter exit. Installed before
-    the first restore and kept for the rest of the process, since those callbacks can come at any time;
-    only that error is dropped, any other goes to the previous hook.
+    Orbax reads a step's arrays concurrently on an event loop that it closes as soon as one read fails. The
+    reads still in flight then end one by one, at any time up to interpreter exit: TensorStore callbacks into
+    the closed loop ('Event loop is closed'), and unfinished read coroutines closed by the garbage collector,
+    which Orbax turns into new errors. Python prints each as a trace: dozens around the one warning that counts.
     """
+    error, source = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(source, "cr_code", None)  # a coroutine's code object
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _drop_restore_leftovers() -> None:
+    """Route unraisable exceptions through `_is_restore_leftover` for the rest of the process (the leftovers
+    come at any time); every other one still reaches the previous hook."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_traces", False):
+    if getattr(previous, "drops_restore_leftovers", False):
         return
 
     def hook(unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        if not _is_restore_leftover(unraisable):
             previous(unraisable)
 
-    hook.drops_closed_loop_traces = True
+    hook.drops_restore_leftovers = True
     sys.unraisablehook = hook
 
 
@@ -158,26 +167,43 @@ class Checkpointer:
         Without `step`, the newest complete checkpoint: a newer one left half-written (e.g. by a crash during
         a save) or otherwise corrupt is skipped with a warning and moved aside, so the run writes it anew.
         """
-        _drop_closed_loop_traces()
+        _drop_restore_leftovers()
         if step is not None:
-            return self._restore_step(self._resolve_step(step), abstract_state, shardings)
+            restored = self._restore_step(self._resolve_step(step), abstract_state, shardings)
+            _log("checkpoint: restored step %d from %s", step, self.directory)
+            return restored
         self._resolve_step(None)  # raises when there is none at all
         corrupt = []
         for candidate in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                restored = self._restore_step(candidate, abstract_state, shardings)
-            except IncompatibleCheckpoint:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                logger.warning("checkpoint step %d in %s is incomplete or unreadable (%s); trying the previous one",
-                               candidate, self.directory, _first_line(e))
-                corrupt.append(candidate)
-                continue
-            if corrupt:
-                self._move_aside(corrupt)
-            return restored
+            restored, problem = self._try_restore(candidate, abstract_state, shardings)
+            if problem is None:
+                _log("checkpoint: restored step %d from %s", candidate, self.directory)
+                if corrupt:
+                    self._move_aside(corrupt)
+                return restored
+            logger.warning("checkpoint step %d in %s is incomplete or unreadable (%s); trying the previous one",
+                           candidate, self.directory, problem)
+            corrupt.append(candidate)
         raise FileNotFoundError(f"no complete checkpoint in {self.directory}: steps {sorted(corrupt)} are all "
                                 "incomplete or corrupt (reasons in the warnings above); move them away to start afresh")
+
+    def _try_restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, str | None]:
+        """(restored, None), or (None, why `step` is unusable): unreadable here or on any other process.
+
+        Processes read different shards, so damage can show on some only, and those must never resume from an
+        older step than the rest. The all-gather gives every process the same verdict; when the failed ones
+        already missed the barrier that ends Orbax's restore, it fails the job instead (a prompt gloo error on
+        CPU, where without it the job hung until the coordinator gave up).
+        """
+        try:
+            restored, problem = self._restore_step(step, abstract_state, shardings), None
+        except IncompatibleCheckpoint:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            restored, problem = None, _first_line(e)
+        if jax.process_count() > 1 and not multihost_utils.process_allgather(np.array(problem is None)).all():
+            restored, problem = None, problem or "unreadable on another process"
+        return restored, problem
 
     def _restore_step(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict | None]:
         step_dir = ocp.step.find_step_path(self.directory, STEP_NAMES, step=step)
@@ -185,7 +211,6 @@ class Checkpointer:
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(_targets(abstract_state, shardings)),
                                      DATA: ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
-        _log("checkpoint: restored step %d from %s", step, self.directory)
         return restored[STATE], restored[DATA]
 
     def _move_aside(self, steps: list[int]) -> None:
