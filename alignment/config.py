@@ -1,30 +1,20 @@
 """Shared config fields and validation. Stage configs (`configs/<stage>.py`) start from `base_config()`."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
+import math
+import numbers
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import ml_collections
-
-STAGES = {
-    "sft": "alignment.stages.sft",
-    "rm": "alignment.stages.rm",
-    "dpo": "alignment.stages.dpo",  # also KTO: config.loss="kto"
-    "grpo": "alignment.stages.grpo",
-    "ppo": "alignment.stages.ppo",
-    "merge": "alignment.stages.merge",
-    "eval": "alignment.stages.eval",
-    "generate": "alignment.stages.generate",
-    "pas": "alignment.stages.pas",
-}
-
 
 def base_config() -> ml_collections.ConfigDict:
     """Fields every training stage has. One commented line per field."""
     c = ml_collections.ConfigDict()
-    c.stage = ""  # which stage runs: one of STAGES
+    c.stage = ""  # which stage runs: one of alignment.stages.STAGES
     c.seed = 0  # model init, data order and sampling
     c.model = ml_collections.ConfigDict()  # ModelConfig fields (see configs/models/)
     c.init_from = ""  # '' (random init), a HF directory (config.json + safetensors) or an Orbax checkpoint
@@ -77,6 +67,83 @@ def suggest(key: str, valid: Iterable[str]) -> str:
     return f" Did you mean {near[0]!r}?" if near else ""
 
 
+# Names users bring from TRL / Hugging Face Trainer / MaxText, and this project's key for each (the first one
+# that the config at hand has).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("optimizer.lr",),
+    "lr": ("optimizer.lr",),
+    "lr_scheduler_type": ("optimizer.schedule",),
+    "warmup_steps": ("optimizer.warmup_steps",),
+    "weight_decay": ("optimizer.weight_decay",),
+    "max_grad_norm": ("optimizer.clip_norm",),
+    "gradient_clipping_threshold": ("optimizer.clip_norm",),
+    "adam_beta1": ("optimizer.b1",),
+    "adam_beta2": ("optimizer.b2",),
+    "adam_epsilon": ("optimizer.eps",),
+    "per_device_train_batch_size": ("batch_size",),
+    "per_device_batch_size": ("batch_size",),
+    "train_batch_size": ("batch_size",),
+    "global_batch_size": ("batch_size",),
+    "gradient_accumulation_steps": ("micro_batches",),
+    "max_steps": ("steps",),
+    "num_train_steps": ("steps",),
+    "logging_steps": ("log_every",),
+    "log_period": ("log_every",),
+    "eval_steps": ("eval_every", "rl.eval_every"),
+    "eval_interval": ("eval_every", "rl.eval_every"),
+    "save_steps": ("checkpoint.every",),
+    "checkpoint_period": ("checkpoint.every",),
+    "save_total_limit": ("checkpoint.keep",),
+    "model_name_or_path": ("init_from",),
+    "load_parameters_path": ("init_from",),
+    "tokenizer_path": ("tokenizer",),
+    "max_length": ("data.max_length",),
+    "max_seq_length": ("data.max_length",),
+    "max_target_length": ("data.max_length",),
+    "packing": ("data.packing",),
+    "num_generations": ("rl.num_samples",),
+    "beta": ("rl.beta", "beta"),
+    "epsilon": ("rl.clip_low",),
+    "epsilon_high": ("rl.clip_high",),
+    "num_iterations": ("rl.ppo_epochs",),
+    "max_prompt_length": ("rl.max_prompt_length",),
+    "max_completion_length": ("rl.max_new_tokens", "max_new_tokens"),
+    "max_new_tokens": ("rl.max_new_tokens", "max_new_tokens"),
+    "temperature": ("rl.temperature", "sampling.temperature", "generation.temperature"),
+    "loss_type": ("rl.aggregation", "loss"),
+    "scale_rewards": ("rl.scale_rewards",),
+    "ici_fsdp_parallelism": ("mesh.fsdp",),
+    "ici_tensor_parallelism": ("mesh.tensor",),
+    "ici_data_parallelism": ("mesh.data",),
+    "gradient_checkpointing": ("model.remat_policy",),
+    "remat_policy": ("model.remat_policy",),
+    "dtype": ("model.dtype",),
+    "scan_layers": ("model.scan_layers",),
+    "attention": ("model.attention_impl",),
+    "output_dir": (),  # a flag, not a config key: --workdir
+    "base_output_directory": (),
+}
+
+
+def nearest_key(key: str, valid: Iterable[str]) -> str:
+    """' Did you mean X?' for a key a config does not have: a known alias of another trainer first, then the
+    spelling nearest to the key or to its last part."""
+    valid = list(valid)
+    last = key.rsplit(".", 1)[-1]
+    for alias in (key, last):
+        if alias in ALIASES:
+            targets = [t for t in ALIASES[alias] if t in valid]
+            if targets:
+                return f" Did you mean {targets[0]!r}? ({alias!r} is another trainer's name for it)"
+            if not ALIASES[alias]:
+                return f" {alias!r} is a command-line flag here: --workdir"
+    hint = suggest(key, valid)
+    if hint:
+        return hint
+    ends = [v for v in valid if v.rsplit(".", 1)[-1] == last]
+    return f" Did you mean {ends[0]!r}?" if ends else ""
+
+
 def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag: str = "config") -> None:
     """Raise ValueError for a `--config.a.b=v` override naming a key the config does not have."""
     valid = flatten_keys(config)
@@ -86,7 +153,71 @@ def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag
             continue
         key = arg[len(prefix):].split("=", 1)[0]
         if key not in valid:
-            raise ValueError(f"unknown config key {key!r}.{suggest(key, valid)}")
+            raise ValueError(f"unknown config key {key!r}.{nearest_key(key, valid)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """The values one config key accepts: one of `choices`, or a number in [low, high] (`open_low` excludes
+    low), an integer where `integer`. Declared once, next to the code that reads the key."""
+
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    integer: bool = False
+
+    def check(self, key: str, value) -> None:
+        if self.choices:
+            if value not in self.choices:
+                hint = suggest(str(value), [str(c) for c in self.choices])
+                raise ValueError(f"config.{key}={value!r} is not one of {list(self.choices)}.{hint}")
+            return
+        kind = "an integer" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                self.integer and not isinstance(value, numbers.Integral)) or not math.isfinite(value):
+            raise ValueError(f"config.{key}={value!r} must be {kind}")
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        if too_low or (self.high is not None and value > self.high):
+            low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low}"
+            high = "" if self.high is None else f"<= {self.high}"
+            raise ValueError(f"config.{key}={value!r} must be {' and '.join(b for b in (low, high) if b)}")
+
+
+def one_of(*choices) -> Field:
+    return Field(choices=tuple(choices))
+
+
+def positive(integer: bool = True) -> Field:
+    return Field(low=0, open_low=True, integer=integer)
+
+
+def at_least(low: float, integer: bool = True) -> Field:
+    return Field(low=low, integer=integer)
+
+
+def in_range(low: float, high: float) -> Field:
+    return Field(low=low, high=high)
+
+
+def lookup(config: ml_collections.ConfigDict, key: str):
+    """The value at dotted `key`, or KeyError."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def check_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Field]) -> None:
+    """Check every key of `fields` the config has (keys it lacks belong to other stages)."""
+    for key, field in fields.items():
+        try:
+            value = lookup(config, key)
+        except KeyError:
+            continue
+        field.check(key, value)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -109,17 +240,3 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
         available = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
         raise ValueError(f"unknown model preset {name!r}.{suggest(name, available)} Available: {available}")
     return load_config_file(path)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks across fields, once at start, with the offending key named."""
-    if config.stage not in STAGES:
-        raise ValueError(f"config.stage={config.stage!r} is not a stage.{suggest(config.stage, STAGES)} "
-                         f"Stages: {sorted(STAGES)}")
-    if "batch_size" not in config:  # stages that do not train (merge) have no batch or step fields
-        return
-    if config.batch_size <= 0 or config.steps <= 0:
-        raise ValueError("config.batch_size and config.steps must be positive")
-    if config.micro_batches <= 0 or config.batch_size % config.micro_batches:
-        raise ValueError(f"config.micro_batches={config.micro_batches} must divide config.batch_size="
-                         f"{config.batch_size}")

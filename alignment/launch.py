@@ -4,8 +4,6 @@
 """
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import os
 import sys
@@ -16,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from alignment import config as config_lib
+from alignment import stages
 from alignment.train import runtime
 from alignment.train.loop import Preempted, TooManyBadSteps
 
@@ -64,15 +63,15 @@ def maybe_initialize_distributed() -> None:
 
 
 def dry_run(config) -> str:
-    """The resolved config, the mesh and the parameter count, as printed by --dry_run."""
-
-    model_cfg = runtime.model_config(config)
-    mesh, _ = runtime.mesh_and_rules(config)
-    return "\n".join([
-        str(config),
-        f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)",
-        f"parameters: {model_cfg.num_params():,}",
-    ])
+    """The resolved config, and for stages with a model its mesh and parameter count, as --dry_run prints."""
+    lines = [str(config)]
+    if "model" in config:
+        model_cfg = runtime.model_config(config)
+        lines.append(f"parameters: {model_cfg.num_params():,}")
+    if "mesh" in config:
+        mesh, _ = runtime.mesh_and_rules(config)
+        lines.append(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)")
+    return "\n".join(lines)
 
 
 def configure_logging(argv: list[str]) -> None:
@@ -87,49 +86,19 @@ def configure_logging(argv: list[str]) -> None:
     project.propagate = False
 
 
-def make_workdir(path: str) -> None:
-    """Create `path` with its parents; a path that is a file, or cannot be created, is a ValueError naming it."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--workdir {path} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--workdir {path}: cannot create the directory ({e.strerror or e})") from None
-
-
-def run_warm_start(config, workdir: str) -> None:
-    """Run `config.warm_start` (a whole stage config, e.g. a short SFT) into workdir/warm_start first and
-    start this stage from its final checkpoint; a finished warm start is reused on restart."""
-    warm = config.get("warm_start")
-    if not warm or not warm.get("stage") or config.init_from:
-        return
-    directory = os.path.join(workdir, "warm_start")
-    if not os.path.exists(os.path.join(directory, "summary.json")):
-        logger.info("warm start: %s stage into %s", warm.stage, directory)
-        config_lib.validate(warm)
-        importlib.import_module(config_lib.STAGES[warm.stage]).run(warm, directory)
-    config.init_from = os.path.join(directory, "checkpoints")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    config_lib.validate(config)
+    stages.check(config)
     maybe_initialize_distributed()
     if _DRY_RUN.value:
         print(dry_run(config))
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints, metrics and outputs go there)")
-    make_workdir(_WORKDIR.value)
-    if jax.process_index() == 0:
-        with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
     try:
-        run_warm_start(config, _WORKDIR.value)
-        stage = importlib.import_module(config_lib.STAGES[config.stage])
-        stage.run(config, _WORKDIR.value)
+        stages.run(config.stage, config, _WORKDIR.value)
     except Preempted as e:
         logger.warning("%s", e)  # a clean exit: the scheduler restarts the job, which resumes
 

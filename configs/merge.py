@@ -1,6 +1,6 @@
 """Model merging (the paper merges the best checkpoint per domain with Model Stock before RL).
 
-    python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge --config.demo=True   # offline demo
+    python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge   # the offline demo
     python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge \
         --config.merge.models="('/ckpt/math', '/ckpt/code', '/ckpt/chat')" --config.merge.base=/ckpt/sft
     python -m alignment.launch --config=configs/merge.py --workdir=/tmp/merge --config.mergekit_yaml=merge.yml
@@ -19,11 +19,11 @@ def get_config():
     c.init_from = ""  # read by --dry_run's model summary; a HF directory here makes it describe that model
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # mesh the demo reloads onto
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides of DEFAULT_RULES
-    c.demo = False  # build a random tiny base + three perturbed copies in workdir/demo and merge those
     c.mergekit_yaml = ""  # a mergekit YAML merge config: its method, models, base and parameters replace merge.*'s
     c.merge = ml_collections.ConfigDict(dict(
         method="model_stock",  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | model_stock
-        models=(),  # checkpoints to merge: Orbax (root or step directory) or HF safetensors directories
+        models=(),  # checkpoints to merge: Orbax (root or step directory) or HF safetensors directories; () (and no
+        # mergekit_yaml) merges an offline demo: a random tiny base + three perturbed copies built in workdir/demo
         base="",  # the model task vectors are taken from; required by all but linear and slerp
         output="",  # Orbax checkpoint written (step 0, loadable as init_from); '' = workdir/merged
         hf_output="",  # also write HF safetensors here ('' = no)

@@ -24,7 +24,7 @@ from alignment.config import load_config_file
 from alignment.models.config import ModelConfig
 from alignment.models.transformer import Transformer, dummy_inputs
 from alignment.sharding import DEFAULT_RULES, make_mesh
-from alignment.stages import sft
+from alignment import stages
 from alignment.train import runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
@@ -297,7 +297,7 @@ def compilation_cache(tmp_path_factory):
 def reference(tmp_path_factory, compilation_cache):
     """The uninterrupted run's workdir (checkpoints 2, 3, 4)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    sft.run(run_config(), str(workdir))
+    stages.run("sft", run_config(), str(workdir))
     return workdir
 
 
@@ -341,7 +341,7 @@ def check_resume(reference, expected, target, workdir, name, how, caplog, unrais
     damage(workdir / "checkpoints" / "3" / name, how)
     caplog.clear()
     with caplog.at_level("INFO"):
-        sft.run(run_config(), str(workdir))
+        stages.run("sft", run_config(), str(workdir))
     gc.collect()  # finalizes what a failed restore left unfinished, whose errors must not be printed
     assert not unraisable, unraisable
     moved = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.startswith("3.corrupt-")]

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from alignment.config import load_config_file, validate
+from alignment.config import load_config_file
+from alignment.data.jsonl_cache import JsonlCache
 from alignment.eval import endpoint, generation, judge
-from alignment.eval.cache import JsonlCache
 from alignment.generation import client
 from alignment.pas.augment import Pas
-from alignment.stages import eval as eval_stage
+from alignment import stages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
@@ -166,14 +166,14 @@ def _config(server_url: str, **overrides):
     config.sandbox.wall_seconds = 3.0
     for key, value in overrides.items():
         setattr(config, key, value)
-    validate(config)
+    stages.check(config)
     return config
 
 
 def test_eval_stage_compares_checkpoints_and_resumes(tmp_path):
     with FakeOpenAI(_model) as server:
         config = _config(server.url)
-        summary = eval_stage.run(config, str(tmp_path))
+        summary = stages.run("eval", config, str(tmp_path))
         requests = len(server.requests)
         assert summary["good"]["arithmetic"]["accuracy"] == 1.0
         assert summary["bad"]["arithmetic"]["accuracy"] == 0.0
@@ -184,7 +184,7 @@ def test_eval_stage_compares_checkpoints_and_resumes(tmp_path):
         assert summary["good"]["ux"]["pass_rate"] == 1.0 and summary["bad"]["ux"]["pass_rate"] == 0.0
 
         # Rerun: everything comes from the caches.
-        assert eval_stage.run(config, str(tmp_path)) == summary
+        assert stages.run("eval", config, str(tmp_path)) == summary
         assert len(server.requests) == requests
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -202,15 +202,15 @@ def test_eval_stage_compares_checkpoints_and_resumes(tmp_path):
 def test_eval_stage_errors_are_clear(tmp_path):
     config = load_config_file(str(ROOT / "configs" / "eval.py"))
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        eval_stage.run(config, str(tmp_path))
+        stages.run("eval", config, str(tmp_path))
     config.endpoint = "http://127.0.0.1:9/v1"
     config.benchmarks = "cfbench"
     config.data.cfbench = str(FIXTURES / "cfbench_small.json")
     with pytest.raises(ValueError, match="set config.judge.endpoint"):
-        eval_stage.run(config, str(tmp_path))
+        stages.run("eval", config, str(tmp_path))
     config.benchmarks = "gsm9k"
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
-        eval_stage.run(config, str(tmp_path))
+        stages.run("eval", config, str(tmp_path))
 
 
 def test_sysbench_and_fbbench_loaders_and_scores(tmp_path):

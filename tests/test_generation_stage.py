@@ -6,13 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from alignment.config import load_config_file, validate
+from alignment.config import load_config_file
 from alignment.data.tokenizer import load_tokenizer
 from alignment.generation.build import build_engine
 from alignment.generation.text import finish, stop_token_ids
 from alignment.launch import dry_run
 from alignment.models.hf import save_hf_checkpoint
-from alignment.stages import generate
+from alignment import stages
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate.py"
 
@@ -20,7 +20,7 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate.py"
 def small_config(**overrides):
     config = load_config_file(str(CONFIG))
     config.update(dict(num_embedded=3, max_new_tokens=8, prompts_per_call=4), **overrides)
-    validate(config)
+    stages.check(config)
     return config
 
 
@@ -30,7 +30,7 @@ def test_default_config_dry_run():
 
 
 def test_embedded_prompts_end_to_end(tmp_path):
-    summary = generate.run(small_config(num_samples=2), str(tmp_path))
+    summary = stages.run("generate", small_config(num_samples=2), str(tmp_path))
     lines = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
     assert len(lines) == 3 and summary["prompts"] == 3 and summary["completions"] == 6
     for line in lines:
@@ -50,21 +50,21 @@ def test_jsonl_prompts_long_ones_skipped_and_counted(tmp_path):
                           {"role": "user", "content": "What is 3 - 2?"}], "id": "b"}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out.jsonl"
-    summary = generate.run(small_config(prompts=str(prompts), output=str(out), too_long="skip"), str(tmp_path))
+    summary = stages.run("generate", small_config(prompts=str(prompts), output=str(out), too_long="skip"), str(tmp_path))
     assert summary["skipped_too_long"] == 1 and summary["prompts"] == 2
     assert [json.loads(line)["id"] for line in open(out)] == ["a", "b"]
     with pytest.raises(ValueError, match=f"{prompts}:2: prompt of .* exceeds the context length"):
-        generate.run(small_config(prompts=str(prompts), output=str(out)), str(tmp_path))
+        stages.run("generate", small_config(prompts=str(prompts), output=str(out)), str(tmp_path))
 
 
 def test_bad_prompt_files_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + '{"text": "no messages"}\n')
     with pytest.raises(ValueError, match=f"{bad}:2: expected a non-empty list field 'messages'"):
-        generate.run(small_config(prompts=str(bad)), str(tmp_path))
+        stages.run("generate", small_config(prompts=str(bad)), str(tmp_path))
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match=f"{bad}:1: .*unknown role 'robot'"):
-        generate.run(small_config(prompts=str(bad)), str(tmp_path))
+        stages.run("generate", small_config(prompts=str(bad)), str(tmp_path))
 
 
 def test_stop_strings_cut_text_and_count_tokens():

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alignment.config import load_config_file
-from alignment.stages import grpo
+from alignment import stages
 from alignment.train.loop import Preempted
 
 
@@ -40,7 +40,7 @@ def params_at(workdir, step):
 
 
 def test_short_run_raises_reward_and_resumes_exactly(tmp_path, space_share_reward):
-    summary = grpo.run(config(12, profile=True), str(tmp_path / "full"))
+    summary = stages.run("grpo", config(12, profile=True), str(tmp_path / "full"))
     curve = rewards(tmp_path / "full")
     assert np.mean(curve[-3:]) > 1.25 * np.mean(curve[:3]), curve  # the space share rises by about half
     assert os.path.exists(tmp_path / "full" / "curve.png") and "accuracy_after" in summary
@@ -49,10 +49,10 @@ def test_short_run_raises_reward_and_resumes_exactly(tmp_path, space_share_rewar
     space_share_reward.calls = 0
     with pytest.raises(Preempted) as stopped:
         # 4 prompts x 8 samples are scored per step, plus 8 held-out ones before RL: stop during step 6.
-        grpo.run(config(12, preempt_at=8 + 5 * 32 + 3), str(tmp_path / "resumed"))
+        stages.run("grpo", config(12, preempt_at=8 + 5 * 32 + 3), str(tmp_path / "resumed"))
     assert stopped.value.step == 6
     space_share_reward.calls = 0
-    grpo.run(config(12), str(tmp_path / "resumed"))
+    stages.run("grpo", config(12), str(tmp_path / "resumed"))
     np.testing.assert_allclose(rewards(tmp_path / "resumed")[-6:], curve[-6:], rtol=1e-6)
     expected, actual = params_at(tmp_path / "full", 12), params_at(tmp_path / "resumed", 12)
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
@@ -63,5 +63,5 @@ def test_importance_ratio_outside_k3_is_refused_before_any_work(tmp_path):
     c = config(1)
     c.rl.kl_importance_ratio = True  # with the default kl_mode, token_reward
     with pytest.raises(ValueError, match=r"rl.kl_importance_ratio .* needs rl.kl_mode 'k3', got 'token_reward'"):
-        grpo.run(c, str(tmp_path))
+        stages.run("grpo", c, str(tmp_path))
     assert not os.listdir(tmp_path)

@@ -1,5 +1,6 @@
 """Streaming merges of real checkpoints: Orbax and HF paths, per-layer parameters, atomic output, bad input, stage."""
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -299,17 +300,16 @@ def merge_config(**merge_fields) -> ml_collections.ConfigDict:
     return c
 
 
-def test_stage_demo_and_dry_run(tmp_path):
+def test_stage_demo_by_default_and_dry_run(tmp_path):
+    from alignment import stages
     from alignment.launch import dry_run
-    from alignment.stages import merge as stage
 
     c = merge_config(method="ties")
     c.merge.params.density = 0.5
-    config_lib.validate(c)
+    stages.check(c)
     assert "parameters:" in dry_run(c)
-    c.demo = True
-    summary = stage.run(c, str(tmp_path))
+    summary = stages.run("merge", c, str(tmp_path))  # no models given: the offline demo
     assert summary["method"] == "ties" and summary["reloaded_on_mesh"]
-    assert os.path.isfile(tmp_path / "merge_summary.json")
-    with pytest.raises(ValueError, match="config.merge.models is empty"):
-        stage.run(merge_config(), str(tmp_path / "x"))
+    assert json.load(open(tmp_path / "summary.json"))["method"] == "ties"
+    with pytest.raises(ValueError, match="config.merge.base is set but config.merge.models is empty"):
+        stages.run("merge", merge_config(base=str(tmp_path)), str(tmp_path / "x"))

@@ -215,7 +215,7 @@ def test_stage_runs_a_mergekit_yaml(golden, tmp_path, monkeypatch):
     checkpoint later stages start from holds the same numbers); the workdir's output is not replaced twice."""
     from alignment import config as config_lib
     from alignment.merge.io import open_source
-    from alignment.stages import merge as stage
+    from alignment import stages
 
     root, outputs = golden
     (tmp_path / "stock.yml").write_text(META["cases"]["model_stock_negative_3"])
@@ -223,8 +223,7 @@ def test_stage_runs_a_mergekit_yaml(golden, tmp_path, monkeypatch):
     c = config_lib.load_config_file(str(REPO / "configs" / "merge.py"))
     c.mergekit_yaml = str(tmp_path / "stock.yml")
     c.merge.hf_output = str(tmp_path / "hf")
-    config_lib.validate(c)
-    summary = stage.run(c, str(tmp_path / "work"))
+    summary = stages.run("merge", c, str(tmp_path / "work"))
     assert summary["method"] == "model_stock" and summary["models"] == ["ft0", "neg0", "neg1"]
     got = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
     for name, want in outputs["model_stock_negative_3"].items():
@@ -236,4 +235,4 @@ def test_stage_runs_a_mergekit_yaml(golden, tmp_path, monkeypatch):
     hf_dir.close()
     c.merge.hf_output = ""
     with pytest.raises(ValueError, match="merged exists: pass overwrite=True"):
-        stage.run(c, str(tmp_path / "work"))
+        stages.run("merge", c, str(tmp_path / "work"))

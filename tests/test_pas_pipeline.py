@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from alignment.config import load_config_file
+from alignment.generation.http_server import RequestError, make_server
 from alignment.pas import critique
 from alignment.pas.augment import LocalPas, Pas, load_pas
 from alignment.pas.complement import Endpoint, generate_complements
 from alignment.pas.data import embedded_prompts, load_prompt_pool, load_seeds, write_jsonl
 from alignment.pas.teacher import TeacherService, start_teacher
 from alignment.pas.template import combine, pas_messages, with_complement
-from alignment.serve import make_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,10 +130,10 @@ def pas_config(overrides: dict):
 
 @pytest.fixture(scope="module")
 def pas_run(tmp_path_factory):
-    from alignment.stages import pas
+    from alignment import stages
 
     workdir = str(tmp_path_factory.mktemp("pas"))
-    summary = pas.run(pas_config({}), workdir)
+    summary = stages.run("pas", pas_config({}), workdir)
     return workdir, summary
 
 
@@ -161,11 +161,11 @@ def test_pas_stage_end_to_end(pas_run):
 
 
 def test_pas_stage_rerun_reuses_its_outputs(pas_run):
-    from alignment.stages import pas
+    from alignment import stages
 
     workdir, summary = pas_run
     before = os.path.getmtime(os.path.join(workdir, "pas_model", "summary.json"))
-    again = pas.run(pas_config({"teacher.url": "http://127.0.0.1:9"}), workdir)  # no teacher needed any more
+    again = stages.run("pas", pas_config({"teacher.url": "http://127.0.0.1:9"}), workdir)  # no teacher needed any more
     assert again["data"] == summary["data"]
     assert os.path.getmtime(os.path.join(workdir, "pas_model", "summary.json")) == before
 
@@ -199,7 +199,7 @@ def test_augment_cli(pas_run, tmp_path):
 
 
 def test_generate_stage_with_pas_in_front(pas_run, tmp_path):
-    from alignment.stages import generate
+    from alignment import stages
 
     workdir, _ = pas_run
     prompts = tmp_path / "prompts.jsonl"
@@ -207,7 +207,7 @@ def test_generate_stage_with_pas_in_front(pas_run, tmp_path):
     config = load_config_file(os.path.join(ROOT, "configs", "generate.py"))
     config.prompts, config.max_new_tokens = str(prompts), 4
     config.pas.target, config.pas.max_tokens = os.path.join(workdir, "pas_model"), 12
-    generate.run(config, str(tmp_path))
+    stages.run("generate", config, str(tmp_path))
     line = json.loads((tmp_path / "completions.jsonl").read_text())
     assert line["messages"][-1]["content"].startswith("Write a poem about the moon.\n\n")
 
@@ -235,7 +235,6 @@ def test_serve_puts_pas_in_front():
     extra = len(tokenizer.encode("\n\nAnswer in one short paragraph."))
     assert tokens(with_pas) >= tokens(plain) + extra - 2
     assert pas.seen == [(["Write a poem."], [["sea"]])]
-    from alignment.serve import RequestError
 
     with pytest.raises(RequestError, match="pas_keywords"):
         with_pas.chat_completions({**body, "pas_keywords": "sea"})

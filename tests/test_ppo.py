@@ -12,7 +12,7 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignment.algorithms import grpo, ppo
 from alignment.config import load_config_file
-from alignment.stages import ppo as ppo_stage
+from alignment import stages
 from alignment.train.loop import Preempted
 
 RNG = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def state_at(workdir, step):
 
 
 def test_short_run_learns_and_resumes_exactly(tmp_path, space_share_reward, compilation_cache):
-    summary = ppo_stage.run(config(12), str(tmp_path / "full"))
+    summary = stages.run("ppo", config(12), str(tmp_path / "full"))
     records = train_records(tmp_path / "full")
     rewards, value_losses = [r["reward"] for r in records], [r["value_loss"] for r in records]
     assert np.mean(value_losses[-3:]) < 0.5 * np.mean(value_losses[:3]), value_losses
@@ -148,10 +148,10 @@ def test_short_run_learns_and_resumes_exactly(tmp_path, space_share_reward, comp
 
     space_share_reward.calls = 0
     with pytest.raises(Preempted) as stopped:
-        ppo_stage.run(config(12, preempt_at=PROMPTS + 5 * PROMPTS + 3), str(tmp_path / "resumed"))
+        stages.run("ppo", config(12, preempt_at=PROMPTS + 5 * PROMPTS + 3), str(tmp_path / "resumed"))
     assert stopped.value.step == 6
     space_share_reward.calls = 0
-    ppo_stage.run(config(12), str(tmp_path / "resumed"))
+    stages.run("ppo", config(12), str(tmp_path / "resumed"))
     resumed = train_records(tmp_path / "resumed")
     for key in ("reward", "value_loss"):
         np.testing.assert_allclose([r[key] for r in resumed[-6:]], [r[key] for r in records[-6:]], rtol=1e-6)

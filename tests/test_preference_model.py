@@ -170,6 +170,7 @@ def train_records(workdir):
 
 
 def test_precomputed_and_online_reference_give_the_same_losses(tmp_path):
+    from alignment import stages
     from alignment.stages import dpo as dpo_stage
 
     runs = {}
@@ -177,7 +178,7 @@ def test_precomputed_and_online_reference_give_the_same_losses(tmp_path):
         workdir = tmp_path / mode
         workdir.mkdir()
         packing = {"data.pairs_per_row": 2} if mode == "online" else {}  # same losses with 2 pairs per row
-        summary = dpo_stage.run(stage_config("dpo", reference=mode, batch_size=16, **packing), str(workdir))
+        summary = stages.run("dpo", stage_config("dpo", reference=mode, batch_size=16, **packing), str(workdir))
         runs[mode] = (train_records(workdir), summary["final_eval"])
     (pre, pre_eval), (online, online_eval) = runs["precomputed"], runs["online"]
     assert len(pre) == len(online) == 3
@@ -189,9 +190,9 @@ def test_precomputed_and_online_reference_give_the_same_losses(tmp_path):
 
 
 def test_kto_stage_runs(tmp_path):
-    from alignment.stages import dpo as dpo_stage
+    from alignment import stages
 
-    summary = dpo_stage.run(stage_config("dpo", loss="kto", steps=2), str(tmp_path))
+    summary = stages.run("dpo", stage_config("dpo", loss="kto", steps=2), str(tmp_path))
     records = train_records(tmp_path)
     assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) at the reference
     assert summary["data"]["train"]["examples"] == 2 * 48 and "kl" in summary["final_eval"]

@@ -55,6 +55,17 @@ class ModelConfig:
     value_head: bool = False  # scalar head for reward models and critics
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings", "remat_group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ValueError(f"model config: head_dim must be 0 (hidden_size // num_heads) or positive, got "
+                             f"{self.head_dim!r}")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(f"model config: rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) "
+                             "must be positive")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if isinstance(self.rope_scaling, Mapping):

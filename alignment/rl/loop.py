@@ -18,16 +18,34 @@ import jax
 import ml_collections
 
 from alignment.checkpoint import Checkpointer
+from alignment.config import Field, at_least, in_range, one_of, positive
 from alignment.data.prompts import PromptStream, load_prompts, reweight_by_accuracy
 from alignment.generation.engine import Completions
 from alignment.generation.sampling import SamplingParams
-from alignment.rewards.registry import RewardResult
+from alignment.rewards.registry import ON_ERROR, RewardResult
 from alignment.rl.rollouts import Rollouts, evaluate
 from alignment.train.loop import Preempted, Profiler
 from alignment.train.metrics import MetricsWriter
 from alignment.train.preemption import PreemptionGuard
 
 logger = logging.getLogger(__name__)
+
+# The keys every RL stage's config shares (its `rl` block, rewards and prompt data).
+FIELDS = {
+    "rl.prompts_per_step": positive(),
+    "rl.num_samples": positive(),
+    "rl.max_prompt_length": positive(),
+    "rl.max_new_tokens": positive(),
+    "rl.temperature": Field(low=0, open_low=True),
+    "rl.clip_low": in_range(0, 1),
+    "rl.clip_high": Field(low=0),
+    "rl.ppo_epochs": positive(),
+    "rl.minibatches": positive(),
+    "rl.beta": Field(low=0),
+    "rl.kl_top_k": positive(),
+    "rl.eval_every": at_least(0),
+    "reward_on_error": one_of(*ON_ERROR),
+}
 
 
 class Rollout(NamedTuple):
@@ -142,7 +160,5 @@ def write_curve(workdir: str, history: list[dict]) -> dict:
     plt.close(figure)
     summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": evals[-1]["accuracy"],
                "steps": history[-1]["step"]}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     logger.info("held-out accuracy: %.3f before RL, %.3f after", summary["accuracy_before"], summary["accuracy_after"])
     return summary

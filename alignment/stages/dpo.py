@@ -7,7 +7,6 @@ and scores each batch just before its step. Both feed the same loss.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -17,6 +16,7 @@ from absl import logging
 
 from alignment.algorithms import dpo
 from alignment.checkpoint import Checkpointer
+from alignment.config import Field, at_least, one_of, positive
 from alignment.data import preference
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
@@ -27,15 +27,19 @@ from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 REFERENCE = ("precomputed", "online")
+FIELDS = {
+    "loss": one_of(*dpo.LOSSES),
+    "reference": one_of(*REFERENCE),
+    "beta": Field(low=0, open_low=True),
+    "kto.desirable_weight": Field(low=0),
+    "kto.undesirable_weight": Field(low=0),
+    "data.truncation": one_of(*preference.TRUNCATION),
+    "data.trim_multiple": at_least(0),
+    "data.pairs_per_row": positive(),
+}
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    if config.loss not in dpo.LOSSES:
-        raise ValueError(f"config.loss={config.loss!r}; choose one of {dpo.LOSSES}")
-    if config.reference not in REFERENCE:
-        raise ValueError(f"config.reference={config.reference!r}; choose one of {REFERENCE}")
-    if config.beta <= 0:
-        raise ValueError(f"config.beta must be positive, got {config.beta}")
+def check(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.label_smoothing < 0.5 or (config.label_smoothing and config.loss not in ("sigmoid", "robust")):
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 0.5) and only with the "
                          "sigmoid or robust loss")
@@ -63,7 +67,6 @@ def score_rows(logps_fn, params, rows: list[dict], batch_size: int, layout: dict
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    check_config(config)
     model_cfg, model, mesh, rules = runtime.setup_model(config)
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size,
@@ -130,9 +133,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flops_per_token=model_cfg.flops_per_token(2 * config.data.max_length), peak_flops=peak,
         checkpointer=checkpointer, data_state=batches.get_state, eval_fn=evaluate)
     summary = {"data": data_summary, "final_eval": final_eval, "steps": int(state.step)}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
     checkpointer.close()
     logging.info("summary: %s", summary)
     return summary

@@ -10,11 +10,32 @@ import os
 import ml_collections
 from absl import logging
 
+from alignment.config import Field, at_least, positive
+from alignment.data.jsonl_cache import JsonlCache
 from alignment.eval import benchmarks as benchmarks_lib
 from alignment.eval import generation, judge, report, runner
-from alignment.eval.cache import JsonlCache
 from alignment.generation.client import chat
 from alignment.rewards import sandbox
+
+
+FIELDS = {
+    "limit": at_least(0),
+    "num_samples": positive(),
+    "generation.temperature": Field(low=0),
+    "generation.max_tokens": positive(),
+    "generation.workers": positive(),
+    "generation.chunk": positive(),
+    "generation.timeout": Field(low=0, open_low=True),
+    "pas.max_tokens": positive(),
+    "judge.temperature": Field(low=0),
+    "judge.max_tokens": positive(),
+    "judge.attempts": positive(),
+    "judge.workers": positive(),
+    "sandbox.cpu_seconds": Field(low=0, open_low=True),
+    "sandbox.wall_seconds": Field(low=0, open_low=True),
+    "sandbox.memory_mb": positive(),
+    "sandbox.workers": positive(),
+}
 
 
 def _names(text: str) -> list[str]:

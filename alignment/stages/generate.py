@@ -11,10 +11,10 @@ import json
 import os
 import time
 
-import jax
 import ml_collections
 from absl import logging
 
+from alignment.config import Field, at_least, one_of, positive
 from alignment.data.chat import encode_chat
 from alignment.data.sources import EMBEDDED, read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
@@ -23,6 +23,17 @@ from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
 
 TOO_LONG = ("error", "skip")
+FIELDS = {
+    "too_long": one_of(*TOO_LONG),
+    "prompts_per_call": positive(),
+    "num_samples": positive(),
+    "max_new_tokens": positive(),
+    "num_embedded": positive(),
+    "sampling.temperature": Field(low=0),
+    "sampling.top_k": at_least(0),
+    "sampling.top_p": Field(low=0, high=1, open_low=True),
+    "sampling.min_p": Field(low=0, high=1),
+}
 
 
 def load_prompts(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
@@ -65,11 +76,6 @@ def with_pas(pas_config: ml_collections.ConfigDict, prompts: list[tuple]) -> lis
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    if config.too_long not in TOO_LONG:
-        raise ValueError(f"config.too_long={config.too_long!r} must be one of {TOO_LONG}")
-    for key in ("prompts_per_call", "num_samples", "max_new_tokens"):
-        if config[key] < 1:
-            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     sampling = SamplingParams(**config.sampling.to_dict())
     stop = tuple(config.stop)
     records = load_prompts(config)  # before the engine is built: a bad file fails fast
@@ -122,8 +128,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "tokens_per_second": round(new_tokens / max(elapsed, 1e-9), 1), "truncated_sampling": sampling.truncated,
         "output": output,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
     logging.info("summary: %s", summary)
     return summary

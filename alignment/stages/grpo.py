@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from alignment.algorithms import grpo
+from alignment.config import Field, one_of, positive
 from alignment.data import sft as sft_data
 from alignment.data.rollouts import completion_rows
 from alignment.generation.engine import Engine
@@ -56,10 +57,25 @@ def make_ptx_batches(config, tokenizer, model, ref_params):
     return stream, attach
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+FIELDS = {
+    **loop.FIELDS,
+    "rl.kl_mode": one_of(*grpo.KL_MODES),
+    "rl.scale_rewards": one_of(*grpo.ADVANTAGE_SCALES),
+    "rl.advantage_estimator": one_of(*grpo.ESTIMATORS),
+    "rl.aggregation": one_of(*grpo.AGGREGATIONS),
+    "rl.ptx_gamma": Field(low=0),
+    "rl.ptx_batch_size": positive(),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
     rl = config.rl
     if rl.kl_importance_ratio and rl.kl_mode != "k3":
         raise ValueError(f"rl.kl_importance_ratio weights the k3 KL term: it needs rl.kl_mode 'k3', got {rl.kl_mode!r}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    rl = config.rl
     kl_form = grpo.kl_form(rl.kl_importance_ratio)
     model_cfg, model, mesh, rules = runtime.setup_model(config)
     tokenizer = runtime.checked_tokenizer(config, model_cfg)

@@ -10,13 +10,32 @@ from absl import logging
 
 from alignment import sharding
 from alignment.checkpoint import load_params
-from alignment.merge import merge_checkpoints
+from alignment.config import Field, at_least, one_of
+from alignment.merge import METHODS, merge_checkpoints
 from alignment.merge.demo import make_demo_checkpoints
 from alignment.merge.mergekit_yaml import load_mergekit_yaml
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
 from alignment.train.state import abstract_params
+
+
+FIELDS = {
+    "merge.method": one_of(*METHODS),
+    "merge.hf_model_type": one_of("llama", "qwen2"),
+    "merge.workers": at_least(0),
+    "merge.memory_budget_gb": Field(low=0, open_low=True),
+    "merge.shard_min_elements": at_least(0),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    m = config.merge
+    if config.mergekit_yaml and (m.models or m.base or m.overrides):
+        raise ValueError("config.mergekit_yaml names the models, base and parameters: leave config.merge.models, "
+                         "base and overrides unset")
+    if not m.models and m.base:
+        raise ValueError("config.merge.base is set but config.merge.models is empty: list the checkpoints to merge")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -27,29 +46,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     common = dict(output=output, hf_output=m.hf_output, seed=config.seed, overwrite=m.overwrite, workers=m.workers,
                   memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg,
                   model_type=m.hf_model_type, shard_min_elements=m.shard_min_elements)
+    demo = not config.mergekit_yaml and not models
     if config.mergekit_yaml:
-        if config.demo or models or base or m.overrides:
-            raise ValueError("config.mergekit_yaml names the models, base and parameters: leave config.demo, "
-                             "config.merge.models, base and overrides unset")
         summary = load_mergekit_yaml(config.mergekit_yaml).run(**common)
     else:
-        if config.demo:
-            if models or base:
-                raise ValueError("config.demo builds its own checkpoints: leave config.merge.models and base empty")
+        if demo:
+            logging.info("config.merge.models is empty: merging the offline demo (a random base and three perturbed "
+                         "copies in %s)", os.path.join(workdir, "demo"))
             base, models = make_demo_checkpoints(os.path.join(workdir, "demo"), model_cfg, seed=config.seed)
-        elif not models:
-            raise ValueError("config.merge.models is empty: list the checkpoints to merge (Orbax or HF directories), "
-                             "give a mergekit YAML (--config.mergekit_yaml=FILE), or run the offline demo with "
-                             "--config.demo=True")
         params = {k: v for k, v in m.params.to_dict().items() if v is not None}
         summary = merge_checkpoints(models, m.method, base=base, params=params, overrides=tuple(m.overrides),
                                     **common)
-    if config.demo:  # show that later stages can start from the result (init_from), laid out on the mesh
+    if demo:  # show that later stages can start from the result (init_from), laid out on the mesh
         mesh, rules = runtime.mesh_and_rules(config)
         boxed = abstract_params(Transformer(model_cfg), dummy_inputs())
         load_params(output, nn.meta.unbox(boxed), sharding.param_shardings(boxed, mesh, rules))
         summary["reloaded_on_mesh"] = dict(mesh.shape)
     logging.info("merge: %s", json.dumps(summary))
-    with open(os.path.join(workdir, "merge_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     return summary

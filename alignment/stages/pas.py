@@ -24,14 +24,43 @@ import os
 import ml_collections
 import numpy as np
 
-from alignment.config import validate
+from alignment import stages
+from alignment.config import Field, at_least, in_range, one_of, positive
 from alignment.pas import data as pas_data
+from alignment.pas.cluster import LINKAGES
 from alignment.pas.complement import Endpoint, generate_complements
 from alignment.pas.critique import Rules, rule_failures
 from alignment.pas.mining import lcs_ratio
 from alignment.pas.template import pas_messages
 
 logger = logging.getLogger(__name__)
+
+FIELDS = {
+    "data.num_embedded": positive(),
+    "data.eval_fraction": Field(low=0, high=1, open_low=True),
+    "data.max_eval": positive(),
+    "quality.attempts": positive(),
+    "selection.options.linkage": one_of(*LINKAGES),
+    "selection.options.near_duplicate_similarity": Field(low=-1, high=1),
+    "selection.options.num_coarse": positive(),
+    "selection.options.num_fine": positive(),
+    "selection.options.finetune_steps": at_least(0),
+    "teacher.temperature": Field(low=0),
+    "teacher.max_tokens": positive(),
+    "teacher.timeout": Field(low=0, open_low=True),
+    "teacher.workers": positive(),
+    "teacher.flaw_rate": in_range(0, 1),
+    "complement.num_shots": at_least(0),
+    "complement.attempts": positive(),
+    "complement.max_words": positive(),
+    "max_new_tokens": positive(),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    stages.check(config.sft)
+    if config.quality.train_scorer:
+        stages.check(config.quality.scorer)
 
 
 def split_held_out(records: list[dict], fraction: float, max_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -147,19 +176,14 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def train_pas_model(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Step 4: the SFT stage on data/train.jsonl (held-out loss on data/eval.jsonl) into <workdir>/pas_model."""
-    from alignment.stages import sft
-
+    """Step 4: the SFT stage on data/train.jsonl (held-out loss on data/eval.jsonl) into <workdir>/pas_model
+    (its config.json is what load_pas reads the model back from)."""
     source = lambda path: ml_collections.ConfigDict(dict(path=path, weight=1.0, format="auto", tfds_data_dir=""))
     directory = os.path.join(workdir, "pas_model")
     sft_config = ml_collections.ConfigDict(config.sft.to_dict())
     sft_config.data.train = ml_collections.ConfigDict({"pas": source(os.path.join(workdir, "data", "train.jsonl"))})
     sft_config.data.eval = ml_collections.ConfigDict({"pas": source(os.path.join(workdir, "data", "eval.jsonl"))})
-    validate(sft_config)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:  # what load_pas reads the model back from
-        json.dump(sft_config.to_dict(), f, indent=2)
-    sft.run(sft_config, directory)
+    stages.run("sft", sft_config, directory)
     return directory
 
 
@@ -195,7 +219,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(model_dir, "summary.json")) as f:
         summary["sft"] = json.load(f).get("final_eval")
     summary["held_out"] = check_model(config, model_dir, workdir)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     logger.info("PAS: %s", summary["held_out"])
     return summary

@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 
 from alignment.algorithms import ppo
+from alignment.algorithms.grpo import AGGREGATIONS
+from alignment.config import Field, in_range, one_of
 from alignment.checkpoint import load_params
 from alignment.data.rollouts import rollout_rows
 from alignment.generation.engine import Engine
@@ -32,7 +34,8 @@ from alignment.models.transformer import dummy_inputs
 from alignment.rewards.registry import from_config
 from alignment.rl import loop
 from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
-from alignment.rl.scoring import make_scorer
+from alignment.rl.scoring import KL_ESTIMATORS, make_scorer
+from alignment.stages import COMMON_FIELDS
 from alignment.train import runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import TrainState, init_state, state_shardings
@@ -52,6 +55,17 @@ def init_critic(config, critic: Transformer, optimizer, abstract: TrainState, sh
 
         params = jax.jit(policy_trunk, out_shardings=shardings.params)(jax.random.key(config.seed + 1), policy_params)
     return init_state(critic, optimizer, shardings, config.seed + 1, dummy_inputs(), params)
+
+
+FIELDS = {
+    **loop.FIELDS,
+    "rl.kl_estimator": one_of(*KL_ESTIMATORS),
+    "rl.aggregation": one_of(*AGGREGATIONS),
+    "rl.gamma": in_range(0, 1),
+    "rl.lam": in_range(0, 1),
+    "rl.value_clip": Field(low=0),
+    **{f"critic.{key}": field for key, field in COMMON_FIELDS.items() if key.startswith("optimizer.")},
+}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import ml_collections
@@ -11,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from alignment.algorithms import reward
+from alignment.config import Field, at_least, one_of, positive
 from alignment.data import preference
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
@@ -21,17 +20,20 @@ from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 
-def write_summary(workdir: str, config: ml_collections.ConfigDict, summary: dict) -> None:
-    """summary.json, plus config.json so `load_reward_model` finds the model and tokenizer of a run."""
-    if jax.process_index() == 0:
-        for name, content in (("summary.json", summary), ("config.json", config.to_dict())):
-            with open(os.path.join(workdir, name), "w") as f:
-                json.dump(content, f, indent=2, default=str)
+FIELDS = {
+    "rm.alpha": Field(low=0),
+    "data.truncation": one_of(*preference.TRUNCATION),
+    "data.trim_multiple": at_least(0),
+    "data.pairs_per_row": positive(),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    if not config.model.get("value_head", False):
+        raise ValueError("the rm stage needs config.model.value_head=True")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    if not config.model.get("value_head", False):
-        raise ValueError("the rm stage needs config.model.value_head=True")
     model_cfg, model, mesh, rules = runtime.setup_model(config)
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size)
@@ -79,7 +81,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flops_per_token=model_cfg.flops_per_token(2 * config.data.max_length), peak_flops=peak,
         checkpointer=checkpointer, data_state=batches.get_state, eval_fn=evaluate)
     summary = {"data": data_summary, "final_eval": final_eval, "steps": int(state.step)}
-    write_summary(workdir, config, summary)
     checkpointer.close()
     logging.info("summary: %s", summary)
     return summary

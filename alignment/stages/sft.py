@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from alignment.algorithms.sft import sft_loss
+from alignment.algorithms.sft import NORMALIZATIONS, sft_loss
+from alignment.config import one_of
+from alignment.data.chat import TRAIN_ON
 from alignment.data import sft as sft_data
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
@@ -22,6 +22,12 @@ from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 logger = logging.getLogger(__name__)
+
+FIELDS = {
+    "loss_normalization": one_of(*NORMALIZATIONS),
+    "data.truncation": one_of(*sft_data.TRUNCATION),
+    "data.train_on": one_of(*TRAIN_ON),
+}
 
 
 def process_eval_batches(examples: list[dict], data: ml_collections.ConfigDict, batch_size: int) -> list[dict]:
@@ -84,9 +90,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpointer=checkpointer, data_state=batches.get_state,
             eval_fn=make_evaluator(loss_fn, eval_sets, target))
     summary = {"data": sft_data.reports_summary(reports), "final_eval": final_eval, "steps": int(state.step)}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
     checkpointer.close()
     logger.info("summary: %s", summary)
     return summary
