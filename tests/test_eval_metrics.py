@@ -1,84 +1,8 @@
-"""Metrics on hand-computed cases: GSM8K, math equivalence, pass@k, CFBench/SysBench/FB-Bench, UX, RM."""
-import itertools
-import math
-
-import numpy as np
+"""Metrics on hand-computed cases: CFBench/SysBench/FB-Bench, UX, RM; GSM8K and CFBench on the shared data.
+(Final-answer checks and pass@k are tested in test_rewards_math_answers.py and test_rewards_code_solutions.py.)"""
 import pytest
 
-from alignment.eval import answers, checklist, passk, preference
-
-
-@pytest.mark.parametrize("response,expected", [
-    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
-    ("The answer is 1,234.", "1234"),
-    ("So the answer is $18.00, which we double-check: 9 * 2 = 18.", "18"),  # first number after the marker
-    ("We get \\boxed{-3.50}", "-3.5"),
-    ("First 3 then 4 then 7", "7"),  # no marker: the last number
-    ("no digits at all", None),
-])
-def test_final_number(response, expected):
-    assert answers.final_number(response) == expected
-
-
-def test_gsm8k_reference_and_match():
-    assert answers.gsm8k_reference("Janet sells 9 eggs.\n#### 1,800") == "1800"
-    assert answers.gsm8k_correct("The answer is 1800.", "1800")
-    assert answers.gsm8k_correct("The answer is 1800.0", "1800")
-    assert not answers.gsm8k_correct("The answer is 180.", "1800")
-    assert not answers.gsm8k_correct("I don't know", "1800")
-    with pytest.raises(ValueError, match="####"):
-        answers.gsm8k_reference("no final line")
-
-
-@pytest.mark.parametrize("response,reference,expected", [
-    ("The answer is $\\boxed{0.5}$", "\\frac{1}{2}", True),
-    ("\\boxed{(x+1)^2}", "x^2+2x+1", True),
-    ("\\boxed{2^{1/2}}", "\\sqrt{2}", True),
-    ("\\boxed{4}", "3", False),
-    ("I cannot solve this", "\\frac{1}{2}", False),
-])
-def test_math_equivalent(response, reference, expected):
-    assert answers.math_equivalent(response, reference) is expected
-
-
-def _brute_pass_at_k(n, c, k):
-    """Fraction of all k-subsets of n samples (c of them correct) that contain a correct one."""
-    outcomes = [True] * c + [False] * (n - c)
-    subsets = list(itertools.combinations(range(n), k))
-    return sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-
-
-@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 4), (7, 7, 3), (8, 2, 5), (4, 1, 4)])
-def test_pass_at_k_matches_brute_force(n, c, k):
-    assert passk.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
-
-
-def test_pass_at_k_large_n_matches_exact_combinatorics():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        n = int(rng.integers(50, 400))
-        c, k = int(rng.integers(0, n + 1)), int(rng.integers(1, 20))
-        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
-        assert passk.pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-10, abs=1e-12)
-
-
-def test_pass_at_k_rejects_bad_input_and_averages():
-    with pytest.raises(ValueError):
-        passk.pass_at_k(3, 4, 1)
-    with pytest.raises(ValueError, match="at least 5"):
-        passk.pass_at_k(3, 1, 5)
-    # problem 1: 1 of 2 pass -> pass@1 0.5; problem 2: 2 of 2 -> 1.0
-    assert passk.mean_pass_at_k([[True, False], [True, True]], 1) == pytest.approx(0.75)
-
-
-def test_completion_program_accepts_continuations_and_whole_functions():
-    prompt = 'def add(a, b):\n    """Sum."""\n'
-    test = "def check(f):\n    assert f(2, 3) == 5\n"
-    continuation = passk.completion_solution(prompt, "    return a + b\n", "add")
-    whole = passk.completion_solution(prompt, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```", "add")
-    for solution in (continuation, whole):
-        scope = {}
-        exec(f"{solution}\n{test}\ncheck(add)\n", scope)  # raises if check() fails
+from alignment.eval import checklist, preference
 
 
 # ---- CFBench: per-sample CSR / ISR / PSR ----

@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-from alignment.eval import benchmarks, ifeval
+from alignment.eval import benchmarks
+from alignment.rewards import ifeval
 
 CASES = json.loads((pathlib.Path(__file__).parent / "fixtures" / "eval" / "ifeval_cases.json").read_text())
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from alignment.data.sources import read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
-from alignment.eval import answers, checklist, ifeval, passk
-from alignment.rewards import sandbox, verdict
+from alignment.eval import checklist
+from alignment.rewards import code_solutions, ifeval, math_answers, sandbox, verdict
 
 GSM8K_SUFFIX = "\nSolve the problem step by step, then give the final number as 'The answer is N.'"
 MATH_SUFFIX = "\nSolve the problem step by step and put the final answer in \\boxed{}."
@@ -98,7 +98,7 @@ def load_gsm8k(path: str, limit: int, seed: int) -> list[dict]:
     for number, record in _limited(read_jsonl(path), limit):
         _require(record, ("question", "answer"), f"{path}:{number}")
         try:
-            answer = answers.gsm8k_reference(record["answer"])
+            answer = math_answers.gsm8k_reference(record["answer"])
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
         samples.append({"id": f"gsm8k-{number}", "messages": _user(record["question"] + GSM8K_SUFFIX),
@@ -108,7 +108,7 @@ def load_gsm8k(path: str, limit: int, seed: int) -> list[dict]:
 
 def score_numeric(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
     return [{"id": s["id"], "category": s["category"], "answer": s["answer"],
-             "predicted": answers.final_number(r), "score": float(answers.gsm8k_correct(r, s["answer"]))}
+             "predicted": math_answers.final_number(r), "score": float(math_answers.gsm8k_correct(r, s["answer"]))}
             for s, r in zip(samples, responses)]
 
 
@@ -127,7 +127,7 @@ def load_math(path: str, limit: int, seed: int) -> list[dict]:
 
 def score_math(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
     return [{"id": s["id"], "category": s["category"], "answer": s["answer"],
-             "score": float(answers.math_equivalent(r, s["answer"]))} for s, r in zip(samples, responses)]
+             "score": float(math_answers.math_equivalent(r, s["answer"]))} for s, r in zip(samples, responses)]
 
 
 # ---- HumanEval ----
@@ -149,7 +149,7 @@ def score_humaneval(samples: list[dict], responses: list[str], ctx: Context) -> 
     problem share an id."""
     def judge(sample: dict, response: str) -> verdict.Verdict:
         suite = verdict.humaneval_suite(sample["test"], sample["entry_point"], f"humaneval task {sample['id']!r}")
-        solution = passk.completion_solution(sample["prompt"], response, sample["entry_point"])
+        solution = code_solutions.completion_solution(sample["prompt"], response, sample["entry_point"])
         return verdict.judge(solution, suite, ctx.sandbox_limits)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, ctx.sandbox_workers)) as pool:
@@ -163,7 +163,7 @@ def aggregate_humaneval(results: list[dict], ctx: Context) -> dict:
     for r in results:
         by_problem[r["id"]].append(bool(r["score"]))
     outcomes = list(by_problem.values())
-    return {"metrics": {f"pass@{k}": passk.mean_pass_at_k(outcomes, k) for k in ctx.pass_k},
+    return {"metrics": {f"pass@{k}": code_solutions.mean_pass_at_k(outcomes, k) for k in ctx.pass_k},
             "categories": _mean_by_category(results)}
 
 

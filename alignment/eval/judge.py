@@ -12,7 +12,7 @@ import dataclasses
 import re
 from typing import Callable
 
-from alignment.eval.cache import JsonlCache, input_hash
+from alignment.data.jsonl_cache import JsonlCache, input_hash
 
 JUDGE_TEMPLATE = """You are grading a model's response against a checklist.
 

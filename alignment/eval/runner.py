@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from absl import logging
 
+from alignment.data.jsonl_cache import JsonlCache, input_hash
 from alignment.eval.benchmarks import BENCHMARKS, Context
-from alignment.eval.cache import JsonlCache, input_hash
 from alignment.eval.endpoint import GenerateFn
 
 

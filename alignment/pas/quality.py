@@ -37,8 +37,8 @@ import numpy as np
 
 from alignment.algorithms.reward import load_reward_model
 from alignment.config import STAGES, validate
+from alignment.data.jsonl_cache import JsonlCache, input_hash
 from alignment.data.sources import read_jsonl
-from alignment.eval.cache import JsonlCache, input_hash
 from alignment.generation.client import chat
 from alignment.pas.data import prompt_text, write_jsonl
 

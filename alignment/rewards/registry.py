@@ -23,8 +23,7 @@ import ml_collections
 import numpy as np
 
 from alignment.config import suggest
-from alignment.eval import answers, ifeval, passk
-from alignment.rewards import sandbox, verdict
+from alignment.rewards import code_solutions, ifeval, math_answers, sandbox, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +83,10 @@ def math_reward(sample: Sample, params: Mapping) -> float:
     _params("math", params)
     reference = str(_field(sample, "answer"))
     if "####" in reference:  # a whole GSM8K solution rather than its final number
-        reference = answers.gsm8k_reference(reference)
-    if answers.gsm8k_correct(sample.completion, reference):
+        reference = math_answers.gsm8k_reference(reference)
+    if math_answers.gsm8k_correct(sample.completion, reference):
         return 1.0
-    return float(answers.math_equivalent(sample.completion, reference))
+    return float(math_answers.math_equivalent(sample.completion, reference))
 
 
 # --- format ---------------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def code_reward(sample: Sample, params: Mapping) -> float:
     here, so the program cannot forge its score. A program that crashes, hangs or exceeds a limit scores 0."""
     p = _params("code", params)
     suite = verdict.code_suite(_field(sample, "tests"), f"prompt {sample.prompt_id!r}")
-    result = verdict.judge(passk.extract_code(sample.completion), suite, sandbox.Limits(**p))
+    result = verdict.judge(code_solutions.extract_code(sample.completion), suite, sandbox.Limits(**p))
     return result.passed / result.total
 
 
