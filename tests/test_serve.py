@@ -19,10 +19,11 @@ from alignment.data.chat import encode_chat, render_chat_text
 from alignment.data.tokenizer import load_tokenizer
 from alignment.generation import client
 from alignment.generation.engine import Cancelled, Engine
+from alignment.generation.http_server import make_server
 from alignment.generation.text import stop_token_ids
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
-from alignment.serve import CANCEL_CHECK_STEPS, Service, engine_config, make_server, served_model_names
+from alignment.serve import CANCEL_CHECK_STEPS, Service, engine_config, served_model_names
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 MAX_LEN = 64  # a short context makes the over-long case cheap

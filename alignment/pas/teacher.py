@@ -19,10 +19,10 @@ import threading
 import time
 import uuid
 
+from alignment.generation.http_server import RequestError, make_server
 from alignment.pas.critique import rule_failures
 from alignment.pas.quality import DIMENSIONS, JUDGE_TEMPLATE
 from alignment.pas.template import CRITIC_SYSTEM, TEACHER_SYSTEM
-from alignment.serve import RequestError, make_server
 
 _BANK = {
     "writing": ["Write about {topic} with vivid, concrete detail and a clear structure; keep the tone consistent "
@@ -99,7 +99,7 @@ def _draw(*parts) -> float:
 
 
 class TeacherService:
-    """The `Service` interface of `alignment.serve` (models / chat_completions / completions) for the teacher."""
+    """The service interface of `alignment.generation.http_server` (models / chat_completions / completions)."""
 
     def __init__(self, flaw_rate: float = 0.2, model_name: str = "embedded-teacher"):
         self.flaw_rate, self.model_name = flaw_rate, model_name
