@@ -12,9 +12,9 @@ string or a list of text parts. A `model` other than the served names gets 404 m
 means the served model. A prompt that leaves no room for max_tokens is refused with 400 (code
 context_length_exceeded), never truncated. Errors are JSON: {"error": {"message", "type", "param", "code"}}.
 
-Hostile or departed clients are contained (`alignment.generation.http_server`): at most `max_connections` connections are served at once (more
-get 503 at once), every socket read waits at most `read_timeout` seconds and a request body must arrive
-within it (else 408), and a client that disconnects cancels its generation within `CANCEL_CHECK_STEPS` decode
+Hostile or departed clients are contained (`alignment.generation.http_server`): at most `max_connections`
+connections are served at once (more get 503 at once), every socket read waits at most `read_timeout` seconds
+and a request body must arrive within it (else 408), and a client that disconnects cancels its generation within `CANCEL_CHECK_STEPS` decode
 steps, so the next request does not wait for abandoned work.
 """
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pytest
 from alignment import config as config_lib
 from alignment.checkpoint import load_params
 from alignment.merge import merge_checkpoints, streaming
+from alignment.merge.checkpoint_io import open_source
 from alignment.merge.demo import make_demo_checkpoints, random_params, save_params
-from alignment.merge.io import open_source
 from alignment.models import Transformer
 from alignment.models.config import ModelConfig
 from alignment.models.hf import load_hf_checkpoint, save_hf_checkpoint

@@ -214,7 +214,7 @@ def test_stage_runs_a_mergekit_yaml(golden, tmp_path, monkeypatch):
     """--config.mergekit_yaml=FILE: the merge stage runs the YAML (HF output equal to mergekit's; the Orbax
     checkpoint later stages start from holds the same numbers); the workdir's output is not replaced twice."""
     from alignment import config as config_lib
-    from alignment.merge.io import open_source
+    from alignment.merge.checkpoint_io import open_source
     from alignment import stages
 
     root, outputs = golden

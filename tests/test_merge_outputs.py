@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from alignment.merge import io, merge_checkpoints
+from alignment.merge import checkpoint_io, merge_checkpoints
 from alignment.models import hf
 from alignment.models.config import from_hf_config
 
@@ -118,8 +118,8 @@ def test_a_merge_killed_while_replacing_its_output_leaves_the_old_one_restorable
 
 def test_a_running_merges_work_is_left_alone(tmp_path):
     path = str(tmp_path / "out")
-    with io.atomic_output(path, overwrite=False) as directory:
-        assert io.remove_stale_work(path) == []  # its lock is held: a merge in progress
+    with checkpoint_io.atomic_output(path, overwrite=False) as directory:
+        assert checkpoint_io.remove_stale_work(path) == []  # its lock is held: a merge in progress
         assert os.path.isdir(directory) and hidden(tmp_path)[0].startswith(".out.merge-tmp-")
     assert os.path.isdir(path) and hidden(tmp_path) == []
 

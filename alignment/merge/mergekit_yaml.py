@@ -50,7 +50,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from alignment.config import suggest
-from alignment.merge import io
+from alignment.merge import checkpoint_io
 from alignment.merge.methods import TensorParams
 from alignment.merge.streaming import merge_checkpoints
 from alignment.models import hf
@@ -315,7 +315,7 @@ def _tokenizer_from(config: Mapping[str, Any], paths: Sequence[str], base: str) 
     source = config.get("tokenizer_source")
     if source is None:
         donor = base or paths[0]
-        return donor if any(os.path.isfile(os.path.join(donor, n)) for n in io.TOKENIZER_FILES) else ""
+        return donor if any(os.path.isfile(os.path.join(donor, n)) for n in checkpoint_io.TOKENIZER_FILES) else ""
     if not _shares_tokenizer(paths):
         raise ValueError(f"tokenizer_source: {source!r} asks mergekit to align the vocabularies of the inputs, "
                          "which do not all have the same tokenizer files; only that case (no alignment) is supported")
@@ -374,9 +374,9 @@ def _plan(path: str, config: Any) -> MergekitMerge:
     filters = _check_parameters(method, levels)
     out_dtype = config.get("out_dtype") or config.get("dtype") or ""
     out_dtype = out_dtype.removeprefix("torch.") if isinstance(out_dtype, str) else out_dtype
-    if out_dtype and out_dtype not in io.OUT_DTYPES:
+    if out_dtype and out_dtype not in checkpoint_io.OUT_DTYPES:
         field = "out_dtype" if config.get("out_dtype") else "dtype"
-        raise ValueError(f"{field}: {config.get(field)!r}; supported: {io.OUT_DTYPES}")
+        raise ValueError(f"{field}: {config.get(field)!r}; supported: {checkpoint_io.OUT_DTYPES}")
     model_config = from_hf_config(base or paths[0])
     hf_names = {(key if i is None else f"layers/{key}", i): hf_name
                 for hf_name, key, i, _ in hf.hf_entries(model_config)}

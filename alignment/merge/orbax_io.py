@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from alignment.merge.io import TensorInfo
+from alignment.merge.tensor_info import TensorInfo
 
 STATE, PARAMS = "state", "params"  # the layout of alignment.checkpoint: <root>/<step>/state holds {'params': ...}
 

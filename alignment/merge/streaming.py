@@ -11,7 +11,7 @@ Everything is checked before the first byte is written: method, base, parameters
 that every checkpoint has the same tensor names, shapes and dtypes. NaN or Inf in an input aborts the
 merge, naming the checkpoint and tensor (the combine screens every element on its way); outputs appear
 only when complete, from a hidden working directory beside them that a merge killed outright leaves and
-the next merge into the same place removes (`io.atomic_output`).
+the next merge into the same place removes (`checkpoint_io.atomic_output`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from alignment.merge import io
+from alignment.merge import checkpoint_io
 from alignment.merge.methods import METHODS, NonFiniteInput, merge_pieces
 from alignment.merge.params import make_spec
 from alignment.models import hf
@@ -108,9 +108,9 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     """Merge `models` (Orbax checkpoints or HF directories) with `method`; returns a summary dict.
 
     output: Orbax checkpoint directory (step 0, readable by `alignment.checkpoint.load_params`);
-    hf_output: HF safetensors directory; at least one is required. An existing output is an `io.OutputExists`
-    error unless overwrite, which replaces it once the new one is complete (`io.atomic_output`). params/overrides:
-    see `alignment.merge.params`; spec: instead of them, anything with their `resolve` and `unmatched_patterns`
+    hf_output: HF safetensors directory; at least one is required. An existing output is a
+    `checkpoint_io.OutputExists` error unless overwrite, which replaces it once the new one is complete
+    (`checkpoint_io.atomic_output`). params/overrides: see `alignment.merge.params`; spec: instead of them, anything with their `resolve` and `unmatched_patterns`
     (`mergekit_yaml.MergekitParams`). seed: DARE masks depend on it, the tensor name and layer (not on order or
     workers). workers: threads for HF-only output, 0 = one per CPU (Orbax output runs in Orbax's threads,
     bounded by the same memory budget). model_config: names HF tensors when HF output is made
@@ -140,9 +140,9 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         if out and os.path.abspath(out) in inputs:
             raise ValueError(f"output {out} is one of the inputs")
         if out:
-            io.prepare_output(out, overwrite)
-    if out_dtype and out_dtype not in io.OUT_DTYPES:
-        raise ValueError(f"out_dtype {out_dtype!r}: choose from {io.OUT_DTYPES}")
+            checkpoint_io.prepare_output(out, overwrite)
+    if out_dtype and out_dtype not in checkpoint_io.OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype!r}: choose from {checkpoint_io.OUT_DTYPES}")
     if tokenizer_from and not hf_output:
         raise ValueError(f"tokenizer_from={tokenizer_from} is copied into hf_output, which is not set")
     if spec is None:
@@ -156,11 +156,11 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
     labels = {f"model {i} ({p})": p for i, p in enumerate(models)}
     if base:
         labels[f"base ({base})"] = base
-    sources = {label: io.open_source(path) for label, path in labels.items()}
+    sources = {label: checkpoint_io.open_source(path) for label, path in labels.items()}
     with contextlib.ExitStack() as cleanup:
         for source in sources.values():
             cleanup.callback(source.close)
-        tensors = io.check_same_tensors(sources)
+        tensors = checkpoint_io.check_same_tensors(sources)
         unmatched = spec.unmatched_patterns(list(tensors))
         if unmatched:
             raise ValueError(f"override patterns (of a mergekit YAML: filters, on HF tensor names) match no tensor: "
@@ -225,17 +225,17 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
         try:
             hf_writer = None
             if hf_output:
-                hf_dir = cleanup.enter_context(io.atomic_output(hf_output, overwrite))
-                cfg, hf_cfg = io.hf_config_for(list(sources.values()), model_config, model_type)
-                hf_writer = io.HFWriter(hf_dir, cfg, hf_cfg, written, max_shard_bytes)
+                hf_dir = cleanup.enter_context(checkpoint_io.atomic_output(hf_output, overwrite))
+                cfg, hf_cfg = checkpoint_io.hf_config_for(list(sources.values()), model_config, model_type)
+                hf_writer = checkpoint_io.HFWriter(hf_dir, cfg, hf_cfg, written, max_shard_bytes)
                 writers.append(hf_writer)
                 if tokenizer_from:
-                    io.copy_tokenizer(tokenizer_from, hf_dir)
+                    checkpoint_io.copy_tokenizer(tokenizer_from, hf_dir)
                 skipped = [n for n in tensors if not hf_writer.covers(n)]
                 if skipped:
                     logger.warning("HF checkpoints have no place for %s; they are left out of %s", skipped, hf_output)
             if output:
-                orbax_dir = cleanup.enter_context(io.atomic_output(output, overwrite))
+                orbax_dir = cleanup.enter_context(checkpoint_io.atomic_output(output, overwrite))
                 _merge_to_orbax(orbax_dir, written, sources, merge_slice, slice_cost, budget, hf_writer)
             else:
                 covered = [(n, i) for n, i in units if hf_writer.covers(n)]

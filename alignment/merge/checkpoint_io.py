@@ -18,7 +18,6 @@ deletes if this one was killed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -33,17 +32,11 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from alignment.merge.tensor_info import TensorInfo
 from alignment.models import hf
 from alignment.models.config import ModelConfig, from_hf_config, to_hf_config
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]  # project layout; stacked tensors lead with [num_layers]
-    dtype: np.dtype
-    stacked: bool  # a 'layers/*' tensor, merged one layer slice at a time
 
 
 def _describe(info: TensorInfo) -> str:
