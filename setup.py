@@ -1,11 +1,18 @@
-"""Install the `alignment` and `kernels` packages."""
+"""Install the `alignment` package and the `kernels/` folder as `alignment_kernels`.
+
+`kernels` is Hugging Face's package name (transformers imports it), so the folder is installed under another
+name and has no `__init__.py`: from the repository root `import kernels` still finds Hugging Face's package
+(kernels/README.md says why).
+"""
 import setuptools
 
 setuptools.setup(
     name="alignment",
     version="0.1.0",
     description="JAX/TPU-native LLM alignment: PAS, SFT, RM, DPO, GRPO, merging, evaluation.",
-    packages=setuptools.find_packages(include=["alignment", "alignment.*", "kernels", "kernels.*"]),
+    packages=setuptools.find_packages(include=["alignment", "alignment.*"])
+    + ["alignment_kernels"] + [f"alignment_kernels.{op}" for op in setuptools.find_packages(where="kernels")],
+    package_dir={"alignment_kernels": "kernels"},
     package_data={"alignment": ["assets/*"]},
     python_requires=">=3.10",
     # The merge methods' host loops, in C: loaded through ctypes by alignment/merge/kernels.py. No -ffast-math
@@ -38,9 +45,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        # Parity tests against the peer implementation run on CPU torch. transformers 5.25 depends on Hugging
-        # Face's `kernels` package, whose top-level name is this project's `kernels/` (it then imports ours).
-        "hf": ["torch>=2.4", "transformers>=4.45,<5.25"],
+        # Parity tests against the peer implementation run on CPU torch.
+        "hf": ["torch>=2.4", "transformers>=4.45"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

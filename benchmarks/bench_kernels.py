@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention import api as attention_api
-from kernels.attention import reference as attention_reference
-from kernels.logprob_kl import api as logprob_api
-from kernels.logprob_kl import reference as logprob_reference
+from alignment_kernels.attention import api as attention_api
+from alignment_kernels.attention import reference as attention_reference
+from alignment_kernels.logprob_kl import api as logprob_api
+from alignment_kernels.logprob_kl import reference as logprob_reference
 
 
 def logprob_grad(fn):

@@ -61,10 +61,10 @@ from alignment.train.optimizer import make_optimizer
 from alignment.train.runtime import place_batch
 from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
-from kernels.attention import api as attention_api
-from kernels.attention import reference as attention_reference
-from kernels.logprob_kl import api as logprob_api
-from kernels.logprob_kl import reference as logprob_reference
+from alignment_kernels.attention import api as attention_api
+from alignment_kernels.attention import reference as attention_reference
+from alignment_kernels.logprob_kl import api as logprob_api
+from alignment_kernels.logprob_kl import reference as logprob_reference
 
 SECTIONS = ("correctness", "speed", "sft", "grpo")
 # Max |got - reference| / max |reference|. fp32 matmuls on GPUs run on TF32 tensor cores (10-bit mantissa).

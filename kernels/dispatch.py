@@ -45,7 +45,8 @@ def current_backend() -> str:
 
 @functools.cache
 def _log_fallback_once(op: str, requested: str, backend: str, chosen: str) -> None:
-    logging.warning("kernels.%s: %r cannot run on backend %r; falling back to %r", op, requested, backend, chosen)
+    logging.warning("alignment_kernels.%s: %r cannot run on backend %r; falling back to %r",
+                    op, requested, backend, chosen)
 
 
 def pick(op: str, name: str | None, impls: Mapping[str, Callable], *, interpret: bool = False,
@@ -61,7 +62,7 @@ def pick(op: str, name: str | None, impls: Mapping[str, Callable], *, interpret:
     elif name == "pallas":  # whichever Pallas flavour this backend has
         name = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
     if name not in impls:
-        raise ValueError(f"kernels.{op}: unknown implementation {name!r}; choose from {sorted(impls)}")
+        raise ValueError(f"alignment_kernels.{op}: unknown implementation {name!r}; choose from {sorted(impls)}")
     native = NATIVE_BACKEND.get(name)
     if native is None or backend in native:
         return name, impls[name]

@@ -12,7 +12,7 @@ On top of the lowering, two budgets the device compilers enforce are estimated f
   * GPU registers: the largest value a Triton kernel body holds, in elements.
 
     register_tpu_chip("v5e")
-    traced = trace(fn, args, "tpu")        # fn traced with the TPU kernels (`kernels.dispatch.target_platform`)
+    traced = trace(fn, args, "tpu")        # fn traced with the TPU kernels (`dispatch.target_platform`)
     lowered = lower(traced, "tpu", "fn")   # CrossLoweringError names the kernels that fail
     problems = vmem_problems(traced.jaxpr, "v5e")
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from kernels import dispatch
+from alignment_kernels import dispatch
 
 # XLA's default scoped VMEM limit per chip (what a kernel gets without `vmem_limit_bytes`) and the VMEM
 # each TensorCore has (`pltpu.get_tpu_info_for_chip(...).vmem_capacity_bytes`, JAX 0.10.2).

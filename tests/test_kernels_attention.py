@@ -12,7 +12,7 @@ from alignment import sharding
 from alignment.models import ModelConfig
 from alignment.models.attention import shard_over_mesh, xla_dense
 from alignment.models.transformer import Transformer
-from kernels.attention import api, pallas_gpu, pallas_tpu, reference, xla
+from alignment_kernels.attention import api, pallas_gpu, pallas_tpu, reference, xla
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 

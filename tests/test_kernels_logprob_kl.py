@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alignment.algorithms import logprobs
-from kernels.logprob_kl import api, pallas_gpu, pallas_tpu, reference, xla
+from alignment_kernels.logprob_kl import api, pallas_gpu, pallas_tpu, reference, xla
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 N, D, V, K = 37, 16, 203, 11  # N and V divisible by none of the test block sizes

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import dispatch, lowering
-from kernels.attention import api as attention_api
-from kernels.logprob_kl import api as logprob_api
-from kernels.logprob_kl import pallas_tpu as logprob_tpu
-from kernels.logprob_kl.reference import k3
+from alignment_kernels import dispatch, lowering
+from alignment_kernels.attention import api as attention_api
+from alignment_kernels.logprob_kl import api as logprob_api
+from alignment_kernels.logprob_kl import pallas_tpu as logprob_tpu
+from alignment_kernels.logprob_kl.reference import k3
 
 PLATFORMS = ("tpu", "cuda")
 DTYPES = (jnp.bfloat16, jnp.float32)

@@ -25,7 +25,7 @@ from alignment.rl.scoring import make_scorer
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
-from kernels import lowering
+from alignment_kernels import lowering
 
 PLATFORMS = ("tpu", "cuda")
 # Llama-shaped and small: head_dim 128, GQA 4/2 heads (each tensor shard holds whole kv heads), bf16 compute.

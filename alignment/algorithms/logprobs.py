@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec
 
 from alignment import sharding
 from alignment.models.transformer import Transformer, init_cache, repeat_cache_rows
-from kernels.logprob_kl import api as kernel_api
-from kernels.logprob_kl.reference import LogprobKL, k3  # noqa: F401  (k3 re-exported for GRPO)
+from alignment_kernels.logprob_kl import api as kernel_api
+from alignment_kernels.logprob_kl.reference import LogprobKL, k3  # noqa: F401  (k3 re-exported for GRPO)
 
 
 def _rows_spec(rules) -> PartitionSpec:

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from alignment import sharding
-from kernels.attention import api as kernel_api
-from kernels.attention import xla as flash
-from kernels.attention.reference import mask as attention_mask
+from alignment_kernels.attention import api as kernel_api
+from alignment_kernels.attention import xla as flash
+from alignment_kernels.attention.reference import mask as attention_mask
 
 AttentionFn = Callable[..., jax.Array]
 

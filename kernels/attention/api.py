@@ -12,8 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import dispatch
-from kernels.attention import pallas_gpu, pallas_tpu, reference, xla
+from alignment_kernels import dispatch
+from alignment_kernels.attention import pallas_gpu, pallas_tpu, reference, xla
 
 
 def cudnn(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, implementation="cudnn"):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.attention import common, reference
+from alignment_kernels.attention import common, reference
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.attention import common
+from alignment_kernels.attention import common
 
 LANES, SUBLANES = 128, 8
 

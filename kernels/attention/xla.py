@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.attention.reference import mask as dense_mask
+from alignment_kernels.attention.reference import mask as dense_mask
 
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128

@@ -3,15 +3,15 @@
 Names: "reference" (materialises [N, V]; tests only), "xla" (blockwise, the CPU default),
 "pallas_gpu", "pallas_tpu", "pallas" (this backend's flavour). Every implementation computes all three
 outputs; the only logged fallback is a Pallas kernel named on a backend it cannot compile for
-(`kernels.dispatch.pick`).
+(`alignment_kernels.dispatch.pick`).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from kernels import dispatch
-from kernels.logprob_kl import pallas_gpu, pallas_tpu, reference, xla
-from kernels.logprob_kl.reference import LogprobKL
+from alignment_kernels import dispatch
+from alignment_kernels.logprob_kl import pallas_gpu, pallas_tpu, reference, xla
+from alignment_kernels.logprob_kl.reference import LogprobKL
 
 IMPLEMENTATIONS: dict[str, Callable[..., LogprobKL]] = {
     "reference": reference.logprob_kl,

@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels.logprob_kl.reference import LogprobKL
+from alignment_kernels.logprob_kl.reference import LogprobKL
 
 
 def logits(h, w, temperature):

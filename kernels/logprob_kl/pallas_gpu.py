@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.logprob_kl import common
+from alignment_kernels.logprob_kl import common
 
 # Elements of a [block_n, Kp] top-K tile (ids, their logits, kl_coef): with K 500 (Kp 512) block_n drops
 # to 32 so the three stay within registers beside the [block_n, block_v] logits.

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.logprob_kl import common
+from alignment_kernels.logprob_kl import common
 
 LANES = 128
 VMEM_LIMIT = 32 * 2**20  # asked of Mosaic for every call: within the VMEM of v5e, v5p and v6e (64+ MiB)

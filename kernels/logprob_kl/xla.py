@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.logprob_kl.reference import LogprobKL
+from alignment_kernels.logprob_kl.reference import LogprobKL
 
 DEFAULT_BLOCK_N = 1024
 DEFAULT_BLOCK_V = 4096
