@@ -16,6 +16,7 @@ from alignment.data import preference
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
+from alignment.rewards.reward_model import load_reward_model
 from alignment.train.step import accumulate_gradients
 
 MICRO = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -212,7 +213,7 @@ def test_reward_model_learns_and_scores_chats(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((tmp_path / "summary.json").read_text())["final_eval"]
     assert final["accuracy"] >= 0.65 and final["margin"] > 0, final  # chance: 0.5 +- 0.03 on 256 pairs
-    score_fn = reward.load_reward_model(str(tmp_path))
+    score_fn = load_reward_model(str(tmp_path))
     prompt = [{"role": "user", "content": "What is 3 + 4?"}]
     scores = score_fn([prompt + [{"role": "assistant", "content": "3 + 4 = 7. The answer is 7."}],
                        prompt + [{"role": "assistant", "content": "3 + 4 = 7. The answer is 2."}]])

@@ -149,7 +149,7 @@ def test_code_tests_that_cannot_be_split_name_the_prompt(tests, message):
 # --- reward model ---------------------------------------------------------------------------------------------
 
 def test_reward_model_batches_and_caches(monkeypatch):
-    from alignment.algorithms import reward as rm
+    from alignment.rewards import reward_model as rm
 
     loads, calls = [], []
 

@@ -8,27 +8,18 @@ Per pair, with r = rewards, s = annotated scores normalised to [0, 1], m = an op
 
     loss = -log sigmoid(r_chosen - r_rejected - m) + alpha * has_score * ((r_chosen - s_chosen)^2
                                                                          + (r_rejected - s_rejected)^2)
+
+A trained reward model is loaded for scoring by `alignment.rewards.reward_model`.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from alignment.checkpoint import load_params
 from alignment.data import preference
-from alignment.data.chat import encode_chat
-from alignment.data.tokenizer import load_tokenizer
-from alignment.models import Transformer
-from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
-from alignment.train.state import abstract_params
 
 CHOSEN, REJECTED = 1, 2  # segment ids of a pair's two sequences
 
@@ -108,54 +99,3 @@ def finalize_metrics(sums: dict) -> dict:
     out["score_rmse"] = jnp.sqrt(sums["score_sq_error"] / jnp.maximum(2.0 * sums["scored_pairs"], 1.0))
     del out["score_sq_error"]
     return out
-
-
-def load_reward_model(checkpoint: str, config: dict | None = None, batch_size: int = 8):
-    """A trained reward model as `score_fn(chats) -> np.ndarray [len(chats)]` float32.
-
-    checkpoint: an rm run's workdir, its `checkpoints` directory or one step directory. config: the run's
-    config (a dict or ConfigDict); by default `config.json` of the workdir. Each chat is a list of
-    {role, content} messages ending with the assistant turn to score; it is rendered with the run's chat
-    template and tokenizer, cut to data.max_length tokens (keeping the start), and scored at its last token.
-    """
-    if config is None:
-        workdir = os.path.abspath(checkpoint)
-        while not os.path.isfile(os.path.join(workdir, "config.json")) and workdir != os.path.dirname(workdir):
-            workdir = os.path.dirname(workdir)
-        path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in {checkpoint} or above it; pass config=")
-        with open(path) as f:
-            config = json.load(f)
-    config = ml_collections.ConfigDict(config if isinstance(config, dict) else config.to_dict())
-    model_cfg = runtime.model_config(config)
-    if not model_cfg.value_head:
-        raise ValueError(f"{checkpoint}: the model config has no value head; is this a reward model?")
-    model = Transformer(model_cfg)
-    abstract = nn.meta.unbox(abstract_params(model, dummy_inputs()))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    ckpt_dir = os.path.join(checkpoint, "checkpoints") if os.path.isdir(os.path.join(checkpoint, "checkpoints")) \
-        else checkpoint
-    params = load_params(ckpt_dir, abstract, jax.tree.map(lambda _: device, abstract))
-    tokenizer = load_tokenizer(config.tokenizer)
-    max_length = config.data.max_length
-
-    @jax.jit
-    def score(tokens, positions, segment_ids):
-        hidden = model.apply({"params": params}, tokens, positions, segment_ids)
-        return segment_last(model.apply({"params": params}, hidden, method="values"), segment_ids, 1)[:, 0]
-
-    def score_fn(chats) -> np.ndarray:
-        ids = [encode_chat(tokenizer, list(chat), config.chat_template).ids[:max_length] for chat in chats]
-        out = []
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            tokens = np.zeros((batch_size, max_length), np.int32)
-            segments = np.zeros_like(tokens)
-            for i, seq in enumerate(chunk):
-                tokens[i, :len(seq)], segments[i, :len(seq)] = seq, 1
-            positions = np.broadcast_to(np.arange(max_length, dtype=np.int32), tokens.shape)
-            out.append(np.asarray(score(tokens, positions, segments))[:len(chunk)])
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-    return score_fn

@@ -35,12 +35,12 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from alignment.algorithms.reward import load_reward_model
 from alignment.config import STAGES, validate
 from alignment.data.jsonl_cache import JsonlCache, input_hash
 from alignment.data.sources import read_jsonl
 from alignment.generation.client import chat
 from alignment.pas.data import prompt_text, write_jsonl
+from alignment.rewards.reward_model import load_reward_model
 
 logger = logging.getLogger(__name__)
 

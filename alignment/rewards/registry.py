@@ -191,7 +191,7 @@ def _check_code(p: dict) -> None:
 @functools.lru_cache(maxsize=None)
 def _reward_model(checkpoint: str):
     """The preference stage's score_fn, loaded once per checkpoint."""
-    from alignment.algorithms.reward import load_reward_model  # imported lazily: it builds a model
+    from alignment.rewards.reward_model import load_reward_model  # imported lazily: it imports JAX, Flax and Orbax
 
     return load_reward_model(checkpoint)
 
