@@ -8,7 +8,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from alignment.data.build_tiny_tokenizer import CHAT_SPECIAL_TOKENS, build_corpus, train_model
-from alignment.data.tokenizer import EMBEDDED_PATH, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from alignment.data.tokenizer import (EMBEDDED_PATH, HFTokenizer, SentencePieceTokenizer, checked_tokenizer,
+                                      load_tokenizer)
 
 LLAMA2_MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
 
@@ -138,6 +139,12 @@ def test_missing_paths(tmp_path):
         load_tokenizer(str(missing))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_checked_tokenizer_refuses_more_ids_than_the_model_has():
+    assert checked_tokenizer("embedded", 1024).vocab_size == 1024  # the embedded tokenizer fits the tiny model
+    with pytest.raises(ValueError, match="tokenizer 'embedded' has 1024 ids but the model's vocab_size is 1000"):
+        checked_tokenizer("embedded", 1000)
 
 
 @pytest.mark.parametrize("name", ["broken.model", "tokenizer.json", "vocab.txt"])

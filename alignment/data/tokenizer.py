@@ -213,3 +213,12 @@ def load_tokenizer(path: str) -> Tokenizer:
     if path.endswith(".model"):
         return SentencePieceTokenizer(path, specials)
     raise ValueError(f"unrecognised tokenizer file {path}: expected a SentencePiece .model or a tokenizer.json")
+
+
+def checked_tokenizer(path: str, model_vocab_size: int) -> Tokenizer:
+    """`load_tokenizer(path)`, refused when it has more ids than the model's vocabulary (`model_vocab_size`)."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer {path!r} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model_vocab_size}; set model.vocab_size or use the model's own tokenizer")
+    return tokenizer

@@ -7,7 +7,7 @@ import ml_collections
 from absl import logging
 
 from alignment import sharding
-from alignment.data.tokenizer import Tokenizer, load_tokenizer
+from alignment.data.tokenizer import Tokenizer, checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models import Transformer
@@ -20,10 +20,7 @@ def build_engine(config: ml_collections.ConfigDict, stop: tuple[str, ...] = ()) 
     """Weights from `config.init_from` (HF directory or Orbax checkpoint) or random init from `config.seed`,
     laid out on the config's mesh; the engine stops on EOS, the template's end of turn and single-token `stop`s."""
     model_cfg = runtime.model_config(config)
-    tokenizer = load_tokenizer(config.tokenizer)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
-                         f"vocab_size is {model_cfg.vocab_size}")
+    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     mesh, rules = runtime.mesh_and_rules(config)
     runtime.log_run_header(config, model_cfg, mesh)
     model = Transformer(model_cfg)

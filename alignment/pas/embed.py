@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignment.data.tokenizer import Tokenizer
+from alignment.data.tokenizer import Tokenizer, checked_tokenizer
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
@@ -92,7 +92,7 @@ def embedder_from_config(config: ml_collections.ConfigDict, max_length: int = 12
     """An Embedder over `config.model` / `config.init_from` / `config.tokenizer` (random init from `config.seed`
     when init_from is empty), on one device: embedding a prompt pool is inference on small batches."""
     model_cfg = runtime.model_config(config)
-    tokenizer = runtime.checked_tokenizer(config, model_cfg)
+    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     model = Transformer(model_cfg)
     abstract = nn.meta.unbox(abstract_params(model, dummy_inputs()))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -26,6 +26,7 @@ from alignment.algorithms import grpo
 from alignment.config import Field, one_of, positive
 from alignment.data import sft as sft_data
 from alignment.data.rollouts import completion_rows
+from alignment.data.tokenizer import checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models.transformer import dummy_inputs
@@ -78,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl = config.rl
     kl_form = grpo.kl_form(rl.kl_importance_ratio)
     model_cfg, model, mesh, rules = runtime.setup_model(config)
-    tokenizer = runtime.checked_tokenizer(config, model_cfg)
+    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     stream, held_out = loop.prompt_data(config)
 
     updates_per_step = rl.ppo_epochs * rl.minibatches + (1 if rl.ptx_gamma else 0)

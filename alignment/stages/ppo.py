@@ -27,6 +27,7 @@ from alignment.algorithms.grpo import AGGREGATIONS
 from alignment.config import Field, in_range, one_of
 from alignment.checkpoint import load_params
 from alignment.data.rollouts import rollout_rows
+from alignment.data.tokenizer import checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models import Transformer
@@ -72,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl = config.rl
     model_cfg, model, mesh, rules = runtime.setup_model(config)
     critic = Transformer(dataclasses.replace(model_cfg, value_head=True))
-    tokenizer = runtime.checked_tokenizer(config, model_cfg)
+    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     stream, held_out = loop.prompt_data(config)
 
     updates = config.steps * rl.ppo_epochs * rl.minibatches

@@ -13,6 +13,7 @@ from alignment.algorithms.sft import NORMALIZATIONS, sft_loss
 from alignment.config import one_of
 from alignment.data.chat import TRAIN_ON
 from alignment.data import sft as sft_data
+from alignment.data.tokenizer import checked_tokenizer
 from alignment.models.transformer import dummy_inputs
 from alignment.train import runtime
 from alignment.train.loop import train_loop
@@ -62,7 +63,7 @@ def make_evaluator(loss_fn, eval_sets: dict[str, list[dict]], target) -> callabl
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_cfg, model, mesh, rules = runtime.setup_model(config)
-    tokenizer = runtime.checked_tokenizer(config, model_cfg)
+    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     d = config.data
     load = functools.partial(sft_data.load_sources, data=d, tokenizer=tokenizer, template=config.chat_template)
     train_examples, reports = load(d.train, seed=config.seed, num_embedded=d.num_embedded)

@@ -12,7 +12,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from alignment import sharding
 from alignment.checkpoint import Checkpointer
-from alignment.data.tokenizer import load_tokenizer
 from alignment.models import ModelConfig, Transformer, from_hf_config
 from alignment.train.state import init_state
 
@@ -43,13 +42,6 @@ def setup_model(config: ml_collections.ConfigDict):
     mesh, rules = mesh_and_rules(config)
     log_run_header(config, model_cfg, mesh)
     return model_cfg, Transformer(model_cfg), mesh, rules
-
-
-def checked_tokenizer(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
-    """`config.tokenizer`, refused when it has more ids than the model's vocabulary."""
-    tokenizer = load_tokenizer(config.tokenizer)
-    check_vocab(tokenizer, model_cfg)
-    return tokenizer
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, dict]:
@@ -86,12 +78,6 @@ def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model, model
         return checkpointer, state, data_state
     params = initial_params(config, model_cfg, abstract.params, shardings.params)
     return checkpointer, init_state(model, optimizer, shardings, config.seed, init_inputs, params), None
-
-
-def check_vocab(tokenizer, model_cfg: ModelConfig) -> None:
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model_cfg.vocab_size}; set model.vocab_size or use the model's own tokenizer")
 
 
 def activation_context(mesh: Mesh, rules: dict):
