@@ -259,8 +259,8 @@ def test_cycle_finder(source, expected):
 
 def test_relative_imports_resolve():
     package, module = ROOT / "alignment/eval/__init__.py", ROOT / "alignment/eval/runner.py"
-    assert _resolve_relative("alignment.eval", package, 1, "cache") == "alignment.eval.cache"
-    assert _resolve_relative("alignment.eval.runner", module, 1, "cache") == "alignment.eval.cache"
+    assert _resolve_relative("alignment.eval", package, 1, "judge") == "alignment.eval.judge"
+    assert _resolve_relative("alignment.eval.runner", module, 1, "judge") == "alignment.eval.judge"
     assert _resolve_relative("alignment.eval.runner", module, 2, "rewards") == "alignment.rewards"
     assert _resolve_relative("alignment.eval.runner", module, 1, None) == "alignment.eval"
 
