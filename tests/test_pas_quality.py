@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+from alignment import stages
 from alignment.config import load_config_file
 from alignment.pas import quality
 
@@ -210,7 +211,8 @@ def test_scorer_trained_by_the_rm_stage_ranks_its_pairs(tmp_path):
     config.optimizer.lr, config.optimizer.warmup_steps, config.optimizer.schedule = 3e-3, 4, "constant"
     config.data.max_length, config.data.trim_multiple, config.data.eval_fraction = 80, 0, 0.2
     config.checkpoint.async_save = False
-    summary = quality.train_scorer(config, pairs, str(tmp_path / "scorer"))
+    scorer_dir = str(tmp_path / "scorer")
+    summary = stages.run("rm", quality.scorer_config(config, pairs, scorer_dir), scorer_dir)
     assert summary["steps"] == 24 and summary["final_eval"]["accuracy"] > 0.75  # held-out pairs
 
     score = quality.load_scorer(str(tmp_path / "scorer"))

@@ -19,14 +19,14 @@
    Anchor scores are thus on the logit scale: a prompt 1 above an anchor wins 73% of the time against it.
    A prompt's score is the mean of its four dimension scores; NaN when it has no parseable judgement.
 4. Scorer. Scores -> preference pairs within each bucket (the better prompt is the chosen "response" to the fixed
-   SCORER_INSTRUCTION) -> the rm stage (`train_scorer`) -> `load_scorer` scores prompts without a judge;
+   SCORER_INSTRUCTION) -> the rm stage's config for them (`scorer_config`; the PAS stage runs it) ->
+   `load_scorer` scores prompts without a judge;
    `keep_above` keeps prompts scoring above a threshold.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -35,7 +35,6 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from alignment.config import STAGES, validate
 from alignment.data.jsonl_cache import JsonlCache, input_hash
 from alignment.data.sources import read_jsonl
 from alignment.generation.client import chat
@@ -314,12 +313,11 @@ def preference_pairs(texts: Sequence[str], scores: np.ndarray, buckets: Sequence
              "margin": float(scores[c] - scores[r]), "category": buckets[c]} for c, r in sorted(chosen_rejected)]
 
 
-def train_scorer(config: ml_collections.ConfigDict, pairs: Sequence[dict], workdir: str) -> dict:
-    """Run the rm stage (`config` as from configs/rm.py) on `pairs`; returns the stage summary.
-
-    The pairs are written to workdir/scorer_pairs.jsonl and a held-out share (config.data.eval_fraction) is split
-    off them for evaluation.
-    """
+def scorer_config(config: ml_collections.ConfigDict, pairs: Sequence[dict], workdir: str
+                  ) -> ml_collections.ConfigDict:
+    """The rm stage's config (`config` as from configs/rm.py) that trains a prompt scorer on `pairs` into
+    `workdir`: the pairs are written to workdir/scorer_pairs.jsonl and a held-out share
+    (config.data.eval_fraction) is split off them for evaluation."""
     if not pairs:
         raise ValueError("no preference pairs to train the scorer on (are the scores all within min_gap?)")
     os.makedirs(workdir, exist_ok=True)
@@ -328,12 +326,7 @@ def train_scorer(config: ml_collections.ConfigDict, pairs: Sequence[dict], workd
     config = ml_collections.ConfigDict(config.to_dict())
     config.stage = "rm"
     config.data.train, config.data.eval = path, ""
-    validate(config)
-    summary = importlib.import_module(STAGES["rm"]).run(config, workdir)
-    if summary["data"]["train"]["truncated"]:  # the scorer reads a cut prompt only up to the cut
-        logger.warning("scorer: %d sequences cut to data.max_length=%d tokens", summary["data"]["train"]["truncated"],
-                       config.data.max_length)
-    return summary
+    return config
 
 
 def load_scorer(workdir: str, batch_size: int = 8) -> Callable[[Sequence[str]], np.ndarray]:

@@ -115,7 +115,11 @@ def score_quality(config: ml_collections.ConfigDict, records: list[dict], teache
     if q.train_scorer:
         texts = [r["prompt"] for r in records]
         pairs = quality.preference_pairs(texts, scored.scores, [r["category"] for r in records], seed=config.seed)
-        summary = quality.train_scorer(q.scorer, pairs, os.path.join(workdir, "scorer"))
+        scorer_dir = os.path.join(workdir, "scorer")
+        summary = stages.run("rm", quality.scorer_config(q.scorer, pairs, scorer_dir), scorer_dir)
+        if summary["data"]["train"]["truncated"]:  # the scorer reads a cut prompt only up to the cut
+            logger.warning("scorer: %d sequences cut to data.max_length=%d tokens",
+                           summary["data"]["train"]["truncated"], q.scorer.data.max_length)
         report["scorer"] = {"pairs": len(pairs), "final_eval": summary.get("final_eval")}
     return kept, report
 
