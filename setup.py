@@ -1,8 +1,9 @@
-"""Install the `alignment` package and the `kernels/` folder as `alignment_kernels`.
+"""Install the `alignment` package, the `kernels/` folder as `alignment_kernels` and `configs/` as `alignment_configs`.
 
 `kernels` is Hugging Face's package name (transformers imports it), so the folder is installed under another
 name and has no `__init__.py`: from the repository root `import kernels` still finds Hugging Face's package
-(kernels/README.md says why).
+(kernels/README.md says why). `configs` is a common name (a PyPI package among others) and is treated the same
+way, so the shipped configs are importable from any directory and shadow nobody's `configs`.
 """
 import setuptools
 
@@ -11,8 +12,9 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/TPU-native LLM alignment: PAS, SFT, RM, DPO, GRPO, merging, evaluation.",
     packages=setuptools.find_packages(include=["alignment", "alignment.*"])
-    + ["alignment_kernels"] + [f"alignment_kernels.{op}" for op in setuptools.find_packages(where="kernels")],
-    package_dir={"alignment_kernels": "kernels"},
+    + ["alignment_kernels"] + [f"alignment_kernels.{op}" for op in setuptools.find_packages(where="kernels")]
+    + ["alignment_configs"] + [f"alignment_configs.{d}" for d in setuptools.find_namespace_packages(where="configs")],
+    package_dir={"alignment_kernels": "kernels", "alignment_configs": "configs"},
     package_data={"alignment": ["assets/*"]},
     python_requires=">=3.10",
     # The merge methods' host loops, in C: loaded through ctypes by alignment/merge/kernels.py. No -ffast-math

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import numbers
 import os
+import pathlib
 from typing import Iterable, Mapping
 
 import ml_collections
@@ -220,23 +221,62 @@ def check_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Field])
         field.check(key, value)
 
 
+CONFIGS_PACKAGE = "alignment_configs"  # the repository's configs/ folder, as setup.py installs it
+
+# What it means when a config file cannot find one of these packages.
+IMPORT_HINTS = {
+    CONFIGS_PACKAGE: " (the shipped configs are installed with the package: pip install -e . in the repository root)",
+    "configs": f" (the shipped configs are imported as {CONFIGS_PACKAGE}: from {CONFIGS_PACKAGE} import sft)",
+}
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Run a config file's `get_config()` (the ml_collections config-file idiom)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        hint = IMPORT_HINTS.get(e.name, "") if isinstance(e, ModuleNotFoundError) else ""
+        raise ValueError(f"{path}: {e}{hint}") from e
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
     return module.get_config()
 
 
+def configs_folder() -> str:
+    """The installed configs folder: the repository's configs/ in an editable install, its copy in site-packages
+    in a plain one. Found without running any config."""
+    spec = importlib.util.find_spec(CONFIGS_PACKAGE)
+    # A namespace package's path; an editable install adds an entry that is no directory (its finder's hook).
+    folders = [p for p in (spec.submodule_search_locations or []) if os.path.isdir(p)] if spec else []
+    if not folders:
+        raise FileNotFoundError(f"the shipped configs ({CONFIGS_PACKAGE}) are not installed: "
+                                "run pip install -e . in the repository root")
+    return folders[0]
+
+
+def shipped_configs() -> list[str]:
+    """Every shipped config's name, its path in the configs folder without .py: 'grpo', ..., 'models/tiny'."""
+    root = pathlib.Path(configs_folder())
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.py")
+                  if not p.name.startswith("_"))
+
+
+def config_path(name: str) -> str:
+    """The file of a shipped config inside the installed package: config_path("grpo") -> .../grpo.py,
+    config_path("models/tiny") -> .../models/tiny.py. Only shipped names are accepted (no path escapes)."""
+    names = shipped_configs()
+    if name not in names:
+        raise ValueError(f"no shipped config {name!r}.{suggest(name, names)} Shipped: {names}")
+    return os.path.join(configs_folder(), *name.split("/")) + ".py"
+
+
 def model_preset(name: str) -> ml_collections.ConfigDict:
-    """A named model size from `configs/models/<name>.py`, next to the stage configs."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
-    path = os.path.join(here, f"{name}.py")
-    if not os.path.isfile(path):
-        available = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
-        raise ValueError(f"unknown model preset {name!r}.{suggest(name, available)} Available: {available}")
-    return load_config_file(path)
+    """A named model size: the config `models/<name>` of the installed configs (alignment_configs.models)."""
+    presets = [n.removeprefix("models/") for n in shipped_configs() if n.startswith("models/")]
+    if name not in presets:
+        raise ValueError(f"unknown model preset {name!r}.{suggest(name, presets)} Available: {presets}")
+    return load_config_file(config_path(f"models/{name}"))

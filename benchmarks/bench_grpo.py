@@ -20,7 +20,7 @@ import time
 
 import ml_collections
 
-from alignment.config import load_config_file
+from alignment.config import config_path, load_config_file
 from alignment.stages import grpo
 from benchmarks import common
 
@@ -49,8 +49,7 @@ def main() -> None:
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in subset)
 
-    config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            "configs", "grpo.py"))
+    config = load_config_file(config_path("grpo"))
     config.model.update(bench_small_fields())
     config.model.dtype = args.dtype
     config.model.attention_impl = args.attention_impl

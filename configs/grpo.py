@@ -10,7 +10,7 @@ time, so SFT imitates the mistake; GRPO's verifiable reward is what corrects it.
 import ml_collections
 
 from alignment.config import base_config, model_preset
-from configs import sft
+from alignment_configs import sft
 
 
 def get_config():

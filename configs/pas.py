@@ -11,7 +11,7 @@ import ml_collections
 
 from alignment.config import model_preset
 from alignment.pas import select
-from configs import rm, sft
+from alignment_configs import rm, sft
 
 
 def get_config():

@@ -7,7 +7,7 @@ writes curve.png / curve.jsonl to the workdir.
 """
 import ml_collections
 
-from configs import grpo
+from alignment_configs import grpo
 
 
 def get_config():

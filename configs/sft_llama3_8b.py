@@ -6,7 +6,7 @@
 import ml_collections
 
 from alignment.config import model_preset
-from configs import sft
+from alignment_configs import sft
 
 
 def get_config():
