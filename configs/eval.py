@@ -2,17 +2,16 @@
 
     python -m alignment.launch --config=configs/eval.py --workdir=/tmp/eval --config.endpoint=http://127.0.0.1:8000/v1
     python -m alignment.launch --config=configs/eval.py --workdir=/tmp/eval \
-        --config.checkpoints=sft=http://127.0.0.1:8000/v1,grpo=/ckpt/grpo --config.benchmarks=gsm8k,ifeval
+        --config.checkpoints=sft=http://127.0.0.1:8000/v1,grpo=/ckpt/grpo --config.benchmarks=gsm8k,ifeval \
+        --config.data.gsm8k=/data/gsm8k/test.jsonl
 
-The default benchmark is the embedded arithmetic task, so a fresh machine needs only a model to talk to.
+The default benchmark is the embedded arithmetic task, so a fresh machine needs only a model to talk to. IFEval's
+prompts ship with the package; every other benchmark reads a file given as --config.data.<name>, and naming one
+without it fails before anything runs, saying where to get the file and the fields it must hold.
 """
-import os
-
 import ml_collections
 
 from alignment.config import base_config, model_preset
-
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 def get_config():
@@ -23,12 +22,13 @@ def get_config():
     c.model_name = "default"  # the checkpoint's name in the report, and the `model` sent to `endpoint`
     c.checkpoints = ""  # 'name=target,...' to compare; target: an API root URL or a checkpoint dir (local engine)
     c.benchmarks = "arithmetic"  # comma-separated: arithmetic gsm8k math humaneval ifeval cfbench sysbench fbbench ux
+    # Benchmark data files; '' = the copy shipped with the package (ifeval only), else the benchmark needs a path.
     c.data = ml_collections.ConfigDict(dict(
-        gsm8k=os.path.join(SHARED_DATA, "gsm8k", "test.jsonl"),  # JSONL {question, answer ending '#### N'}
-        math="",  # JSONL {problem, answer | solution, type?}
-        humaneval="",  # JSONL {task_id, prompt, test, entry_point}
-        ifeval=os.path.join(SHARED_DATA, "ifeval", "input_data.jsonl"),  # JSONL {key, prompt, instruction_id_list, kwargs}
-        cfbench=os.path.join(SHARED_DATA, "cfbench", "cfbench_data.json"),  # JSON list with criteria [[text, 主需|次需, ..]]
+        gsm8k="",  # GSM8K test split, JSONL {question, answer ending '#### N'} (openai/grade-school-math)
+        math="",  # JSONL {problem, answer | solution, type?}, e.g. MATH-500
+        humaneval="",  # JSONL {task_id, prompt, test, entry_point} (openai/human-eval, gunzipped)
+        ifeval="",  # JSONL {key, prompt, instruction_id_list, kwargs}; '' = the 541 prompts in alignment/eval/data
+        cfbench="",  # JSON list {idx, prompt, criteria [[text, 主需|次需, ..]]} (PKU-Baichuan-MLSystemLab/CFBench)
         sysbench="",  # JSONL sessions, see alignment/eval/benchmarks.py
         fbbench="",  # JSONL weighted checklists, see alignment/eval/benchmarks.py
         ux="",  # JSONL {id, messages, criteria, category}: the user-experience pass rate

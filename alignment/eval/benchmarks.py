@@ -4,7 +4,12 @@ A sample is {"id", "messages", "category", ...fields its scorer needs}. `score(s
 returns one JSON-serialisable result per sample, always with "id", "category" and "score" (the sample's
 headline value in [0, 1]); `aggregate(results, ctx)` gives {"metrics": {...}, "categories": {category: mean
 score}}, optionally "counts" (integers such as unparsed judgements). The first metric is the headline
-shown in charts.
+shown in charts. A loader returns {"id", "category", "skipped": reason} in place of a sample that cannot be
+scored (a HumanEval problem whose tests cannot be split into calls and expected values); `split_skipped`
+separates these, so the runner generates nothing for them and reports each one.
+
+`data_path(name, configured)` is the file a benchmark reads: the configured path, else the copy shipped with the
+package (IFEval's prompts, under alignment/eval/data/), else an error saying where to get the file and its format.
 
 JSONL formats of the judged benchmarks that have no public file here (one object per line):
   sysbench:  {"id", "system", "turns": [{"user", "assistant" (reference, used as history), "criteria": [..]}],
@@ -17,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import importlib.resources
 import json
 from typing import Callable
 
@@ -54,6 +60,30 @@ class Benchmark:
     aggregate: Callable[[list[dict], Context], dict]
     judged: bool = False  # scored by the LLM judge (needs config.judge.endpoint)
     sampled: bool = False  # scored over several responses per prompt (config.num_samples), e.g. pass@k
+    source: str = ""  # the data file: what it holds, the fields the loader reads, where to get it; '' = no file
+    shipped: str = ""  # the copy installed with the package, under alignment/eval/data/; read when no path is set
+
+
+def data_path(name: str, configured: str) -> str:
+    """The file benchmark `name` reads: `configured`, else its shipped copy; '' for a benchmark without a file.
+    ValueError, saying where to get the file and what it must hold, when it has neither."""
+    spec = BENCHMARKS[name]
+    if configured or not spec.source:
+        return configured
+    if spec.shipped:
+        return str(importlib.resources.files(__package__).joinpath("data", spec.shipped))
+    raise ValueError(f"benchmark {name!r} needs config.data.{name}: {spec.source}")
+
+
+def skipped(sample_id: str, category: str, reason: str) -> dict:
+    """What a loader returns for a sample it cannot score."""
+    return {"id": sample_id, "category": category, "skipped": reason}
+
+
+def split_skipped(samples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the samples to generate for, [{"id", "reason"}] for the skipped ones, each id once)."""
+    reasons = {s["id"]: s["skipped"] for s in samples if "skipped" in s}
+    return [s for s in samples if "skipped" not in s], [{"id": i, "reason": r} for i, r in reasons.items()]
 
 
 def _require(record: dict, fields: tuple[str, ...], where: str) -> None:
@@ -133,11 +163,17 @@ def score_math(samples: list[dict], responses: list[str], ctx: Context) -> list[
 # ---- HumanEval ----
 
 def load_humaneval(path: str, limit: int, seed: int) -> list[dict]:
+    """A problem whose test cannot be judged (built with loops, helpers or random inputs; see `verdict`) is
+    returned as skipped, with the reason, and left out of pass@k; a record missing a field stops the load."""
     samples = []
     for number, record in _limited(read_jsonl(path), limit):
         _require(record, ("task_id", "prompt", "test", "entry_point"), f"{path}:{number}")
-        # A test that cannot be judged stops the run here, before any generation.
-        verdict.humaneval_suite(record["test"], record["entry_point"], f"{path}:{number}: task {record['task_id']!r}")
+        try:
+            verdict.humaneval_suite(record["test"], record["entry_point"],
+                                    f"{path}:{number}: task {record['task_id']!r}")
+        except ValueError as e:
+            samples.append(skipped(str(record["task_id"]), "code", str(e)))
+            continue
         samples.append({"id": str(record["task_id"]), "category": "code",
                         "messages": _user(HUMANEVAL_INSTRUCTION.format(prompt=record["prompt"])),
                         **{k: record[k] for k in ("prompt", "test", "entry_point")}})
@@ -337,14 +373,35 @@ def aggregate_ux(results: list[dict], ctx: Context) -> dict:
             "categories": rates, "counts": _judge_counts(results)}
 
 
+# What each benchmark's data file holds (the fields its loader reads) and where to get it: the error when
+# config.data.<name> is not set.
+GSM8K_SOURCE = ("the GSM8K test split, JSONL of {question, answer} whose answer ends in a line '#### N': "
+                "grade_school_math/data/test.jsonl of https://github.com/openai/grade-school-math (MIT licence), "
+                "or the Hugging Face dataset openai/gsm8k (config main, split test) written out as JSONL")
+MATH_SOURCE = ("MATH-style JSONL of {problem, answer (or a solution with the answer in \\boxed{}), type or subject "
+               "optional}, e.g. test.jsonl of the Hugging Face dataset HuggingFaceH4/MATH-500")
+HUMANEVAL_SOURCE = ("HumanEval JSONL of {task_id, prompt, test, entry_point}: data/HumanEval.jsonl.gz of "
+                    "https://github.com/openai/human-eval (MIT licence), decompressed with gunzip")
+IFEVAL_SOURCE = "IFEval JSONL of {key, prompt, instruction_id_list, kwargs}"
+CFBENCH_SOURCE = ("CFBench's JSON list of {idx, prompt, criteria: [[text, '主需' or '次需', ...]], gold and split "
+                  "optional}: data/cfbench_data.json of https://github.com/PKU-Baichuan-MLSystemLab/CFBench "
+                  "(the repository states no licence)")
+SYSBENCH_SOURCE = ("JSONL sessions of {id, system, turns: [{user, assistant (the reference reply), criteria}], "
+                   "category optional}, e.g. converted from https://github.com/PKU-Baichuan-MLSystemLab/SysBench")
+FBBENCH_SOURCE = ("JSONL of {id, messages, checklist: [{criterion, weight}], category optional}, e.g. converted from "
+                  "https://github.com/PKU-Baichuan-MLSystemLab/FB-Bench")
+UX_SOURCE = "JSONL of {id, messages, criteria, category}: your own user-experience set (there is no public one)"
+
 BENCHMARKS: dict[str, Benchmark] = {
     "arithmetic": Benchmark(load_arithmetic, score_numeric, _accuracy),
-    "gsm8k": Benchmark(load_gsm8k, score_numeric, _accuracy),
-    "math": Benchmark(load_math, score_math, _accuracy),
-    "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval, sampled=True),
-    "ifeval": Benchmark(load_ifeval, score_ifeval, aggregate_ifeval),
-    "cfbench": Benchmark(load_cfbench, score_cfbench, aggregate_cfbench, judged=True),
-    "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench, judged=True),
-    "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted, judged=True),
-    "ux": Benchmark(load_ux, score_ux, aggregate_ux, judged=True),
+    "gsm8k": Benchmark(load_gsm8k, score_numeric, _accuracy, source=GSM8K_SOURCE),
+    "math": Benchmark(load_math, score_math, _accuracy, source=MATH_SOURCE),
+    "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval, sampled=True,
+                           source=HUMANEVAL_SOURCE),
+    "ifeval": Benchmark(load_ifeval, score_ifeval, aggregate_ifeval, source=IFEVAL_SOURCE,
+                        shipped="ifeval/input_data.jsonl"),
+    "cfbench": Benchmark(load_cfbench, score_cfbench, aggregate_cfbench, judged=True, source=CFBENCH_SOURCE),
+    "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench, judged=True, source=SYSBENCH_SOURCE),
+    "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted, judged=True, source=FBBENCH_SOURCE),
+    "ux": Benchmark(load_ux, score_ux, aggregate_ux, judged=True, source=UX_SOURCE),
 }

@@ -11,7 +11,8 @@ import numpy as np
 
 
 def summary_markdown(results: dict) -> str:
-    """One table per benchmark: a row per checkpoint, a column per metric (and count)."""
+    """One table per benchmark: a row per checkpoint, a column per metric (and count); then the ids of the
+    samples the loader skipped, if any."""
     benchmarks = list(dict.fromkeys(b for per_ckpt in results.values() for b in per_ckpt))
     lines = ["# Evaluation summary", ""]
     for bench in benchmarks:
@@ -24,6 +25,9 @@ def summary_markdown(results: dict) -> str:
             cells = [f"{values[c]:.4f}" if isinstance(values.get(c), float) else str(values.get(c, ""))
                      for c in columns]
             lines.append(f"| {ckpt} | {len(r['samples'])} | " + " | ".join(cells) + " |")
+        skipped = list(dict.fromkeys(s["id"] for r in rows.values() for s in r.get("skipped", [])))
+        if skipped:
+            lines += ["", f"Skipped {len(skipped)} (not scorable; reasons in results.json): {', '.join(skipped)}"]
         lines.append("")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import logging
 
 from alignment.data.jsonl_cache import JsonlCache, input_hash
-from alignment.eval.benchmarks import BENCHMARKS, Context
+from alignment.eval.benchmarks import BENCHMARKS, Context, split_skipped
 from alignment.eval.endpoint import GenerateFn
 
 
@@ -37,14 +37,20 @@ def generate_cached(samples: list[dict], generate_fn: GenerateFn, cache: JsonlCa
 
 def evaluate(benchmark: str, samples: list[dict], generate_fn: GenerateFn, ctx: Context, cache: JsonlCache,
              generator_id: str, chunk: int = 64) -> dict:
-    """{"metrics", "categories", "samples": per-sample results with their responses, ...}."""
+    """{"metrics", "categories", "samples": per-sample results with their responses, ...}; samples the loader
+    skipped get no response and are listed in "skipped" ([{"id", "reason"}]) and counted in counts["skipped"]."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; available: {sorted(BENCHMARKS)}")
+    samples, skipped = split_skipped(samples)
     if not samples:
-        raise ValueError(f"benchmark {benchmark!r} has no samples")
+        raise ValueError(f"benchmark {benchmark!r} has no samples ({len(skipped)} skipped)")
     spec = BENCHMARKS[benchmark]
     responses = generate_cached(samples, generate_fn, cache, generator_id, chunk)
     results = spec.score(samples, responses, ctx)
     for result, response in zip(results, responses):
         result["response"] = response
-    return {**spec.aggregate(results, ctx), "samples": results}
+    evaluation = {**spec.aggregate(results, ctx), "samples": results}
+    if skipped:
+        evaluation["counts"] = {**evaluation.get("counts", {}), "skipped": len(skipped)}
+        evaluation["skipped"] = skipped
+    return evaluation

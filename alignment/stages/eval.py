@@ -10,7 +10,7 @@ import os
 import ml_collections
 from absl import logging
 
-from alignment.config import Field, at_least, positive
+from alignment.config import Field, at_least, positive, suggest
 from alignment.data.jsonl_cache import JsonlCache
 from alignment.eval import benchmarks as benchmarks_lib
 from alignment.eval import generation, judge, report, runner
@@ -77,22 +77,48 @@ def context(config: ml_collections.ConfigDict, workdir: str) -> benchmarks_lib.C
     return benchmarks_lib.Context(judge=judge_fn, sandbox_limits=limits, pass_k=pass_k, sandbox_workers=s.workers)
 
 
-def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
-    samples = {}
-    for name in _names(config.benchmarks):
+def data_file(config: ml_collections.ConfigDict, name: str) -> str:
+    """The file benchmark `name` reads: config.data.<name>, else the copy shipped with the package; '' for a
+    benchmark without a file. A missing one is an error saying where to get it and what it must hold."""
+    path = benchmarks_lib.data_path(name, config.data.get(name, ""))
+    if path and not os.path.isfile(path):
+        raise ValueError(f"config.data.{name}={path!r} is not a file; it should be "
+                         f"{benchmarks_lib.BENCHMARKS[name].source}")
+    return path
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every benchmark named, with its judge and its data file, before any model is asked anything."""
+    names = _names(config.benchmarks)
+    if not names:
+        raise ValueError(f"config.benchmarks is empty; available: {sorted(benchmarks_lib.BENCHMARKS)}")
+    for name in names:
         if name not in benchmarks_lib.BENCHMARKS:
-            raise ValueError(f"config.benchmarks: unknown benchmark {name!r}; available: "
-                             f"{sorted(benchmarks_lib.BENCHMARKS)}")
+            raise ValueError(f"config.benchmarks: unknown benchmark {name!r}.{suggest(name, benchmarks_lib.BENCHMARKS)}"
+                             f" Available: {sorted(benchmarks_lib.BENCHMARKS)}")
+        data_file(config, name)
         if benchmarks_lib.BENCHMARKS[name].judged and not config.judge.endpoint:
             raise ValueError(f"benchmark {name!r} is judged by an LLM: set config.judge.endpoint")
-        path = config.data.get(name, "")
-        if name != "arithmetic" and not path:
-            raise ValueError(f"benchmark {name!r} needs a data file: set config.data.{name}")
+
+
+def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+    """Samples per benchmark (copied config.num_samples times where sampled); skipped ones are warned about here
+    and reported by the runner."""
+    samples = {}
+    for name in _names(config.benchmarks):
         spec = benchmarks_lib.BENCHMARKS[name]
+        path = data_file(config, name)
         loaded = spec.load(path, config.limit, config.seed)
+        kept, skipped = benchmarks_lib.split_skipped(loaded)
+        if skipped:
+            logging.warning("%s: skipping %d of %d samples that cannot be scored (listed in results.json and "
+                            "summary.md): %s", name, len(skipped), len(loaded), ", ".join(s["id"] for s in skipped))
+        if not kept:
+            reason = f" ({len(skipped)} skipped; the first because {skipped[0]['reason']})" if skipped else ""
+            raise ValueError(f"benchmark {name!r}: no samples to score in {path}{reason}")
         copies = config.num_samples if spec.sampled else 1
         samples[name] = runner.expand(loaded, copies)
-        logging.info("%s: %d samples x %d responses", name, len(loaded), copies)
+        logging.info("%s: %d samples x %d responses from %s", name, len(kept), copies, path or "the embedded task")
     return samples
 
 
