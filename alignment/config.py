@@ -1,14 +1,17 @@
-"""Shared config fields and validation. Stage configs (`configs/<stage>.py`) start from `base_config()`."""
+"""Shared config fields and validation. Stage configs (`configs/<stage>.py`) start from `base_config()`; the
+command-line tools (serve, the PAS CLI) read their shipped configs through `run_command_line`."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import math
 import numbers
 import os
 import pathlib
-from typing import Iterable, Mapping
+import sys
+from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 
@@ -280,3 +283,85 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
     if name not in presets:
         raise ValueError(f"unknown model preset {name!r}.{suggest(name, presets)} Available: {presets}")
     return load_config_file(config_path(f"models/{name}"))
+
+
+def check_same_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, path: str) -> None:
+    """ValueError when the config file at `path` has a key `reference` (the shipped config) lacks, or lacks one."""
+    keys, valid = flatten_keys(config), flatten_keys(reference)
+    unknown = [key for key in keys if key not in valid]
+    if unknown:
+        raise ValueError(f"{path}: unknown config key {unknown[0]!r}.{nearest_key(unknown[0], valid)}")
+    missing = [key for key in valid if key not in keys]
+    if missing:
+        raise ValueError(f"{path}: the config lacks key {missing[0]!r}")
+
+
+def configure_logging(argv: Sequence[str], show: Sequence[str] = ("alignment",)) -> None:
+    """What a command-line user reads on stderr: INFO of the `show` loggers, warnings and errors of everything.
+    With -v/--verbosity, INFO of the whole project and of the libraries (absl, Orbax, JAX) too."""
+    from absl import logging as absl_logging  # here: config files import this module, and need no absl set-up
+
+    verbose = any(arg.startswith(("--verbosity", "-v")) for arg in argv[1:])
+    if not verbose:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # app.run would raise it to INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    project = logging.getLogger("alignment")
+    project.handlers[:] = [handler]
+    project.setLevel(logging.INFO if verbose else logging.WARNING)
+    project.propagate = False
+    for name in show:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _config_file_argument(argv: Sequence[str]) -> str | None:
+    """The last `--config=PATH` (or `--config PATH`) of argv, None without one."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path
+
+
+def run_command_line(main: Callable[[ml_collections.ConfigDict], None], name: str, show: Sequence[str] = (),
+                     errors: tuple[type[Exception], ...] = ()) -> None:
+    """Run `main(config)` as the command-line tool of the shipped config `name`: `--config=FILE` (default: the
+    shipped file) and `--config.key=value` overrides, both checked key by key before anything runs; logs as
+    `configure_logging(argv, show)` says. A bad key or value, and a ValueError, FileNotFoundError or one of
+    `errors` raised by `main` (they name their key, file or URL), end the process with one line `error: ...`
+    on stderr, no traceback."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, f"Config file; default: the shipped {name} config")
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:  # a value of the wrong type, an unknown flag
+            old = getattr(e, "flagname", None) in keys
+            raise ValueError(f"{e}{f' (settings are --config.{e.flagname}=...)' if old else ''}") from None
+
+    def run_main(rest):
+        if len(rest) > 1:
+            raise ValueError(f"unexpected arguments {rest[1:]}: settings are --config.key=value")
+        main(config_flag.value)
+
+    try:
+        shipped = config_path(name)
+        argv, path = list(sys.argv), _config_file_argument(sys.argv[1:])
+        if path is None:
+            argv.insert(1, f"--config={shipped}")  # before the overrides, which need the config to exist
+            path = shipped
+        config = load_config_file(path)
+        check_same_keys(config, load_config_file(shipped), path)
+        check_override_keys(config, argv)
+        keys = flatten_keys(config)
+        configure_logging(argv, show)
+        app.run(run_main, argv=argv, flags_parser=parse)
+    except (ValueError, FileNotFoundError, *errors) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: the user knows, no traceback
+        raise SystemExit(130) from None

@@ -10,7 +10,6 @@ import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from alignment import config as config_lib
@@ -74,18 +73,6 @@ def dry_run(config) -> str:
     return "\n".join(lines)
 
 
-def configure_logging(argv: list[str]) -> None:
-    """Project messages at INFO on stderr; libraries (orbax, jax) only at WARNING unless -v/--verbosity."""
-    if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    project = logging.getLogger("alignment")
-    project.handlers[:] = [handler]
-    project.setLevel(logging.INFO)
-    project.propagate = False
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -116,7 +103,7 @@ def _check_overrides(argv: list[str]) -> None:
 
 def run() -> None:
     _check_overrides(sys.argv)
-    configure_logging(sys.argv)
+    config_lib.configure_logging(sys.argv)  # project INFO; libraries' only with -v/--verbosity
     try:
         app.run(main)
     except (ValueError, FileNotFoundError, TooManyBadSteps) as e:  # they name their key, file or step

@@ -1,8 +1,11 @@
 """OpenAI-compatible HTTP server over the rollout engine: /v1/chat/completions, /v1/completions, /v1/models.
 
-    python -m alignment.serve --checkpoint=embedded                      # tiny random model, embedded tokenizer
-    python -m alignment.serve --checkpoint=/models/qwen2-hf --chat_template=chatml --port=8000
-    python -m alignment.serve --checkpoint=/tmp/sft/checkpoints --model=tiny --tokenizer=embedded
+    python -m alignment.serve --config.checkpoint=embedded           # tiny random model, embedded tokenizer
+    python -m alignment.serve --config.checkpoint=/models/qwen2-hf --config.port=8000
+    python -m alignment.serve --config=configs/serve.py --config.checkpoint=/tmp/sft/checkpoints --verbosity=1
+
+Settings are configs/serve.py's keys (that file is the default --config). The server logs its address and one
+line per request; --verbosity=1 adds the libraries' (JAX, Orbax) log lines.
 
 Requests run through the engine one at a time (a lock); each request's n samples share one prefill, and n is
 padded to a power of two so a new n re-uses a compiled program (prompt and token lengths are bucketed by the
@@ -14,12 +17,13 @@ context_length_exceeded), never truncated. Errors are JSON: {"error": {"message"
 
 Hostile or departed clients are contained (`alignment.generation.http_server`): at most `max_connections`
 connections are served at once (more get 503 at once), every socket read waits at most `read_timeout` seconds
-and a request body must arrive within it (else 408), and a client that disconnects cancels its generation within `CANCEL_CHECK_STEPS` decode
-steps, so the next request does not wait for abandoned work.
+and a request body must arrive within it (else 408), and a client that disconnects cancels its generation
+within `CANCEL_CHECK_STEPS` decode steps, so the next request does not wait for abandoned work.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -29,10 +33,10 @@ import uuid
 from typing import Any, Sequence
 
 import ml_collections
-from absl import app, flags, logging
 
-from alignment.config import model_preset
-from alignment.data.chat import encode_chat
+from alignment import config as config_lib
+from alignment.config import Field, at_least, model_preset, one_of, positive
+from alignment.data.chat import TEMPLATES, encode_chat
 from alignment.generation.build import build_engine
 from alignment.generation.engine import Engine, bucket
 from alignment.generation.http_server import RequestError, client_gone, make_server
@@ -43,6 +47,8 @@ from alignment.train.runtime import is_hf_checkpoint
 MAX_SAMPLES = 64
 MAX_STOPS = 4
 CANCEL_CHECK_STEPS = 16  # decode steps between checks of the client's connection
+
+logger = logging.getLogger("alignment.serve")  # by name: run as __main__, the module's own name says nothing
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, rule: str = "") -> Any:
@@ -208,7 +214,7 @@ def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", cha
                   seed: int = 0) -> ml_collections.ConfigDict:
     """The stage-style config `build_engine` takes. checkpoint: 'embedded' (random init), HF dir or Orbax path."""
     if checkpoint != "embedded" and not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+        raise FileNotFoundError(f"config.checkpoint={checkpoint!r} does not exist")
     hf = checkpoint != "embedded" and is_hf_checkpoint(checkpoint)
     return ml_collections.ConfigDict(dict(
         stage="serve", seed=seed, model=model_preset(model), init_from="" if checkpoint == "embedded" else checkpoint,
@@ -217,56 +223,52 @@ def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", cha
 
 
 def served_model_names(checkpoint: str, names: Sequence[str] = ()) -> list[str]:
-    """The `model` names requests may give: `names` when given, else the checkpoint's directory name and
-    'default', the name this project's configs send (eval `model_name`, the PAS teacher's and judge's `model`)."""
-    return list(names) or [os.path.basename(os.path.normpath(checkpoint)), "default"]
+    """The `model` names requests may give: `names` (blanks dropped) when given, else the checkpoint's directory
+    name and 'default', the name this project's configs send (eval `model_name`, the PAS teacher's and judge's
+    `model`)."""
+    return [n.strip() for n in names if n.strip()] or [os.path.basename(os.path.normpath(checkpoint)), "default"]
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "'embedded', a HF directory or an Orbax checkpoint.")
-_MODEL = flags.DEFINE_string("model", "tiny", "configs/models preset for Orbax checkpoints and 'embedded'.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer; default: the HF directory, else 'embedded'.")
-_TEMPLATE = flags.DEFINE_string("chat_template", "chatml", "llama2 | llama3 | chatml")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
-_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "New tokens when a request does not say.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random-init seed for --checkpoint=embedded.")
-_SERVED_NAMES = flags.DEFINE_list("served_model_name", [], "Names a request's `model` may give (the first is "
-                                   "reported); default: the checkpoint's directory name and 'default', the name "
-                                   "this project's configs send.")
-_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", 64, "Connections served at once; more get 503.")
-_READ_TIMEOUT = flags.DEFINE_float("read_timeout", 30.0, "Seconds a socket read may wait (an idle keep-alive "
-                                   "connection is closed after it); a request body must arrive within it.")
-_PAS = flags.DEFINE_string("pas", "", "PAS model in front of chat requests: a pas run's pas_model directory or "
-                                      "an API root; '' = off.")
+# The values of configs/serve.py's keys, checked before anything is loaded.
+FIELDS = {
+    "chat_template": one_of(*TEMPLATES),
+    "seed": at_least(0),
+    "port": Field(low=0, high=65535, integer=True),
+    "max_tokens": positive(),
+    "max_connections": positive(),
+    "read_timeout": Field(low=0, open_low=True),
+}
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _CHECKPOINT.value:
-        raise app.UsageError("--checkpoint is required ('embedded', a HF directory or an Orbax checkpoint)")
-    config = engine_config(_CHECKPOINT.value, _MODEL.value, _TOKENIZER.value, _TEMPLATE.value, _SEED.value)
-    engine, tokenizer = build_engine(config)
-    names = served_model_names(_CHECKPOINT.value, _SERVED_NAMES.value)
+def check(config: ml_collections.ConfigDict) -> None:
+    config_lib.check_fields(config, FIELDS)
+    if not config.checkpoint:
+        raise ValueError("config.checkpoint is required: 'embedded', a HF directory or an Orbax checkpoint")
+
+
+def main(config: ml_collections.ConfigDict) -> None:
+    check(config)
+    engine, tokenizer = build_engine(engine_config(config.checkpoint, config.model, config.tokenizer,
+                                                   config.chat_template, config.seed))
+    names = served_model_names(config.checkpoint, config.served_model_name.split(","))
     pas = None
-    if _PAS.value:
+    if config.pas:
         from alignment.pas.augment import load_pas
 
-        pas = load_pas(_PAS.value)
-    server = make_server(Service(engine, tokenizer, _TEMPLATE.value, names, _MAX_TOKENS.value, pas), _HOST.value,
-                         _PORT.value, _MAX_CONNECTIONS.value, _READ_TIMEOUT.value)
-    logging.info("serving %s on http://%s:%d/v1", " = ".join(names), *server.server_address[:2])
+        pas = load_pas(config.pas)
+    server = make_server(Service(engine, tokenizer, config.chat_template, names, config.max_tokens, pas), config.host,
+                         config.port, config.max_connections, config.read_timeout, access_log=logger)
+    logger.info("serving %s on http://%s:%d/v1", " = ".join(names), *server.server_address[:2])
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops the server
+        logger.info("stopped")
     finally:
         server.server_close()
 
 
 def run() -> None:
-    try:
-        app.run(main)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config_lib.run_command_line(main, "serve", show=("alignment.serve",))
 
 
 if __name__ == "__main__":

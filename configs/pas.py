@@ -3,7 +3,7 @@ the embedded teacher (a rule-based stand-in served over HTTP), critique and rege
 model into a PAS model, checked on held-out prompts.
 
     python -m alignment.launch --config=configs/pas.py --workdir=/tmp/pas
-    python -m alignment.pas.augment --pas=/tmp/pas/pas_model --prompt="Write a poem about the sea."
+    python -m alignment.pas --config.pas=/tmp/pas/pas_model --config.prompt="Write a poem about the sea."
 
 With a real teacher: --config.teacher.url=http://host:8000 --config.teacher.model=NAME (and teacher.api_key_env).
 """

@@ -2,6 +2,7 @@
 configs/pas.py stage on CPU, and PAS in front of the main model in generation and serving."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -180,22 +181,52 @@ def test_trained_pas_model_augments(pas_run):
     assert augmented.startswith("Write a poem about the moon.")
 
 
+ABSL_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d", re.MULTILINE)  # absl's INFO prefix: I1207 09:49:43.306 ...
+
+
+def augment_command(cwd, *args):
+    """`python -m alignment.pas` run from `cwd` (not the repository) with the shipped config and `args`."""
+    return subprocess.run([sys.executable, "-m", "alignment.pas", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
 def test_augment_cli(pas_run, tmp_path):
     workdir, _ = pas_run
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(str(prompts), [{"prompt": "Write a poem about the moon."},
                                {"messages": [{"role": "user", "content": "What is gravity?"}], "keywords": ["Newton"]}])
     out = tmp_path / "out.jsonl"
-    result = subprocess.run([sys.executable, "-m", "alignment.pas", f"--pas={workdir}/pas_model",
-                             f"--input={prompts}", f"--output={out}", "--max_new_tokens=12"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = augment_command(tmp_path, f"--config.pas={workdir}/pas_model", f"--config.input={prompts}",
+                             f"--config.output={out}", "--config.max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-2000:]
+    # Quiet by default: no absl/Orbax INFO lines (they came by the dozen while the checkpoint loaded).
+    assert result.stdout == "" and not ABSL_INFO.search(result.stderr), result.stderr
+    assert "_NonBlockingMetadataStore" not in result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in lines] == ["Write a poem about the moon.", "What is gravity?"]
     assert all(r["augmented"].startswith(r["prompt"]) for r in lines)
-    bad = subprocess.run([sys.executable, "-m", "alignment.pas", f"--pas={tmp_path}", "--prompt=hi"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode != 0 and "no config.json" in bad.stderr
+    # One prompt: stdout is the augmented prompt alone; --verbosity=1 brings the libraries' INFO lines to stderr.
+    verbose = augment_command(tmp_path, f"--config.pas={workdir}/pas_model", "--config.prompt=Write a poem.",
+                              "--config.keywords=moon, night", "--config.max_new_tokens=12", "--verbosity=1")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert verbose.stdout.startswith("Write a poem.") and not ABSL_INFO.search(verbose.stdout)
+    assert ABSL_INFO.search(verbose.stderr), verbose.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.pas=PAS", "--config.promt=hi"], "error: unknown config key 'promt'. Did you mean 'prompt'?"),
+    (["--config.pas=PAS", "--config.prompt=hi", "--config.input=x.jsonl"],
+     "error: give exactly one of config.prompt (one prompt) or config.input (a JSONL file)"),
+    (["--config.pas=PAS", "--config.prompt=hi", "--config.max_new_tokens=0"],
+     "error: config.max_new_tokens=0 must be > 0"),
+    (["--config.pas=PAS", "--config.prompt=hi"], "error: PAS"),  # no trained PAS model there: the error names it
+    (["--pas=PAS", "--prompt=hi"], "error: Unknown command line flag 'pas' (settings are --config.pas=...)"),
+])
+def test_augment_cli_errors_are_one_line(tmp_path, args, message):
+    result = augment_command(tmp_path, *[arg.replace("PAS", str(tmp_path)) for arg in args])
+    message = message.replace("PAS", str(tmp_path))
+    assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_generate_stage_with_pas_in_front(pas_run, tmp_path):

@@ -1,9 +1,14 @@
 """The OpenAI-compatible server answers real HTTP clients on localhost; bad requests get 4xx JSON errors; hostile
-or departed clients (stalled bodies, too many connections, disconnects, broken pipes) are contained."""
+or departed clients (stalled bodies, too many connections, disconnects, broken pipes) are contained. The command
+line prints the address and one line per request (library logs with --verbosity), and bad settings are one line."""
 import contextlib
 import json
 import logging
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -317,3 +322,52 @@ def test_broken_pipes_are_one_log_line(served, caplog, capsys):
     dropped = [r for r in caplog.records if "connection dropped" in r.getMessage()]
     assert len(dropped) == 1 and "BrokenPipeError" in dropped[0].getMessage() and not dropped[0].exc_info
     assert "Traceback" not in caplog.text + capsys.readouterr().err
+
+
+ABSL_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d", re.MULTILINE)  # absl's INFO prefix: I1207 09:49:43.306 ...
+
+
+@contextlib.contextmanager
+def serve_command(tmp_path, *args):
+    """(base URL, stderr file) of `python -m alignment.serve` on the embedded model, run from a directory other
+    than the repository's; stopped with Ctrl-C (SIGINT) on exit."""
+    stderr, stdout = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
+    with open(stderr, "w") as err, open(stdout, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "alignment.serve", "--config.checkpoint=embedded",
+                                    "--config.port=0", *args], stdout=out, stderr=err, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (address := re.search(r"on (http://\S+)/v1$", stderr.read_text(), re.MULTILINE)):
+            assert process.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.1)
+        yield address.group(1), stderr
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0 and stdout.read_text() == "", stderr.read_text()
+
+
+def test_serve_command_prints_its_address_and_requests_and_library_logs_only_when_verbose(tmp_path):
+    with serve_command(tmp_path) as (base, stderr):
+        assert client.chat(base, MESSAGES, max_tokens=2) is not None
+    lines = [line for line in stderr.read_text().splitlines() if not re.match(r"[WE]\d{4} ", line)]  # warnings stay
+    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in lines] == [
+        f"INFO alignment.serve: serving embedded = default on {base}/v1",
+        'INFO alignment.serve: 127.0.0.1 "POST /v1/chat/completions HTTP/1.1" 200 -',
+        "INFO alignment.serve: stopped"], lines
+    with serve_command(tmp_path, "--verbosity=1") as (_, stderr):
+        pass
+    assert ABSL_INFO.search(stderr.read_text()), stderr.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.prot=9000"], "error: unknown config key 'prot'. Did you mean 'port'?"),
+    (["--config.port=70000"], "error: config.port=70000 must be >= 0 and <= 65535"),
+    (["--config.max_connections=many"], "error: flag --config.max_connections=many: invalid literal for int()"),
+    (["--checkpoint=embedded"], "error: Unknown command line flag 'checkpoint' (settings are --config.checkpoint=...)"),
+])
+def test_serve_command_line_errors_are_one_line(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "alignment.serve", "--config.checkpoint=embedded", *args],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith(message) and result.stderr.count("\n") == 1, \
+        result.stderr

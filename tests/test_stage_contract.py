@@ -1,5 +1,6 @@
 """The stage contract: every config checked before anything runs (choices, ranges, nearest keys and aliases),
 every config file valid and dry-runnable, and the one writer of config.json / summary.json."""
+import importlib
 import json
 import pathlib
 import subprocess
@@ -13,7 +14,9 @@ from alignment import stages
 from alignment.launch import dry_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
+# The command-line tools' configs (not stages): each file and the module whose FIELDS check it.
+TOOLS = {"serve": "alignment.serve", "augment": "alignment.pas.__main__"}
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py" and p.stem not in TOOLS)
 
 
 def load(name: str) -> ml_collections.ConfigDict:
@@ -26,6 +29,13 @@ def test_every_config_is_valid_and_dry_runs(path):
     stages.check(config)
     text = dry_run(config)
     assert f"stage: {config.stage}" in text
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_every_tool_config_is_valid_and_declares_only_its_keys(name):
+    config, fields = load(name), importlib.import_module(TOOLS[name]).FIELDS
+    config_lib.check_fields(config, fields)
+    assert sorted(set(fields) - set(config_lib.flatten_keys(config))) == []
 
 
 def test_every_declared_field_exists_in_a_config():

@@ -156,7 +156,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def log_message(self, format, *args):
-        logging.info("%s %s", self.address_string(), format % args)
+        """One line per request: to the server's access log when it has one (the serve command's), else absl INFO."""
+        (self.server.access_log or logging).info("%s %s", self.address_string(), format % args)
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -165,14 +166,17 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the listen backlog; the default 5 drops a burst of concurrent clients' connects
 
-    def __init__(self, address: tuple[str, int], service, max_connections: int = 64, read_timeout: float = 30.0):
+    def __init__(self, address: tuple[str, int], service, max_connections: int = 64, read_timeout: float = 30.0,
+                 access_log=None):
         """service: has models(), chat_completions(body) and completions(body) (`Service` or a stand-in);
-        read_timeout: seconds any socket read may wait, and the time a request body has to arrive in."""
+        read_timeout: seconds any socket read may wait, and the time a request body has to arrive in;
+        access_log: the `logging.Logger` the one line per request goes to (None: absl's INFO)."""
         if max_connections < 1 or not read_timeout > 0:
             raise ValueError(f"max_connections must be >= 1 and read_timeout > 0, got {max_connections} and "
                              f"{read_timeout}")
         super().__init__(address, Handler)
         self.service, self.max_connections, self.read_timeout = service, max_connections, read_timeout
+        self.access_log = access_log
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refused = collections.deque()  # (time refused, socket) waiting to be closed
 
@@ -240,6 +244,6 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(service, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
-                read_timeout: float = 30.0) -> Server:
+                read_timeout: float = 30.0, access_log=None) -> Server:
     """A server bound to (host, port); port 0 picks a free one (see `server.server_address`). See `Server`."""
-    return Server((host, port), service, max_connections, read_timeout)
+    return Server((host, port), service, max_connections, read_timeout, access_log)
