@@ -151,6 +151,7 @@ def test_client_raises_the_server_message(served):
 def test_engine_config_for_checkpoints(tmp_path):
     assert engine_config("embedded").tokenizer == "embedded"
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an HF directory: config.json beside safetensors weights
     hf = engine_config(str(tmp_path))
     assert hf.init_from == str(tmp_path) and hf.tokenizer == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
