@@ -6,12 +6,16 @@ the wanted shardings, so a checkpoint written on one mesh loads onto any other m
 tensor is read, the checkpoint's metadata is checked against the target and every mismatch is reported
 at once, instead of orbax failing (or silently casting) on the first one.
 
+Beside the steps, `<directory>/model.json` says what the weights are (written and read by
+`alignment.data.model_info`): the model config, the tokenizer, the chat template and the stage that wrote them.
+
 A step whose files are missing, truncated or unreadable is corrupt, never a mismatch: resuming skips it
 with a warning, restores the newest readable step and moves the corrupt ones aside (renamed
 `<step>.corrupt-<time>`, kept for inspection) so the resumed run writes those steps anew.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -30,6 +34,7 @@ STATE = "state"
 DATA = "data"
 # Step directories are named by their step alone ("<directory>/120"); a renamed `120.corrupt-...` is no step.
 STEP_NAMES = ocp.step.standard_name_format()
+MODEL_INFO = "model.json"
 
 
 def _log(message: str, *args: Any) -> None:
@@ -275,12 +280,52 @@ def load_params(path: str | os.PathLike, abstract_params: Any, shardings: Any) -
     # PyTree (not Standard) handler: the on-disk format is the same, and it supports partial restore.
     handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
     stored = _state_metadata(ocp.step.find_step_path(root, STEP_NAMES, step=step))
-    options = ocp.CheckpointManagerOptions(read_only=True, step_name_format=STEP_NAMES)
+    # A PPO run's state holds {"policy", "critic"}: its model is the policy.
+    prefix = ("policy",) if "params" not in stored and "params" in stored.get("policy", {}) else ()
+    for key in prefix:
+        stored = stored[key]
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                           step_name_format=STEP_NAMES)
     with ocp.CheckpointManager(root, options=options, item_handlers=handlers) as manager:
-        check_compatible({"params": abstract_params}, {"params": stored["params"]}, f"{root} step {step}")
+        check_compatible({"params": abstract_params}, {"params": stored.get("params")}, f"{root} step {step}")
         target = {"params": _targets(abstract_params, shardings)}
+        for key in reversed(prefix):
+            target = {key: target}
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                          partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
     _log("checkpoint: loaded params of step %d from %s", step, root)
-    return restored[STATE]["params"]
+    for key in prefix:
+        restored = restored[key]
+    return restored["params"]
+
+
+def checkpoint_directory(path: str) -> str:
+    """A run's workdir -> its checkpoints directory; a checkpoints, step or HF directory as given."""
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
+
+
+def write_model_info(directory: str, info: dict) -> None:
+    """`directory`/model.json: what the checkpoints in `directory` hold (see `alignment.data.model_info`)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, MODEL_INFO)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_model_info(path: str) -> tuple[dict, str] | None:
+    """(model.json's content, the directory holding it) for a checkpoint directory given as its root or one of its
+    step directories; None where there is none (HF directories, runs from before model.json existed)."""
+    for directory in (path, os.path.dirname(os.path.normpath(path))):
+        file = os.path.join(directory, MODEL_INFO)
+        if os.path.isfile(file):
+            try:
+                with open(file) as f:
+                    return json.load(f), directory
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{file}: unreadable ({e})") from None
+    return None

@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # model init, data order and sampling
     c.model = ml_collections.ConfigDict()  # ModelConfig fields (see configs/models/)
     c.init_from = ""  # '' (random init), a HF directory (config.json + safetensors) or an Orbax checkpoint
-    c.tokenizer = "embedded"  # 'embedded', a SentencePiece .model, a tokenizer.json, or a directory
-    c.chat_template = "chatml"  # llama2 | llama3 | chatml
+    c.tokenizer = ""  # 'embedded', a SentencePiece .model, a tokenizer.json or a directory; '' = init_from's, else embedded
+    c.chat_template = ""  # llama2 | llama3 | chatml; '' = the one init_from was trained with, else chatml
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # -1 takes the rest
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides of DEFAULT_RULES
     c.batch_size = 8  # global rows per optimizer step

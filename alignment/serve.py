@@ -37,7 +37,7 @@ import ml_collections
 from alignment import config as config_lib
 from alignment.config import Field, at_least, model_preset, one_of, positive
 from alignment.data.chat import TEMPLATES, encode_chat
-from alignment.generation.build import build_engine
+from alignment.generation.loading import build_engine
 from alignment.generation.engine import Engine, bucket
 from alignment.generation.http_server import RequestError, client_gone, make_server
 from alignment.generation.sampling import SamplingParams

@@ -12,8 +12,6 @@ def get_config():
     c.stage = "dpo"
     c.model = model_preset("tiny")
     c.model.attention_impl = "xla_flash"  # skips the padding and cross-sequence score tiles of pair rows
-    c.tokenizer = "embedded"
-    c.chat_template = "chatml"
     c.batch_size = 32  # pairs (KTO: examples) per optimizer step, one per row
     c.steps = 100
     c.optimizer.lr = 5e-4

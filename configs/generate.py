@@ -18,8 +18,8 @@ def get_config():
     c.seed = 0  # random init when init_from is empty; prompt i's samples use seed + i
     c.model = model_preset("tiny")  # ModelConfig fields; an HF init_from brings its own architecture
     c.init_from = ""  # '' (random init), a HF directory (config.json + safetensors) or an Orbax checkpoint
-    c.tokenizer = "embedded"  # 'embedded', a SentencePiece .model, a tokenizer.json, or a directory
-    c.chat_template = "chatml"  # llama2 | llama3 | chatml
+    c.tokenizer = ""  # 'embedded', a SentencePiece .model, a tokenizer.json or a directory; '' = init_from's, else embedded
+    c.chat_template = ""  # llama2 | llama3 | chatml; '' = the one init_from was trained with, else chatml
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # -1 takes the rest
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides of DEFAULT_RULES
     c.prompts_per_call = 32  # prompts per engine call (each gives num_samples completions)

@@ -17,8 +17,6 @@ def get_config():
     c = base_config()
     c.stage = "grpo"
     c.model = model_preset("tiny")
-    c.tokenizer = "embedded"
-    c.chat_template = "chatml"
     c.init_from = ""  # policy and reference start here (SFT or merged checkpoint); '' runs warm_start first
     c.steps = 60  # RL steps (each: rollouts, scoring, ppo_epochs x minibatches updates)
     c.batch_size = 1  # unused by GRPO: rows per update come from rl.prompts_per_step x rl.num_samples

@@ -14,8 +14,6 @@ def get_config():
     c.model = model_preset("tiny")
     c.model.attention_impl = "xla_flash"  # skips the padding and cross-sequence score tiles of pair rows
     c.model.value_head = True  # the scalar head on the policy trunk scores each sequence's last token
-    c.tokenizer = "embedded"
-    c.chat_template = "chatml"
     c.batch_size = 32  # pairs per optimizer step (one pair per row)
     c.steps = 150
     c.optimizer.lr = 3e-3

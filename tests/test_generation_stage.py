@@ -8,7 +8,7 @@ import pytest
 
 from alignment.config import load_config_file
 from alignment.data.tokenizer import load_tokenizer
-from alignment.generation.build import build_engine
+from alignment.generation.loading import build_engine
 from alignment.generation.text import finish, stop_token_ids
 from alignment.launch import dry_run
 from alignment.models.hf import save_hf_checkpoint

@@ -253,7 +253,7 @@ class FixedPas(Pas):
 
 
 def test_serve_puts_pas_in_front():
-    from alignment.generation.build import build_engine
+    from alignment.generation.loading import build_engine
     from alignment.serve import Service, engine_config
 
     engine, tokenizer = build_engine(engine_config("embedded"))

@@ -12,7 +12,7 @@ import pytest
 from alignment import sharding
 from alignment.algorithms import dpo, reward
 from alignment.config import load_config_file
-from alignment.data import preference
+from alignment.data import model_info, preference
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
@@ -163,6 +163,7 @@ def stage_config(stage, workdir_steps=3, **overrides):
             head, name = name.split(".", 1)
             target = target[head]
         target[name] = value
+    model_info.resolve(c)  # the tokenizer and template '' stand for (what stages.run does first)
     return c
 
 

@@ -60,7 +60,7 @@ def test_a_bad_choice_names_the_key_the_choices_and_the_nearest(stage):
     assert choices or stage in ("merge",), "every stage has enumerated fields"
     for key, field in choices.items():
         bad = ml_collections.ConfigDict(config.to_dict())
-        first = str(field.choices[0])
+        first = next(str(c) for c in field.choices if c != "")
         parent, _, leaf = key.rpartition(".")
         (config_lib.lookup(bad, parent) if parent else bad)[leaf] = first + "_"
         with pytest.raises(ValueError) as error:

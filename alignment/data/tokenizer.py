@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping
 import sentencepiece as spm
 import tokenizers
 
-EMBEDDED = "embedded"
-EMBEDDED_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny.model")
+from alignment.data.tokenizer_files import EMBEDDED, EMBEDDED_PATH
+
 
 # Names tried, in order, when a tokenizer.json comes without a tokenizer_config.json naming its specials.
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>")

@@ -26,35 +26,17 @@ def with_prompt_augmentation(generate_fn: GenerateFn, pas) -> GenerateFn:
 
 
 def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> GenerateFn:
-    """Greedy or sampled generation with the in-process rollout engine from `checkpoint` (HF or Orbax)."""
-    try:
-        from alignment.generation.engine import Engine
-        from alignment.generation.sampling import SamplingParams
-        from alignment.generation.text import stop_token_ids
-    except ImportError as e:
-        raise ValueError(f"checkpoint {checkpoint!r} needs the local rollout engine (alignment.generation), "
-                         f"which is unavailable ({e}); serve the checkpoint and give its URL instead") from None
-    import flax.linen as nn
-
-    from alignment import sharding
+    """Greedy or sampled generation with the in-process rollout engine from `checkpoint` (a run's workdir, its
+    checkpoints directory or an HF directory), with the checkpoint's tokenizer and chat template unless the config
+    names them. Texts are cut as RL rollouts cut them (`finish`), so a score here is the one training logged."""
     from alignment.data.chat import encode_chat
-    from alignment.data.tokenizer import load_tokenizer
-    from alignment.models import Transformer
-    from alignment.models.transformer import dummy_inputs
-    from alignment.train import runtime
-    from alignment.train.state import abstract_params
+    from alignment.generation.loading import build_engine
+    from alignment.generation.sampling import SamplingParams
+    from alignment.generation.text import finish
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.init_from = checkpoint
-    model_cfg = runtime.model_config(config)
-    mesh, rules = runtime.mesh_and_rules(config)
-    model = Transformer(model_cfg)
-    boxed = abstract_params(model, dummy_inputs())
-    params = runtime.initial_params(config, model_cfg, nn.meta.unbox(boxed),
-                                    sharding.param_shardings(boxed, mesh, rules))
-    tokenizer = load_tokenizer(config.tokenizer)
-    engine = Engine(model_cfg, params, mesh, rules, pad_id=tokenizer.pad_id or 0,
-                    stop_ids=stop_token_ids(tokenizer, config.chat_template))
+    engine, tokenizer = build_engine(config)
     g = config.generation
     sampling = SamplingParams(temperature=g.temperature)
 
@@ -62,7 +44,7 @@ def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> Gen
         ids = [encode_chat(tokenizer, m, config.chat_template, add_generation_prompt=True).ids.tolist()
                for m in prompts]
         out = engine.generate(ids, g.max_tokens, sampling, seeds=config.seed)
-        return [tokenizer.decode(out.row(i), skip_special=True) for i in range(len(prompts))]
+        return [finish(tokenizer, out.row(i), bool(out.stopped[i]))["text"] for i in range(len(prompts))]
 
     return generate
 

@@ -269,23 +269,6 @@ def atomic_output(path: str, overwrite: bool) -> Iterator[str]:
 
 
 OUT_DTYPES = ("float32", "float16", "bfloat16")  # what HF output may be written as
-# What a Hugging Face tokenizer (and the generation defaults beside it) is stored in.
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
-
-
-def copy_tokenizer(source: str, directory: str) -> list[str]:
-    """Copy the tokenizer files `source` (an HF directory) has into `directory`; returns their names."""
-    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
-    if not copied:
-        raise ValueError(f"{source} holds no tokenizer files (any of {TOKENIZER_FILES}) to copy")
-    for name in copied:
-        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
-    return copied
-
-
-
 class HFWriter:
     """Streams tensors into HF safetensors files under `directory` (header first, then pwrite per tensor).
 

@@ -50,6 +50,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from alignment.config import suggest
+from alignment.data import tokenizer_files
 from alignment.merge import checkpoint_io
 from alignment.merge.methods import TensorParams
 from alignment.merge.streaming import merge_checkpoints
@@ -315,7 +316,7 @@ def _tokenizer_from(config: Mapping[str, Any], paths: Sequence[str], base: str) 
     source = config.get("tokenizer_source")
     if source is None:
         donor = base or paths[0]
-        return donor if any(os.path.isfile(os.path.join(donor, n)) for n in checkpoint_io.TOKENIZER_FILES) else ""
+        return donor if any(os.path.isfile(os.path.join(donor, n)) for n in tokenizer_files.TOKENIZER_FILES) else ""
     if not _shares_tokenizer(paths):
         raise ValueError(f"tokenizer_source: {source!r} asks mergekit to align the vocabularies of the inputs, "
                          "which do not all have the same tokenizer files; only that case (no alignment) is supported")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from alignment.data import tokenizer_files
 from alignment.merge import checkpoint_io
 from alignment.merge.methods import METHODS, NonFiniteInput, merge_pieces
 from alignment.merge.params import make_spec
@@ -230,7 +231,7 @@ def merge_checkpoints(models: Sequence[str], method: str, base: str = "", output
                 hf_writer = checkpoint_io.HFWriter(hf_dir, cfg, hf_cfg, written, max_shard_bytes)
                 writers.append(hf_writer)
                 if tokenizer_from:
-                    checkpoint_io.copy_tokenizer(tokenizer_from, hf_dir)
+                    tokenizer_files.copy_tokenizer(tokenizer_from, hf_dir)
                 skipped = [n for n in tensors if not hf_writer.covers(n)]
                 if skipped:
                     logger.warning("HF checkpoints have no place for %s; they are left out of %s", skipped, hf_output)

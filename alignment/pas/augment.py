@@ -9,11 +9,9 @@ The command line is `python -m alignment.pas` (see alignment/pas/__main__.py).
 from __future__ import annotations
 
 import abc
-import json
 import os
 from typing import Sequence
 
-import ml_collections
 
 from alignment.data.chat import encode_chat
 from alignment.generation.client import chat
@@ -48,18 +46,16 @@ class Pas(abc.ABC):
 
 
 class LocalPas(Pas):
-    """A PAS model trained by the pas stage (an SFT run directory), run in-process by the rollout engine."""
+    """A PAS model trained by the pas stage (its pas_model run directory, or that run's checkpoints), run
+    in-process by the rollout engine."""
 
     def __init__(self, path: str, max_new_tokens: int = 64, batch_size: int = 32):
-        from alignment.generation.build import build_engine
+        from alignment.generation.loading import build_engine, checkpoint_config
 
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path} is not a PAS model run: no config.json (train one with "
-                                    f"configs/pas.py; the model is <workdir>/pas_model)")
-        with open(config_path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        config.init_from = os.path.join(path, "checkpoints")
+        config = checkpoint_config(path)
+        if not os.path.isdir(config.init_from):
+            raise FileNotFoundError(f"{path} is not a PAS model run (train one with configs/pas.py; the model is "
+                                    "<workdir>/pas_model)")
         self.engine, self.tokenizer = build_engine(config)
         self.template, self.max_new_tokens, self.batch_size = config.chat_template, max_new_tokens, batch_size
 

@@ -9,17 +9,14 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignment.data.tokenizer import Tokenizer, checked_tokenizer
+from alignment.data.tokenizer import Tokenizer
+from alignment.generation.loading import load
 from alignment.models import Transformer
-from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
-from alignment.train.state import abstract_params
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +88,5 @@ class Embedder:
 def embedder_from_config(config: ml_collections.ConfigDict, max_length: int = 128, batch_size: int = 64) -> Embedder:
     """An Embedder over `config.model` / `config.init_from` / `config.tokenizer` (random init from `config.seed`
     when init_from is empty), on one device: embedding a prompt pool is inference on small batches."""
-    model_cfg = runtime.model_config(config)
-    tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
-    model = Transformer(model_cfg)
-    abstract = nn.meta.unbox(abstract_params(model, dummy_inputs()))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = runtime.initial_params(config, model_cfg, abstract, jax.tree.map(lambda _: device, abstract))
-    if params is None:
-        params = nn.meta.unbox(model.init(jax.random.key(config.seed), *dummy_inputs())["params"])
-    return Embedder(model, params, tokenizer, max_length, batch_size)
+    loaded = load(ml_collections.ConfigDict(config.to_dict()), single_device=True)
+    return Embedder(loaded.model, loaded.params, loaded.tokenizer, max_length, batch_size)

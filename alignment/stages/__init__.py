@@ -3,7 +3,9 @@
 A stage module holds `FIELDS` (the values its own config keys accept, declared once next to the code that
 reads them), optionally `check(config)` (rules across fields), and `run(config, workdir) -> summary`. `run`
 here checks the whole config before anything is built, writes `config.json`, runs a warm start first when the
-config asks for one, runs the stage and writes `summary.json`. Launch, warm starts and stages that run other
+config asks for one, takes the tokenizer and chat template the config leaves empty from the checkpoint it starts
+from (`data.model_info`), describes the checkpoints a training stage writes (`checkpoints/model.json`), runs the
+stage and writes `summary.json`. Launch, warm starts and stages that run other
 stages (PAS's inner SFT and reward-model runs) all come through it.
 """
 from __future__ import annotations
@@ -18,7 +20,9 @@ import ml_collections
 
 from alignment import config as config_lib
 from alignment.config import Field, at_least, in_range, one_of, positive
+from alignment.data import model_info
 from alignment.data.chat import TEMPLATES
+from alignment.train import runtime
 from alignment.train.optimizer import SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -34,11 +38,12 @@ STAGES = {
     "generate": "alignment.stages.generate",
     "pas": "alignment.stages.pas",
 }
+TRAINING = ("sft", "rm", "dpo", "grpo", "ppo")  # stages that write checkpoints to workdir/checkpoints
 
 # Keys of `base_config()` and of the data blocks most stages share; a stage's own FIELDS add to these.
 COMMON_FIELDS: dict[str, Field] = {
     "seed": at_least(0),
-    "chat_template": one_of(*TEMPLATES),
+    "chat_template": one_of("", *TEMPLATES),
     "batch_size": positive(),
     "micro_batches": positive(),
     "steps": positive(),
@@ -82,9 +87,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.micro_batches={config.micro_batches} must divide config.batch_size="
                          f"{config.batch_size}")
     if "model" in config and "init_from" in config:
-        from alignment.train import runtime  # the architecture, checked field by field (an HF init_from's own)
-
-        runtime.model_config(config)
+        runtime.model_config(config)  # the architecture, checked field by field (an HF init_from's own)
     if hasattr(module, "check"):
         module.check(config)
     warm = config.get("warm_start")
@@ -115,7 +118,13 @@ def run(name: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     make_workdir(workdir)
     _warm_start(config, workdir)
+    if "tokenizer" in config:
+        model_info.resolve(config)
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    if name in TRAINING:
+        model_info.describe(os.path.join(workdir, "checkpoints"), model=runtime.model_config(config),
+                            tokenizer=config.tokenizer, chat_template=config.chat_template, stage=name,
+                            max_length=config.get("data", {}).get("max_length", 0))
     summary = stage_module(name).run(config, workdir)
     _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -18,7 +18,7 @@ from alignment.config import Field, at_least, one_of, positive
 from alignment.data.chat import encode_chat
 from alignment.data.sources import EMBEDDED, read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
-from alignment.generation.build import build_engine
+from alignment.generation.loading import build_engine
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
 

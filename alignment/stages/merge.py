@@ -11,6 +11,7 @@ from absl import logging
 from alignment import sharding
 from alignment.checkpoint import load_params
 from alignment.config import Field, at_least, one_of
+from alignment.data import model_info
 from alignment.merge import METHODS, merge_checkpoints
 from alignment.merge.demo import make_demo_checkpoints
 from alignment.merge.mergekit_yaml import load_mergekit_yaml
@@ -38,17 +39,29 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.merge.base is set but config.merge.models is empty: list the checkpoints to merge")
 
 
+def input_settings(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """The merge config with the architecture, tokenizer and template of the input checkpoint `path` (its model.json
+    or HF files; config.model's for inputs that describe nothing, such as the demo's)."""
+    settings = ml_collections.ConfigDict(config.to_dict())
+    settings.init_from, settings.tokenizer, settings.chat_template = path, "", ""
+    model_info.resolve(settings)
+    return settings
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     m = config.merge
-    model_cfg = runtime.model_config(config)
     models, base = list(m.models), m.base
+    yaml = load_mergekit_yaml(config.mergekit_yaml) if config.mergekit_yaml else None
+    first = yaml.models[0] if yaml else (models[0] if models else "")
+    settings = input_settings(config, first)
+    model_cfg = runtime.model_config(settings)
     output = m.output or os.path.join(workdir, "merged")
     common = dict(output=output, hf_output=m.hf_output, seed=config.seed, overwrite=m.overwrite, workers=m.workers,
                   memory_budget_bytes=int(m.memory_budget_gb * 2**30), model_config=model_cfg,
                   model_type=m.hf_model_type, shard_min_elements=m.shard_min_elements)
     demo = not config.mergekit_yaml and not models
-    if config.mergekit_yaml:
-        summary = load_mergekit_yaml(config.mergekit_yaml).run(**common)
+    if yaml:
+        summary = yaml.run(**common)
     else:
         if demo:
             logging.info("config.merge.models is empty: merging the offline demo (a random base and three perturbed "
@@ -57,6 +70,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         params = {k: v for k, v in m.params.to_dict().items() if v is not None}
         summary = merge_checkpoints(models, m.method, base=base, params=params, overrides=tuple(m.overrides),
                                     **common)
+    model_info.describe(output, model=model_cfg, tokenizer=settings.tokenizer, chat_template=settings.chat_template,
+                        stage="merge")
     if demo:  # show that later stages can start from the result (init_from), laid out on the mesh
         mesh, rules = runtime.mesh_and_rules(config)
         boxed = abstract_params(Transformer(model_cfg), dummy_inputs())

@@ -181,7 +181,7 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def train_pas_model(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Step 4: the SFT stage on data/train.jsonl (held-out loss on data/eval.jsonl) into <workdir>/pas_model
-    (its config.json is what load_pas reads the model back from)."""
+    (its checkpoints/model.json is what load_pas reads the model back from)."""
     source = lambda path: ml_collections.ConfigDict(dict(path=path, weight=1.0, format="auto", tfds_data_dir=""))
     directory = os.path.join(workdir, "pas_model")
     sft_config = ml_collections.ConfigDict(config.sft.to_dict())

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from alignment import sharding
-from alignment.checkpoint import Checkpointer
+from alignment.checkpoint import Checkpointer, checkpoint_directory, read_model_info
 from alignment.models import ModelConfig, Transformer, from_hf_config
 from alignment.train.state import init_state
 
@@ -24,15 +24,21 @@ logger = logging.getLogger(__name__)
 
 
 def is_hf_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+    """An HF model directory: config.json beside safetensors weights (a run's workdir has a config.json too)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path) and any(
+        name.endswith((".safetensors", ".safetensors.index.json")) for name in os.listdir(path))
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The architecture from `config.init_from` when it is a HF checkpoint, else from `config.model`."""
+    """The architecture of the checkpoint `config.init_from` names (an HF config.json, or the model.json of this
+    project's checkpoints), else `config.model`; config.model's RUNTIME_FIELDS apply on top either way."""
     fields = config.model.to_dict()
+    runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
     if config.init_from and is_hf_checkpoint(config.init_from):
-        runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
         return from_hf_config(config.init_from, **runtime)
+    found = read_model_info(checkpoint_directory(config.init_from)) if config.init_from else None
+    if found is not None:
+        return ModelConfig.from_dict({**found[0]["model"], **runtime})
     return ModelConfig.from_dict(fields)
 
 
@@ -100,7 +106,7 @@ def place_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str
 
 
 def log_run_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> str:
-    text = (f"stage={config.stage} params={model_cfg.num_params():,} mesh={dict(mesh.shape)} "
+    text = (f"stage={config.get('stage', '')} params={model_cfg.num_params():,} mesh={dict(mesh.shape)} "
             f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) processes={jax.process_count()}")
     logger.info(text)
     return text
