@@ -5,7 +5,13 @@
         --config.checkpoints=sft=http://127.0.0.1:8000/v1,grpo=/ckpt/grpo --config.benchmarks=gsm8k,ifeval \
         --config.data.gsm8k=/data/gsm8k/test.jsonl
 
-The default benchmark is the embedded arithmetic task, so a fresh machine needs only a model to talk to. IFEval's
+With no flags it evaluates the embedded model (random tiny weights) on the embedded arithmetic task, offline. The
+arithmetic defaults are the main job's held-out prompts, decoded as its RL evaluation decodes them, so
+
+    python -m alignment.launch --config=configs/eval.py --workdir=/tmp/eval \
+        --config.checkpoints=warm=/tmp/grpo/warm_start,grpo=/tmp/grpo
+
+reproduces the accuracies `configs/grpo.py --workdir=/tmp/grpo` logged before and after RL. IFEval's
 prompts ship with the package; every other benchmark reads a file given as --config.data.<name>, and naming one
 without it fails before anything runs, saying where to get the file and the fields it must hold.
 """
@@ -20,7 +26,8 @@ def get_config():
     c.model = model_preset("tiny")  # architecture for checkpoints run by the local engine
     c.endpoint = ""  # OpenAI-compatible API root serving the model, e.g. http://127.0.0.1:8000/v1
     c.model_name = "default"  # the checkpoint's name in the report, and the `model` sent to `endpoint`
-    c.checkpoints = ""  # 'name=target,...' to compare; target: an API root URL or a checkpoint dir (local engine)
+    c.checkpoints = ""  # 'name=target,...' to compare; target: an API root URL, a run or checkpoint dir, 'embedded'
+    # (none of checkpoints, endpoint, init_from: the embedded model, config.model at random init)
     c.benchmarks = "arithmetic"  # comma-separated: arithmetic gsm8k math humaneval ifeval cfbench sysbench fbbench ux
     # Benchmark data files; '' = the copy shipped with the package (ifeval only), else the benchmark needs a path.
     c.data = ml_collections.ConfigDict(dict(
@@ -33,14 +40,23 @@ def get_config():
         fbbench="",  # JSONL weighted checklists, see alignment/eval/benchmarks.py
         ux="",  # JSONL {id, messages, criteria, category}: the user-experience pass rate
     ))
-    c.limit = 0  # samples per benchmark; 0 = all (arithmetic generates 100)
+    c.limit = 0  # samples per benchmark; 0 = all
+    c.arithmetic = ml_collections.ConfigDict(dict(  # the embedded task; defaults = configs/grpo.py's held-out prompts
+        num_problems=128,  # problems generated (grpo: data.num_embedded_eval)
+        seed=1000,  # generator seed (grpo: config.seed + 1000)
+        max_operand=9,  # operands are 1..max_operand
+        num_ops=1,  # operations per problem (grpo: data.eval.math.embedded.num_ops)
+        ops="+-",  # operations drawn from
+        answer_format="The answer is {}.",  # how worked solutions end (the reward reads the number after it)
+        max_tokens=32,  # new tokens per response (grpo: rl.max_new_tokens)
+    ))
     c.num_samples = 1  # responses per HumanEval problem; pass@k needs num_samples >= k
     c.pass_k = "1"  # comma-separated k for HumanEval pass@k
     c.generation = ml_collections.ConfigDict(dict(
         temperature=0.0,  # 0 = greedy; use > 0 with num_samples > 1
         max_tokens=1024,  # new tokens per response
         workers=8,  # concurrent requests to an endpoint
-        chunk=64,  # prompts per generate call; each chunk is cached before the next
+        chunk=128,  # prompts per generate call, each cached before the next (the grpo evaluation: 128 in one)
         timeout=300.0,  # seconds per endpoint request
     ))
     c.pas = ml_collections.ConfigDict(dict(

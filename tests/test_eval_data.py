@@ -214,9 +214,9 @@ def test_all_problems_unjudgeable_is_an_error_before_generation(tmp_path):
 
 def test_runner_reports_skips_without_the_stage(tmp_path):
     samples = benchmarks.load_humaneval(_humaneval_file(tmp_path), 0, 0)
-    generate = lambda prompts: ["```python\ndef add(a, b):\n    return a - b\n```"] * len(prompts)
+    generate = lambda prompts, max_tokens: ["```python\ndef add(a, b):\n    return a - b\n```"] * len(prompts)
     result = runner.evaluate("humaneval", samples, generate, benchmarks.Context(),
-                             JsonlCache(str(tmp_path / "cache.jsonl")), "g")
+                             JsonlCache(str(tmp_path / "cache.jsonl")), "g", max_tokens=64)
     assert result["counts"] == {"skipped": 1} and result["skipped"][0]["id"] == "t/loop"
     assert result["metrics"] == {"pass@1": 0.0} and len(result["samples"]) == 2
     assert "t/loop" in report.summary_markdown({"m": {"humaneval": result}})

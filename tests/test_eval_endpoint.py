@@ -95,7 +95,8 @@ def test_chat_completion_round_trip_and_errors():
         assert server.requests[0]["model"] == "m"
         generate = endpoint.endpoint_generate_fn(server.url, model="x", workers=3, temperature=0.0)
         prompts = [[{"role": "user", "content": str(i)}] for i in range(7)]
-        assert generate(prompts) == [f"x:{i}" for i in range(7)]  # order kept across threads
+        assert generate(prompts, 16) == [f"x:{i}" for i in range(7)]  # order kept across threads
+        assert server.requests[-1]["max_tokens"] == 16
         with pytest.raises(RuntimeError, match=r"chat/completions: HTTP 400"):
             client.chat(server.url, [{"role": "user", "content": "hi"}], model="broken")
         assert len(server.requests) == 9  # a 4xx answer is not retried
@@ -142,10 +143,10 @@ class _EchoPas(Pas):
 
 def test_prompt_augmentation_appends_to_last_user_turn():
     seen = []
-    generate = generation.with_prompt_augmentation(lambda prompts: seen.extend(prompts) or ["ok"] * len(prompts),
-                                                   _EchoPas())
+    generate = generation.with_prompt_augmentation(
+        lambda prompts, max_tokens: seen.extend(prompts) or ["ok"] * len(prompts), _EchoPas())
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    assert generate([messages]) == ["ok"]
+    assert generate([messages], 8) == ["ok"]
     assert seen[0][-1]["content"] == "Q\n\n[more detail for Q]" and messages[-1]["content"] == "Q"
 
 
@@ -199,10 +200,18 @@ def test_eval_stage_compares_checkpoints_and_resumes(tmp_path):
     assert (tmp_path / "charts" / "arithmetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_default_eval_runs_offline_on_the_embedded_model(tmp_path):
+    config = load_config_file(str(ROOT / "configs" / "eval.py"))
+    config.arithmetic.num_problems = 16
+    summary = stages.run("eval", config, str(tmp_path))
+    assert list(summary) == ["embedded"] and 0.0 <= summary["embedded"]["arithmetic"]["accuracy"] <= 1.0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["embedded"]["arithmetic"]["samples"]) == 16
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "charts" / "arithmetic.png").is_file()
+
+
 def test_eval_stage_errors_are_clear(tmp_path):
     config = load_config_file(str(ROOT / "configs" / "eval.py"))
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        stages.run("eval", config, str(tmp_path))
     config.endpoint = "http://127.0.0.1:9/v1"
     config.benchmarks = "cfbench"
     config.data.cfbench = str(FIXTURES / "cfbench_small.json")
@@ -270,7 +279,6 @@ def test_local_engine_generate_fn(tmp_path):
     model_cfg = runtime.model_config(config)
     params = nn.meta.unbox(Transformer(model_cfg).init(jax.random.key(0), *dummy_inputs())["params"])
     save_hf_checkpoint(tmp_path / "tiny", model_cfg, params)
-    config.generation.max_tokens = 4
     generate = generation.make_generate_fn(config, str(tmp_path / "tiny"), "tiny")
-    out = generate([[{"role": "user", "content": "What is 1 + 2?"}], [{"role": "user", "content": "Hi"}]])
+    out = generate([[{"role": "user", "content": "What is 1 + 2?"}], [{"role": "user", "content": "Hi"}]], 4)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)

@@ -31,7 +31,7 @@ import numpy as np
 from alignment.data.sources import read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
 from alignment.eval import checklist
-from alignment.rewards import code_solutions, ifeval, math_answers, sandbox, verdict
+from alignment.rewards import code_solutions, ifeval, math_answers, registry, sandbox, verdict
 
 GSM8K_SUFFIX = "\nSolve the problem step by step, then give the final number as 'The answer is N.'"
 MATH_SUFFIX = "\nSolve the problem step by step and put the final answer in \\boxed{}."
@@ -55,13 +55,14 @@ class Context:
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-    load: Callable[[str, int, int], list[dict]]  # (path, limit (0 = all), seed) -> samples
+    load: Callable[..., list[dict]]  # (path, limit (0 = all), seed, **options) -> samples
     score: Callable[[list[dict], list[str], Context], list[dict]]
     aggregate: Callable[[list[dict], Context], dict]
     judged: bool = False  # scored by the LLM judge (needs config.judge.endpoint)
     sampled: bool = False  # scored over several responses per prompt (config.num_samples), e.g. pass@k
     source: str = ""  # the data file: what it holds, the fields the loader reads, where to get it; '' = no file
     shipped: str = ""  # the copy installed with the package, under alignment/eval/data/; read when no path is set
+    options: str = ""  # the config block holding the loader's keyword options (and its max_tokens), if any
 
 
 def data_path(name: str, configured: str) -> str:
@@ -117,10 +118,21 @@ def _accuracy(results: list[dict], ctx: Context) -> dict:
 
 # ---- arithmetic (embedded default), GSM8K, MATH ----
 
-def load_arithmetic(path: str, limit: int, seed: int) -> list[dict]:
-    records = arithmetic_dataset(limit or 100, seed)
+def load_arithmetic(path: str, limit: int, eval_seed: int, *, num_problems: int, **generator) -> list[dict]:
+    """The embedded task's problems from its generator (`generator`: arithmetic_dataset's options with its own
+    `seed`, so eval_seed is not used; the eval config's defaults are the main job's held-out prompts)."""
+    records = arithmetic_dataset(min(limit, num_problems) if limit else num_problems, **generator)
     return [{"id": f"arithmetic-{i}", "messages": r["messages"][:1], "category": r["category"],
              "answer": r["answer"]} for i, r in enumerate(records)]
+
+
+def score_math_reward(samples: list[dict], responses: list[str], ctx: Context) -> list[dict]:
+    """Correct when the `math` reward RL trains on gives 1 (GSM8K number match, then symbolic equivalence), so
+    an accuracy here is the held-out accuracy an RL run logs on the same prompts."""
+    return [{"id": s["id"], "category": s["category"], "answer": s["answer"],
+             "predicted": math_answers.final_number(r),
+             "score": float(registry.math_reward(registry.Sample(s["id"], s["messages"], r, s), {}) >= 1.0)}
+            for s, r in zip(samples, responses)]
 
 
 def load_gsm8k(path: str, limit: int, seed: int) -> list[dict]:
@@ -393,7 +405,7 @@ FBBENCH_SOURCE = ("JSONL of {id, messages, checklist: [{criterion, weight}], cat
 UX_SOURCE = "JSONL of {id, messages, criteria, category}: your own user-experience set (there is no public one)"
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "arithmetic": Benchmark(load_arithmetic, score_numeric, _accuracy),
+    "arithmetic": Benchmark(load_arithmetic, score_math_reward, _accuracy, options="arithmetic"),
     "gsm8k": Benchmark(load_gsm8k, score_numeric, _accuracy, source=GSM8K_SOURCE),
     "math": Benchmark(load_math, score_math, _accuracy, source=MATH_SOURCE),
     "humaneval": Benchmark(load_humaneval, score_humaneval, aggregate_humaneval, sampled=True,

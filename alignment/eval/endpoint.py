@@ -11,14 +11,15 @@ from typing import Callable
 from alignment.generation.client import chat
 
 Messages = list[dict]
-GenerateFn = Callable[[list[Messages]], list[str]]
+GenerateFn = Callable[[list[Messages], int], list[str]]  # (conversations, max new tokens) -> responses
 
 
 def endpoint_generate_fn(base_url: str, *, model: str = "default", workers: int = 8, **params) -> GenerateFn:
     """A generate_fn answering each conversation with one chat completion, `workers` requests in flight."""
 
-    def generate(prompts: list[Messages]) -> list[str]:
+    def generate(prompts: list[Messages], max_tokens: int) -> list[str]:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            return list(pool.map(lambda m: chat(base_url, m, model=model, **params), prompts))
+            return list(pool.map(lambda m: chat(base_url, m, model=model, max_tokens=max_tokens, **params),
+                                 prompts))
 
     return generate

@@ -11,6 +11,9 @@ import ml_collections
 from alignment.eval.endpoint import GenerateFn, endpoint_generate_fn
 
 
+EMBEDDED = "embedded"  # a target that is config.model at random init (seed config.seed): the offline default
+
+
 def is_endpoint(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
@@ -19,31 +22,32 @@ def with_prompt_augmentation(generate_fn: GenerateFn, pas) -> GenerateFn:
     """PAS in front of the model: each prompt's last user turn gets the PAS complement appended (the original
     prompt is kept whole and the complement follows it)."""
 
-    def generate(prompts: list[list[dict]]) -> list[str]:
-        return generate_fn(pas.augment_chats(prompts))
+    def generate(prompts: list[list[dict]], max_tokens: int) -> list[str]:
+        return generate_fn(pas.augment_chats(prompts), max_tokens)
 
     return generate
 
 
 def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> GenerateFn:
     """Greedy or sampled generation with the in-process rollout engine from `checkpoint` (a run's workdir, its
-    checkpoints directory or an HF directory), with the checkpoint's tokenizer and chat template unless the config
-    names them. Texts are cut as RL rollouts cut them (`finish`), so a score here is the one training logged."""
+    checkpoints directory, an HF directory, or EMBEDDED: config.model at random init), with the checkpoint's
+    tokenizer and chat template unless the config names them. Texts are cut as RL rollouts cut them (`finish`),
+    so a score here is the one training logged."""
     from alignment.data.chat import encode_chat
     from alignment.generation.loading import build_engine
     from alignment.generation.sampling import SamplingParams
     from alignment.generation.text import finish
 
     config = ml_collections.ConfigDict(config.to_dict())
-    config.init_from = checkpoint
+    config.init_from = "" if checkpoint == EMBEDDED else checkpoint
     engine, tokenizer = build_engine(config)
     g = config.generation
     sampling = SamplingParams(temperature=g.temperature)
 
-    def generate(prompts: list[list[dict]]) -> list[str]:
+    def generate(prompts: list[list[dict]], max_tokens: int) -> list[str]:
         ids = [encode_chat(tokenizer, m, config.chat_template, add_generation_prompt=True).ids.tolist()
                for m in prompts]
-        out = engine.generate(ids, g.max_tokens, sampling, seeds=config.seed)
+        out = engine.generate(ids, max_tokens, sampling, seeds=config.seed)
         return [finish(tokenizer, out.row(i), bool(out.stopped[i]))["text"] for i in range(len(prompts))]
 
     return generate
@@ -53,7 +57,7 @@ def make_generate_fn(config: ml_collections.ConfigDict, target: str, name: str) 
     g = config.generation
     if is_endpoint(target):
         generate_fn = endpoint_generate_fn(target, model=name, workers=g.workers, temperature=g.temperature,
-                                           max_tokens=g.max_tokens, timeout=g.timeout)
+                                           timeout=g.timeout)
     else:
         generate_fn = local_generate_fn(config, target)
     if config.pas.target:

@@ -18,16 +18,18 @@ def expand(samples: list[dict], num_samples: int) -> list[dict]:
 
 
 def generate_cached(samples: list[dict], generate_fn: GenerateFn, cache: JsonlCache, generator_id: str,
-                    chunk: int = 64) -> list[str]:
-    """Responses for every sample, generating only those missing from `cache`, `chunk` at a time (each chunk
-    is on disk before the next starts). `generator_id` names the model and sampling settings."""
+                    max_tokens: int, chunk: int = 64) -> list[str]:
+    """Responses of at most `max_tokens` new tokens for every sample, generating only those missing from `cache`,
+    `chunk` at a time (each chunk is on disk before the next starts). `generator_id` names the model and sampling
+    settings."""
+    generator_id = f"{generator_id}|{max_tokens}"
     keys = [f"{s['id']}#{s.get('copy', 0)}:{input_hash(generator_id, s['messages'])}" for s in samples]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if len(todo) < len(samples):
         logging.info("%d of %d responses cached; generating %d", len(samples) - len(todo), len(samples), len(todo))
     for start in range(0, len(todo), max(1, chunk)):
         batch = todo[start:start + chunk]
-        responses = generate_fn([samples[i]["messages"] for i in batch])
+        responses = generate_fn([samples[i]["messages"] for i in batch], max_tokens)
         if len(responses) != len(batch):
             raise RuntimeError(f"generate_fn returned {len(responses)} responses for {len(batch)} prompts")
         for i, response in zip(batch, responses):
@@ -36,7 +38,7 @@ def generate_cached(samples: list[dict], generate_fn: GenerateFn, cache: JsonlCa
 
 
 def evaluate(benchmark: str, samples: list[dict], generate_fn: GenerateFn, ctx: Context, cache: JsonlCache,
-             generator_id: str, chunk: int = 64) -> dict:
+             generator_id: str, max_tokens: int, chunk: int = 64) -> dict:
     """{"metrics", "categories", "samples": per-sample results with their responses, ...}; samples the loader
     skipped get no response and are listed in "skipped" ([{"id", "reason"}]) and counted in counts["skipped"]."""
     if benchmark not in BENCHMARKS:
@@ -45,7 +47,7 @@ def evaluate(benchmark: str, samples: list[dict], generate_fn: GenerateFn, ctx: 
     if not samples:
         raise ValueError(f"benchmark {benchmark!r} has no samples ({len(skipped)} skipped)")
     spec = BENCHMARKS[benchmark]
-    responses = generate_cached(samples, generate_fn, cache, generator_id, chunk)
+    responses = generate_cached(samples, generate_fn, cache, generator_id, max_tokens, chunk)
     results = spec.score(samples, responses, ctx)
     for result, response in zip(results, responses):
         result["response"] = response

@@ -35,6 +35,10 @@ FIELDS = {
     "sandbox.wall_seconds": Field(low=0, open_low=True),
     "sandbox.memory_mb": positive(),
     "sandbox.workers": positive(),
+    "arithmetic.num_problems": positive(),
+    "arithmetic.max_operand": positive(),
+    "arithmetic.num_ops": positive(),
+    "arithmetic.max_tokens": positive(),
 }
 
 
@@ -43,7 +47,8 @@ def _names(text: str) -> list[str]:
 
 
 def checkpoints(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """{name: target} from config.checkpoints ('name=target,...'), else config.endpoint or config.init_from."""
+    """{name: target} from config.checkpoints ('name=target,...'), else config.endpoint or config.init_from, else
+    the embedded model (config.model at random init: the offline default)."""
     pairs = {}
     for entry in _names(config.checkpoints):
         name, sep, target = entry.partition("=")
@@ -55,9 +60,18 @@ def checkpoints(config: ml_collections.ConfigDict) -> dict[str, str]:
     if not pairs and config.init_from:
         pairs[os.path.basename(os.path.normpath(config.init_from))] = config.init_from
     if not pairs:
-        raise ValueError("nothing to evaluate: set config.endpoint (an OpenAI-compatible API root), "
-                         "config.checkpoints (name=URL-or-directory pairs) or config.init_from")
+        logging.info("no checkpoints, endpoint or init_from given: evaluating the embedded model (config.model at "
+                     "random init from seed %d)", config.seed)
+        pairs[generation.EMBEDDED] = generation.EMBEDDED
     return pairs
+
+
+def options(config: ml_collections.ConfigDict, name: str) -> tuple[dict, int]:
+    """(the loader's keyword options, max new tokens per response) of benchmark `name`: its config block's
+    (e.g. config.arithmetic), else none and config.generation.max_tokens."""
+    block = benchmarks_lib.BENCHMARKS[name].options
+    fields = config[block].to_dict() if block else {}
+    return fields, fields.pop("max_tokens", config.generation.max_tokens)
 
 
 def context(config: ml_collections.ConfigDict, workdir: str) -> benchmarks_lib.Context:
@@ -108,7 +122,7 @@ def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
     for name in _names(config.benchmarks):
         spec = benchmarks_lib.BENCHMARKS[name]
         path = data_file(config, name)
-        loaded = spec.load(path, config.limit, config.seed)
+        loaded = spec.load(path, config.limit, config.seed, **options(config, name)[0])
         kept, skipped = benchmarks_lib.split_skipped(loaded)
         if skipped:
             logging.warning("%s: skipping %d of %d samples that cannot be scored (listed in results.json and "
@@ -130,12 +144,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {}
     for name, target in targets.items():
         generate_fn = generation.make_generate_fn(config, target, name)
-        generator_id = f"{target}|{name}|{g.temperature}|{g.max_tokens}|{config.pas.target}|{config.seed}"
+        generator_id = f"{target}|{name}|{g.temperature}|{config.pas.target}|{config.seed}"
         results[name] = {}
         for bench, bench_samples in samples.items():
             cache = JsonlCache(os.path.join(workdir, "cache", name, f"{bench}.jsonl"))
             results[name][bench] = runner.evaluate(bench, bench_samples, generate_fn, ctx, cache, generator_id,
-                                                   chunk=g.chunk)
+                                                   max_tokens=options(config, bench)[1], chunk=g.chunk)
             logging.info("%s / %s: %s", name, bench, results[name][bench]["metrics"])
     paths = report.write_report(results, workdir)
     logging.info("report: %s", paths)
