@@ -63,7 +63,7 @@ def logprobs_entropy_kl(hidden: jax.Array, unembedding: jax.Array, targets: jax.
 def target_hidden(model, params, batch: dict, group: int = 1) -> jax.Array:
     """Final hidden states [rows, C, d] of the input columns that predict batch["targets"] [rows, C]: the last
     C columns of batch["inputs"] [rows, W] (C = W for whole rows; the completion window of
-    `data.rollouts.completion_rows`, so the output head runs on completion tokens only).
+    `data.rl_rows.completion_rows`, so the output head runs on completion tokens only).
 
     group > 1: rows come in runs of `group` that share their first P = W - C + 1 columns (a prompt and its
     samples, in `completion_rows` order). Each prompt then runs once into a KV cache that its samples attend

@@ -1,11 +1,11 @@
 """A trained reward model (an rm run's checkpoint) as a scoring function of chats: what the `reward_model` reward
-and PAS's RM-stage quality scorer call. The losses that train it are `alignment.algorithms.reward`."""
+and PAS's RM-stage quality scorer call. The losses that train it are `alignment.algorithms.rm`."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from alignment.algorithms.reward import segment_last
+from alignment.algorithms.rm import segment_last
 from alignment.data import model_info
 from alignment.data.chat import encode_chat
 from alignment.generation.loading import checkpoint_config, load

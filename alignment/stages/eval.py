@@ -13,7 +13,7 @@ from absl import logging
 from alignment.config import Field, at_least, positive, suggest
 from alignment.data.jsonl_cache import JsonlCache
 from alignment.eval import benchmarks as benchmarks_lib
-from alignment.eval import generation, judge, report, runner
+from alignment.eval import judge, report, runner, targets
 from alignment.generation.client import chat
 from alignment.rewards import sandbox
 
@@ -62,7 +62,7 @@ def checkpoints(config: ml_collections.ConfigDict) -> dict[str, str]:
     if not pairs:
         logging.info("no checkpoints, endpoint or init_from given: evaluating the embedded model (config.model at "
                      "random init from seed %d)", config.seed)
-        pairs[generation.EMBEDDED] = generation.EMBEDDED
+        pairs[targets.EMBEDDED] = targets.EMBEDDED
     return pairs
 
 
@@ -143,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     g = config.generation
     results = {}
     for name, target in targets.items():
-        generate_fn = generation.make_generate_fn(config, target, name)
+        generate_fn = targets.make_generate_fn(config, target, name)
         generator_id = f"{target}|{name}|{g.temperature}|{config.pas.target}|{config.seed}"
         results[name] = {}
         for bench, bench_samples in samples.items():

@@ -25,7 +25,7 @@ import numpy as np
 from alignment.algorithms import grpo
 from alignment.config import Field, one_of, positive
 from alignment.data import sft as sft_data
-from alignment.data.rollouts import completion_rows
+from alignment.data.rl_rows import completion_rows
 from alignment.data.tokenizer import checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids

@@ -4,7 +4,7 @@
 2. Quality (optional): pairwise judgements against per-category anchors -> a score per prompt; prompts at or
    below `quality.threshold` are dropped (alignment.pas.quality); optionally a scorer model is trained on the
    judged scores through the rm stage (<workdir>/scorer), for pools too large to judge.
-3. Selection (optional): dedup, task-aware diversity selection (alignment.pas.select); each cluster keeps its
+3. Selection (optional): dedup, task-aware diversity selection (alignment.pas.selection); each cluster keeps its
    highest-quality prompt when quality scores exist.
 4. Complements for the training prompts from the teacher endpoint, filtered by the critique and regenerated
    when rejected (alignment.pas.complement); teacher complements for the held-out prompts too, as references.
@@ -140,7 +140,7 @@ def select(config: ml_collections.ConfigDict, records: list[dict]) -> tuple[list
     if not config.selection.enabled:
         return records, {"enabled": False}
     from alignment.pas.embed import embedder_from_config
-    from alignment.pas.select import select_prompts
+    from alignment.pas.selection import select_prompts
 
     embedder = embedder_from_config(config.selection.embedder)
     return select_prompts(records, embedder, config.selection.options)

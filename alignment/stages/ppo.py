@@ -26,7 +26,7 @@ from alignment.algorithms import ppo
 from alignment.algorithms.grpo import AGGREGATIONS
 from alignment.config import Field, in_range, one_of
 from alignment.checkpoint import load_params
-from alignment.data.rollouts import rollout_rows
+from alignment.data.rl_rows import rollout_rows
 from alignment.data.tokenizer import checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alignment.algorithms import reward
+from alignment.algorithms import rm
 from alignment.config import Field, at_least, one_of, positive
 from alignment.data import preference
 from alignment.models.transformer import dummy_inputs
@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_rows, eval_rows, data_summary = preference.prepare_data(config, model_cfg.vocab_size)
     logging.info("data: %s", data_summary)
-    optimizer, schedule = make_optimizer(config.optimizer, config.steps, reward.unused_params(model_cfg))
+    optimizer, schedule = make_optimizer(config.optimizer, config.steps, rm.unused_params(model_cfg))
     init_inputs = dummy_inputs()
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
 
@@ -51,12 +51,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     target = runtime.batch_sharding(mesh, rules)
     preference.check_rows_split(config, target)
     layout = preference.leaf_shardings(train_rows[0], target)
-    loss_fn = functools.partial(reward.reward_loss, model, alpha=config.rm.alpha, use_margin=config.rm.use_margin)
+    loss_fn = functools.partial(rm.reward_loss, model, alpha=config.rm.alpha, use_margin=config.rm.use_margin)
     train_step = make_train_step(loss_fn, optimizer, schedule, config.micro_batches)
 
     def step_with_means(state, batch):
         state, sums = train_step(state, batch)
-        return state, reward.finalize_metrics(sums)
+        return state, rm.finalize_metrics(sums)
 
     step = jit_train_step(step_with_means, shardings, layout)
     compact = functools.partial(preference.compact, pairs_per_row=config.data.pairs_per_row)
@@ -64,15 +64,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     eval_batches = [preference.place(compact(b, trim_multiple=0), layout)
                     for b in preference.fixed_batches(eval_rows, config.batch_size)]
-    score = jax.jit(functools.partial(reward.pair_rewards, model))
+    score = jax.jit(functools.partial(rm.pair_rewards, model))
 
     def evaluate(state) -> dict:
         rewards = np.concatenate([np.asarray(score(state.params, b)) for b in eval_batches])[:len(eval_rows)]
         fields = {k: np.asarray([r[k] for r in eval_rows]) for k in
                   ("chosen_score", "rejected_score", "has_score", "margin")}
-        loss_sum, sums = reward.score_pairs(rewards, fields, config.rm.alpha, config.rm.use_margin)
+        loss_sum, sums = rm.score_pairs(rewards, fields, config.rm.alpha, config.rm.use_margin)
         sums["count"] = np.float32(len(eval_rows))
-        out = reward.finalize_metrics(sums)
+        out = rm.finalize_metrics(sums)
         return {k: float(v) for k, v in dict(out, loss=loss_sum / len(eval_rows)).items()}
 
     peak = peak_tflops_per_device(config.peak_tflops_per_device) * 1e12 * jax.device_count()
