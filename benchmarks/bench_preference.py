@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import ml_collections
 
-from alignment.algorithms import dpo, reward
+from alignment.algorithms import dpo, rm
 from alignment.data import preference
 from alignment.data.tokenizer import load_tokenizer
 from alignment.models import Transformer, from_hf_config
@@ -57,7 +57,7 @@ def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multipl
     opt_cfg = ml_collections.ConfigDict(dict(lr=1e-6 if which != "rm" else 1e-5, warmup_steps=0, schedule="constant",
                                              end_lr_factor=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                                              clip_norm=1.0))
-    optimizer, schedule = make_optimizer(opt_cfg, steps, reward.unused_params(model_cfg) if which == "rm" else ())
+    optimizer, schedule = make_optimizer(opt_cfg, steps, rm.unused_params(model_cfg) if which == "rm" else ())
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
     state = init_state(model, optimizer, shardings, 0, dummy_inputs())
     layout = preference.leaf_shardings(dict(rows[0], ref_logps=None),
@@ -79,7 +79,7 @@ def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multipl
         loss_fn = functools.partial(dpo.dpo_loss, model, loss_type="sigmoid", beta=0.1)
     else:
         reference = None
-        loss_fn = functools.partial(reward.reward_loss, model, alpha=0.0)
+        loss_fn = functools.partial(rm.reward_loss, model, alpha=0.0)
 
     step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=(0,))
 

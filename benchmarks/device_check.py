@@ -50,7 +50,7 @@ import numpy as np
 from alignment import sharding
 from alignment.algorithms import grpo
 from alignment.algorithms.sft import sft_loss
-from alignment.data.rollouts import completion_rows
+from alignment.data.rl_rows import completion_rows
 from alignment.generation.engine import Engine
 from alignment.generation.sampling import SamplingParams
 from alignment.models import ModelConfig, Transformer

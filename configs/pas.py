@@ -10,7 +10,7 @@ With a real teacher: --config.teacher.url=http://host:8000 --config.teacher.mode
 import ml_collections
 
 from alignment.config import model_preset
-from alignment.pas import select
+from alignment.pas import selection
 from alignment_configs import rm, sft
 
 
@@ -44,7 +44,7 @@ def get_config():
         enabled=True,  # dedup + task-aware diversity selection before complements are written
         embedder=ml_collections.ConfigDict(dict(  # the model whose mean-pooled hidden states embed prompts
             model=model_preset("tiny"), init_from="", tokenizer="embedded", seed=0)),
-        options=select.default_options(),  # dedup, clustering, triplet fine-tuning and threshold knobs
+        options=selection.default_options(),  # dedup, clustering, triplet fine-tuning and threshold knobs
     ))
     # The embedded embedder is untrained: its mean-pooled states put prompts of one template within cosine
     # distance 0.01 of each other, so its cuts are far tighter than a trained encoder's defaults.
