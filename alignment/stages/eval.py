@@ -137,12 +137,12 @@ def load_samples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    targets = checkpoints(config)
+    models = checkpoints(config)
     ctx = context(config, workdir)
     samples = load_samples(config)
     g = config.generation
     results = {}
-    for name, target in targets.items():
+    for name, target in models.items():
         generate_fn = targets.make_generate_fn(config, target, name)
         generator_id = f"{target}|{name}|{g.temperature}|{config.pas.target}|{config.seed}"
         results[name] = {}
