@@ -42,7 +42,6 @@ from alignment.generation.engine import Engine, bucket
 from alignment.generation.http_server import RequestError, client_gone, make_server
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
-from alignment.train.runtime import is_hf_checkpoint
 
 MAX_SAMPLES = 64
 MAX_STOPS = 4
@@ -210,16 +209,16 @@ class Service:
         return [i for i in map(self.tokenizer.token_id, stop) if i is not None]
 
 
-def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", chat_template: str = "chatml",
+def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", chat_template: str = "",
                   seed: int = 0) -> ml_collections.ConfigDict:
-    """The stage-style config `build_engine` takes. checkpoint: 'embedded' (random init), HF dir or Orbax path."""
+    """The stage-style config `build_engine` takes. checkpoint: 'embedded' (random init), a run, checkpoint or HF
+    directory; tokenizer and chat_template '' are the checkpoint's (build_engine fills them in)."""
     if checkpoint != "embedded" and not os.path.exists(checkpoint):
         raise FileNotFoundError(f"config.checkpoint={checkpoint!r} does not exist")
-    hf = checkpoint != "embedded" and is_hf_checkpoint(checkpoint)
     return ml_collections.ConfigDict(dict(
         stage="serve", seed=seed, model=model_preset(model), init_from="" if checkpoint == "embedded" else checkpoint,
-        tokenizer=tokenizer or (checkpoint if hf else "embedded"), chat_template=chat_template,
-        mesh=dict(data=-1, fsdp=1, tensor=1, sequence=1), sharding_rules={}))
+        tokenizer=tokenizer, chat_template=chat_template, mesh=dict(data=-1, fsdp=1, tensor=1, sequence=1),
+        sharding_rules={}))
 
 
 def served_model_names(checkpoint: str, names: Sequence[str] = ()) -> list[str]:
@@ -231,7 +230,7 @@ def served_model_names(checkpoint: str, names: Sequence[str] = ()) -> list[str]:
 
 # The values of configs/serve.py's keys, checked before anything is loaded.
 FIELDS = {
-    "chat_template": one_of(*TEMPLATES),
+    "chat_template": one_of("", *TEMPLATES),
     "seed": at_least(0),
     "port": Field(low=0, high=65535, integer=True),
     "max_tokens": positive(),
@@ -248,15 +247,15 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 def main(config: ml_collections.ConfigDict) -> None:
     check(config)
-    engine, tokenizer = build_engine(engine_config(config.checkpoint, config.model, config.tokenizer,
-                                                   config.chat_template, config.seed))
+    loading = engine_config(config.checkpoint, config.model, config.tokenizer, config.chat_template, config.seed)
+    engine, tokenizer = build_engine(loading)  # fills in the checkpoint's tokenizer and template
     names = served_model_names(config.checkpoint, config.served_model_name.split(","))
     pas = None
     if config.pas:
         from alignment.pas.augment import load_pas
 
         pas = load_pas(config.pas)
-    server = make_server(Service(engine, tokenizer, config.chat_template, names, config.max_tokens, pas), config.host,
+    server = make_server(Service(engine, tokenizer, loading.chat_template, names, config.max_tokens, pas), config.host,
                          config.port, config.max_connections, config.read_timeout, access_log=logger)
     logger.info("serving %s on http://%s:%d/v1", " = ".join(names), *server.server_address[:2])
     try:

@@ -12,10 +12,10 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.checkpoint = ""  # required: 'embedded' (random tiny model), a HF directory or an Orbax checkpoint
+    c.checkpoint = "embedded"  # 'embedded' (random tiny model), a run or checkpoint directory, or a HF directory
     c.model = "tiny"  # configs/models preset for Orbax checkpoints and 'embedded' (a HF directory has its own)
     c.tokenizer = ""  # '' = the HF directory's, else 'embedded'; or a SentencePiece .model, tokenizer.json, directory
-    c.chat_template = "chatml"  # llama2 | llama3 | chatml
+    c.chat_template = ""  # llama2 | llama3 | chatml; '' = the checkpoint's (model.json or HF tokens), else chatml
     c.seed = 0  # random init of checkpoint='embedded'
     c.host = "127.0.0.1"  # address to listen on; 0.0.0.0 for every interface
     c.port = 8000  # port to listen on; 0 = any free port (the address line says which)

@@ -149,11 +149,11 @@ def test_client_raises_the_server_message(served):
 
 
 def test_engine_config_for_checkpoints(tmp_path):
-    assert engine_config("embedded").tokenizer == "embedded"
+    assert engine_config("embedded").tokenizer == ""  # the checkpoint's, resolved by build_engine
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")  # an HF directory: config.json beside safetensors weights
     hf = engine_config(str(tmp_path))
-    assert hf.init_from == str(tmp_path) and hf.tokenizer == str(tmp_path)
+    assert hf.init_from == str(tmp_path) and hf.tokenizer == ""
     with pytest.raises(FileNotFoundError, match="does not exist"):
         engine_config(str(tmp_path / "missing"))
 

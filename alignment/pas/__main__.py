@@ -22,6 +22,7 @@ from alignment.pas.augment import load_pas
 from alignment.pas.data import load_prompt_pool, write_jsonl
 from alignment.pas.template import combine
 
+DEMO_PROMPT = "Write a poem about the sea."  # augmented when neither a prompt nor an input file is given
 # The values of configs/augment.py's keys, checked before the PAS model is loaded.
 FIELDS = {"max_new_tokens": positive()}
 
@@ -29,9 +30,10 @@ FIELDS = {"max_new_tokens": positive()}
 def check(config: ml_collections.ConfigDict) -> None:
     config_lib.check_fields(config, FIELDS)
     if not config.pas:
-        raise ValueError("config.pas is required: a pas run's pas_model directory or the API root of a PAS model")
-    if bool(config.prompt) == bool(config.input):
-        raise ValueError("give exactly one of config.prompt (one prompt) or config.input (a JSONL file)")
+        raise ValueError("config.pas is required: a pas run's pas_model directory, the API root of a PAS model or "
+                         "'embedded'")
+    if config.prompt and config.input:
+        raise ValueError("give one of config.prompt (one prompt) or config.input (a JSONL file), not both")
     if config.input and config.keywords:
         raise ValueError("config.keywords go with config.prompt; config.input's records carry their own 'keywords'")
     if config.prompt and config.output:
@@ -41,8 +43,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 def main(config: ml_collections.ConfigDict) -> None:
     check(config)
     pas = load_pas(config.pas, config.max_new_tokens, config.model)
-    if config.prompt:
-        print(pas.augment(config.prompt, [k.strip() for k in config.keywords.split(",") if k.strip()]))
+    if not config.input:
+        prompt = config.prompt or DEMO_PROMPT
+        print(pas.augment(prompt, [k.strip() for k in config.keywords.split(",") if k.strip()]))
         return
     records = load_prompt_pool(config.input, 0, 0)
     complements = pas.complements([r["prompt"] for r in records], [r.get("keywords", ()) for r in records])

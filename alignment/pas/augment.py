@@ -89,8 +89,24 @@ class EndpointPas(Pas):
                      timeout=self.timeout).strip() for p, k in zip(prompts, keywords)]
 
 
+class EmbeddedPas(Pas):
+    """The embedded teacher's template complements in-process (never flawed): a stand-in PAS model for running the
+    command line offline with no trained model. Its complements are templates, not a language model's."""
+
+    def complements(self, prompts: Sequence[str], keywords: Sequence[Sequence[str]] | None = None) -> list[str]:
+        from alignment.pas.teacher import TeacherService
+
+        teacher, keywords = TeacherService(flaw_rate=0.0), keywords or [()] * len(prompts)
+        return [teacher.complement(p, "", k) for p, k in zip(prompts, keywords)]
+
+
+EMBEDDED = "embedded"
+
+
 def load_pas(target: str, max_new_tokens: int = 64, model: str = "default") -> Pas:
-    """A PAS model from a run directory or an http(s) URL."""
+    """A PAS model from a run directory, an http(s) URL, or EMBEDDED (the embedded teacher's templates)."""
+    if target == EMBEDDED:
+        return EmbeddedPas()
     if target.startswith(("http://", "https://")):
         return EndpointPas(target, model, max_new_tokens)
     return LocalPas(target, max_new_tokens)

@@ -8,7 +8,8 @@ answer, another language, a wall of demands, ...) for a `flaw_rate` share of req
 the rule checks of `alignment.pas.critique`, and a prompt judge for quality scoring (`alignment.pas.quality`) that
 prefers clear, specific prompts by surface features. It is there to exercise the pipeline (generation -> critique ->
 regeneration -> training) end to end over a real socket; it is not a language model and its complements are
-templates.
+templates. Other pipelines add request kinds of their own (`answers`: the data-synthesis recipes of
+`alignment.synth.embedded`), recognised, like the PAS ones, by their system message.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import re
 import threading
 import time
 import uuid
+from typing import Callable, Mapping
 
 from alignment.generation.http_server import RequestError, make_server
 from alignment.pas.critique import rule_failures
@@ -98,11 +100,21 @@ def _draw(*parts) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-class TeacherService:
-    """The service interface of `alignment.generation.http_server` (models / chat_completions / completions)."""
+# An added request kind: (messages, request body) -> the reply text.
+Answer = Callable[[list[dict], dict], str]
 
-    def __init__(self, flaw_rate: float = 0.2, model_name: str = "embedded-teacher"):
+
+class TeacherService:
+    """The service interface of `alignment.generation.http_server` (models / chat_completions / completions).
+
+    answers: {system message: (kind, Answer)}: further request kinds, tried before the PAS ones; `requests`
+    counts every kind's requests by name.
+    """
+
+    def __init__(self, flaw_rate: float = 0.2, model_name: str = "embedded-teacher",
+                 answers: Mapping[str, tuple[str, Answer]] | None = None):
         self.flaw_rate, self.model_name = flaw_rate, model_name
+        self.answers = dict(answers or {})
         self.requests = {"complement": 0, "critique": 0}
         self._lock = threading.Lock()
 
@@ -118,7 +130,10 @@ class TeacherService:
             raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
         system = messages[0].get("content") if messages[0].get("role") == "system" else ""
         request = str(messages[-1].get("content", ""))
-        if system == TEACHER_SYSTEM:
+        if system in self.answers:
+            kind, answer = self.answers[system]
+            text = answer(messages, body)
+        elif system == TEACHER_SYSTEM:
             kind, text = "complement", self._complement(request, body.get("seed", 0))
         elif system == CRITIC_SYSTEM:
             kind, text = "critique", self._critique(request)
@@ -136,15 +151,19 @@ class TeacherService:
 
     def _complement(self, request: str, seed) -> str:
         fields = dict(re.findall(r"^(Category|Prompt|Search keywords): (.*)$", request, re.MULTILINE))
-        prompt, category = fields.get("Prompt", request), fields.get("Category", "")
+        keywords = [k.strip() for k in fields.get("Search keywords", "").split(",") if k.strip()]
+        return self.complement(fields.get("Prompt", request), fields.get("Category", ""), keywords, seed)
+
+    def complement(self, prompt: str, category: str, keywords=(), seed=0) -> str:
+        """The category's template complement for `prompt` (a flawed one for a flaw_rate share of prompts)."""
         subject = topic(prompt, category)
         if _draw(prompt, seed, "flaw") < self.flaw_rate:
             flaws = sorted(_FLAWS)
             return _FLAWS[flaws[int(_draw(prompt, seed, "kind") * len(flaws))]].format(topic=subject)
         options = _BANK.get(category, _DEFAULT)
         text = options[int(_draw(prompt, "variant") * len(options))].format(topic=subject)
-        if fields.get("Search keywords"):
-            text += f" Stay consistent with the search results on {fields['Search keywords']}."
+        if keywords:
+            text += f" Stay consistent with the search results on {', '.join(keywords)}."
         return text
 
     @staticmethod
@@ -171,9 +190,10 @@ class TeacherService:
         return json.dumps({"verdict": "reject" if failures else "accept", "failures": list(failures)})
 
 
-def start_teacher(flaw_rate: float = 0.2, host: str = "127.0.0.1", port: int = 0):
+def start_teacher(flaw_rate: float = 0.2, host: str = "127.0.0.1", port: int = 0,
+                  answers: Mapping[str, tuple[str, Answer]] | None = None):
     """(server, base_url): the embedded teacher serving in a background thread; `server.shutdown()` stops it."""
-    service = TeacherService(flaw_rate)
+    service = TeacherService(flaw_rate, answers=answers)
     server = make_server(service, host, port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://{host}:{server.server_address[1]}"

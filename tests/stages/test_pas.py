@@ -214,10 +214,16 @@ def test_augment_cli(pas_run, tmp_path):
     assert ABSL_INFO.search(verbose.stderr), verbose.stderr
 
 
+def test_augment_cli_with_no_flags_runs_offline(tmp_path):
+    result = augment_command(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Write a poem about the sea.\n\n") and len(result.stdout.split()) > 10
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.pas=PAS", "--config.promt=hi"], "error: unknown config key 'promt'. Did you mean 'prompt'?"),
     (["--config.pas=PAS", "--config.prompt=hi", "--config.input=x.jsonl"],
-     "error: give exactly one of config.prompt (one prompt) or config.input (a JSONL file)"),
+     "error: give one of config.prompt (one prompt) or config.input (a JSONL file), not both"),
     (["--config.pas=PAS", "--config.prompt=hi", "--config.max_new_tokens=0"],
      "error: config.max_new_tokens=0 must be > 0"),
     (["--config.pas=PAS", "--config.prompt=hi"], "error: PAS"),  # no trained PAS model there: the error names it
