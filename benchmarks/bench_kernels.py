@@ -14,8 +14,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ from alignment_kernels.attention import api as attention_api
 from alignment_kernels.attention import reference as attention_reference
 from alignment_kernels.logprob_kl import api as logprob_api
 from alignment_kernels.logprob_kl import reference as logprob_reference
+from benchmarks.common import timed
 
 
 def logprob_grad(fn):
@@ -47,14 +46,6 @@ def memory(n, d, vocab, dtype):
     print(json.dumps(dict(bench="logprob_memory", ratio_naive_over_fused=results["naive"] / results["fused_xla"])))
 
 
-def median_seconds(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def timing(repeats):
@@ -71,7 +62,7 @@ def timing(repeats):
     if on_accelerator:
         impls["fused_pallas"] = functools.partial(logprob_api.logprob_kl, impl="pallas")
     for name, fn in impls.items():
-        seconds = median_seconds(logprob_grad(fn), h, w, t, repeats=repeats)
+        seconds = timed(logprob_grad(fn), h, w, t, repeats=repeats, warmup=1)[0]
         print(json.dumps(dict(bench="logprob_time", backend=backend, impl=name, n=n, d=d, vocab=vocab,
                               dtype=jnp.dtype(dtype).name, median_s=seconds)))
 
@@ -87,7 +78,7 @@ def timing(repeats):
             attn_impls["cudnn"] = attention_api.cudnn
     for name, fn in attn_impls.items():
         loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, seg, seg, pos, pos).astype(jnp.float32))
-        seconds = median_seconds(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, repeats=repeats)
+        seconds = timed(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, repeats=repeats, warmup=1)[0]
         print(json.dumps(dict(bench="attention_time", backend=backend, impl=name, batch=batch, seq=seq, heads=heads,
                               kv_heads=kv_heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name, median_s=seconds)))
 

@@ -65,6 +65,7 @@ from alignment_kernels.attention import api as attention_api
 from alignment_kernels.attention import reference as attention_reference
 from alignment_kernels.logprob_kl import api as logprob_api
 from alignment_kernels.logprob_kl import reference as logprob_reference
+from benchmarks.common import timed
 
 SECTIONS = ("correctness", "speed", "sft", "grpo")
 # Max |got - reference| / max |reference|. fp32 matmuls on GPUs run on TF32 tensor cores (10-bit mantissa).
@@ -146,15 +147,6 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) after one warm-up call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def significant(x: float) -> float:
@@ -344,7 +336,7 @@ def attention_speed(impl: str, sizes: Sizes, peak: float, blocks: tuple[int, int
     else:
         fn = lambda q, k, v: attention_fn(impl)(q, k, v, seg, seg, pos, pos)
     step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
-    seconds = median_seconds(step, q, k, v, repeats=sizes.repeats)
+    seconds = timed(step, q, k, v, repeats=sizes.repeats, warmup=1)[0]
     flops = 3.5 * 4 * batch * heads * seq * seq * head_dim / 2
     return {"impl": impl, "blocks": blocks, "batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
             "head_dim": head_dim, "dtype": "bfloat16", **rate(seconds, flops, peak)}
@@ -357,7 +349,7 @@ def fused_speed(impl: str, sizes: Sizes, peak: float) -> dict:
     fn = logprob_fn(impl)
     grad = jax.jit(jax.grad(lambda h, w, t: -jnp.mean(fn(h, w, t, temperature=1.0).logp), (0, 1)))
     compiled = grad.lower(hidden, unembedding, targets).compile()
-    seconds = median_seconds(compiled, hidden, unembedding, targets, repeats=sizes.repeats)
+    seconds = timed(compiled, hidden, unembedding, targets, repeats=sizes.repeats, warmup=1)[0]
     flops = 6 * n * d * vocab
     return {"impl": impl, **dict(zip("NDV", sizes.fused[:3])), "dtype": "bfloat16", **rate(seconds, flops, peak),
             **memory_fields(compiled)}
@@ -402,9 +394,9 @@ def packed_sft_batch(rows: int, seq: int, samples: int, vocab: int) -> dict:
 
 def faster_fused_loss(report: Report) -> str:
     """The fused-loss implementation the speed section measured faster ('' = the backend's default)."""
-    timed = {i["impl"]: i["ms"] for i in report.sections.get("speed", []) if i.get("name", "").startswith("fused loss")
-             and i.get("impl") in ("pallas", "xla") and "ms" in i}
-    return min(timed, key=timed.get) if timed else ""
+    ms = {i["impl"]: i["ms"] for i in report.sections.get("speed", []) if i.get("name", "").startswith("fused loss")
+          and i.get("impl") in ("pallas", "xla") and "ms" in i}
+    return min(ms, key=ms.get) if ms else ""
 
 
 def sft(attention_impl: str, logprob_impl: str, sizes: Sizes, remat: str = "none") -> dict:

@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignment import checkpoint
 from alignment.checkpoint import Checkpointer, CorruptCheckpoint, load_params
@@ -28,6 +27,7 @@ from alignment import stages
 from alignment.train import runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
+from tests import persistent_compilation_cache
 
 MESH_8 = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -282,15 +282,7 @@ def run_config():
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     """Every restart compiles the same programs; a persistent cache loads them instead (~1 s a run, not ~6)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()  # the cache is otherwise set up once per process, by the first compilation
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    yield from persistent_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignment import stages
 from alignment.config import load_config_file
 from alignment.train.loop import Preempted
+from tests import persistent_compilation_cache
 
 PROMPTS = 16  # samples rewarded per RL step (G = 1) and per held-out evaluation (one generation program)
 
 
 @pytest.fixture
 def compilation_cache(tmp_path):
-    """The three runs of the stage test compile the same programs; a persistent compilation cache lets the
-    second and third load them instead (about 30 s each on 2 CPU cores)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()  # the cache is otherwise set up once per process, by the first compilation
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    """The three runs of the stage test compile the same programs; the second and third load them (about 30 s
+    each on 2 CPU cores)."""
+    yield from persistent_compilation_cache(str(tmp_path / "jax_cache"))
 
 
 def config(steps: int, preempt_at: int = 0):
