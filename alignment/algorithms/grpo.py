@@ -9,9 +9,12 @@ KL to the reference policy, two modes (`config.kl_mode`):
     (both renormalised there, so >= 0) enters a token-level reward r_t = -beta * KL_t, the sequence
     advantage is added at the last token, and each token's advantage is the reward-to-go;
   * "k3" (DeepSeekMath): beta * k3(logp, ref_logp) is added to the per-token loss, optionally weighted by the
-    importance ratio exp(logp - old_logp) (`kl_penalty`; TRL's default `use_bias_correction_kl`).
-Loss: the PPO-clip surrogate with separate low/high clip ranges, aggregated over the global batch by
-one of AGGREGATIONS through (sum, count) pairs, so micro-batches and hosts give the exact global mean.
+    policy loss's importance ratio (`kl_penalty`; TRL's default `use_bias_correction_kl`).
+Policy loss, by name (`POLICY_LOSSES`, `policy_loss`): the PPO-clip surrogate with separate low/high clip
+ranges (the paper's; DAPO's clip-higher), GSPO (one clipped ratio per sequence) or CISPO (a clipped, detached
+importance weight on the log-prob); tokens sampled by another policy are weighted by `off_policy`'s importance
+correction. Aggregated over the global batch by one of AGGREGATIONS through (sum, count) pairs, so micro-batches
+and hosts give the exact global mean.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from alignment.algorithms.logprobs import k3, logprobs_entropy_kl, target_hidden
+from alignment.algorithms.off_policy import ISCorrection, importance_weights, mismatch_sums
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
 KL_MODES = ("token_reward", "k3", "none")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
 
 
 def group_advantages(rewards: jax.Array, scale: str = "group", estimator: str = "grpo",
@@ -69,18 +74,52 @@ def token_advantages(seq_advantages: jax.Array, kl: jax.Array, mask: jax.Array, 
 def clipped_surrogate(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, clip_low: float,
                       clip_high: float) -> tuple[jax.Array, jax.Array]:
     """Per-token PPO-clip loss -min(ratio A, clip(ratio, 1 - low, 1 + high) A) and whether it clipped."""
-    ratio = jnp.exp(logp - old_logp)
+    return _clipped(jnp.exp(logp - old_logp), advantages, clip_low, clip_high)
+
+
+def _clipped(ratio: jax.Array, advantages: jax.Array, clip_low: float, clip_high: float) -> tuple[jax.Array, jax.Array]:
     unclipped = ratio * advantages
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
 
-def kl_penalty(logp: jax.Array, ref_logp: jax.Array, old_logp: jax.Array, importance_ratio: bool) -> jax.Array:
-    """Per-token KL term of the k3 mode [rows, tokens]: k3(logp, ref_logp), times exp(logp - old_logp) (with its
-    gradient) when `importance_ratio` is set. k3 estimates KL(policy || reference) on tokens drawn from the
-    policy; the ratio corrects for their having been drawn from the rollout (old) policy."""
+def importance_ratio(policy: str, logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """pi / pi_old as policy loss `policy` takes it: each token's exp(logp - old_logp) [rows, tokens], or for gspo
+    each sequence's exp(mean over its tokens of logp - old_logp) [rows, 1], the gradient flowing through the mean."""
+    if policy == "gspo":
+        mask = mask.astype(jnp.float32)
+        lengths = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+        return jnp.exp(jnp.sum((logp - old_logp) * mask, axis=1, keepdims=True) / lengths)
+    return jnp.exp(logp - old_logp)
+
+
+def policy_loss(name: str, logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
+                clip_low: float, clip_high: float) -> tuple[jax.Array, jax.Array]:
+    """Per-token policy loss [rows, tokens] and 1.0 where it clipped, by name (`POLICY_LOSSES`), on the
+    `importance_ratio`:
+
+    ppo_clip: `clipped_surrogate`, the clip on each token's ratio;
+    gspo: the same surrogate on each sequence's ratio, shared by its tokens (GSPO; TRL's
+      importance_sampling_level="sequence"). GSPO's paper clips it far tighter than a token's (ranges of ~1e-4);
+    cispo: -sg(min(ratio, 1 + clip_high)) * A * logp, the ratio clipped and detached into a weight, so every token
+      keeps its gradient (CISPO; TRL's loss_type="cispo" with epsilon_high = 1 + clip_high). No lower clip.
+    """
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {name!r}")
+    ratio = importance_ratio(name, logp, old_logp, mask)
+    if name == "cispo":
+        weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + clip_high))
+        return -weight * advantages * logp, (ratio > 1.0 + clip_high).astype(jnp.float32)
+    return _clipped(ratio, advantages, clip_low, clip_high)
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, ratio: jax.Array | None = None) -> jax.Array:
+    """Per-token KL term of the k3 mode [rows, tokens]: k3(logp, ref_logp), times `ratio` (with its gradient)
+    when given: the policy loss's `importance_ratio` (TRL's default `use_bias_correction_kl`). k3 estimates
+    KL(policy || reference) on tokens drawn from the policy; the ratio corrects for their having been drawn from
+    the old policy."""
     kl = k3(logp, ref_logp)
-    return kl * jnp.exp(logp - old_logp) if importance_ratio else kl
+    return kl if ratio is None else kl * ratio
 
 
 def kl_form(importance_ratio: bool) -> str:
@@ -130,13 +169,20 @@ def reference_topk(hidden: jax.Array, unembedding: jax.Array, k: int, temperatur
 
 def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float, clip_low: float,
               clip_high: float, kl_mode: str, beta: float, aggregation: str, max_tokens: int, group: int = 1,
-              kl_importance_ratio: bool = False):
+              kl_importance_ratio: bool = False, policy: str = "ppo_clip",
+              correction: ISCorrection = ISCorrection()):
     """The policy update loss on a rollout batch: inputs, positions, segment_ids [rows, W]; targets, loss_mask
-    (completion tokens), advantages, old_logp (from the rollout policy), ref_logp (k3 mode) [rows, C], over
-    the last C input columns (`logprobs.target_hidden`); first_pass [rows] (1.0 where the parameters are still
-    the rollout's, so old_logp is taken as this pass's own log-prob and the ratio is exactly 1). group > 1:
-    rows come in runs of that many samples of one prompt, which then runs once (`logprobs.target_hidden`).
-    kl_importance_ratio (k3 mode only): the KL term is k3 times the ratio (`kl_penalty`).
+    (completion tokens), advantages, old_logp (pi_old: the trainer's policy at the start of the step's updates),
+    ref_logp (k3 mode) [rows, C], over the last C input columns (`logprobs.target_hidden`); first_pass [rows]
+    (1.0 where the parameters are still pi_old's, so old_logp is taken as this pass's own log-prob and the ratio
+    is exactly 1). group > 1: rows come in runs of that many samples of one prompt, which then runs once
+    (`logprobs.target_hidden`). kl_importance_ratio (k3 mode only): the KL term is k3 times the ratio
+    (`kl_penalty`). policy: one of POLICY_LOSSES (`policy_loss`).
+
+    With sampler_logp [rows, C] in the batch (the log-probs the rollout engine sampled the tokens with), the
+    policy loss is weighted by `correction`'s importance weights (`off_policy.importance_weights`) and the
+    metrics measure the sampler/trainer mismatch (`off_policy.mismatch_sums`) and count the tokens the
+    correction masked (`is_masked_sum`) or truncated (`is_truncated_sum`).
 
     Metrics also hold the policy's entropy summed over the completion tokens (`entropy_sum`), so a step that
     skips the separate scoring pass of the policy still reports it, and in k3 mode the KL term summed over them,
@@ -152,16 +198,23 @@ def grpo_loss(model, params, batch: dict, rng: jax.Array, *, temperature: float,
     logp = scored.logp
     first = batch["first_pass"][:, None] > 0
     old_logp = jnp.where(first, jax.lax.stop_gradient(logp), batch["old_logp"])
-    per_token, clipped = clipped_surrogate(logp, old_logp, batch["advantages"], clip_low, clip_high)
     mask = batch["loss_mask"].astype(jnp.float32)
+    per_token, clipped = policy_loss(policy, logp, old_logp, batch["advantages"], mask, clip_low, clip_high)
     metrics = {
         "clip_fraction_sum": jnp.sum(clipped * mask),
         "ratio_sum": jnp.sum(jnp.exp(logp - old_logp) * mask),
         "tokens": jnp.sum(mask),
         "entropy_sum": jnp.sum(jax.lax.stop_gradient(scored.entropy) * mask),
     }
+    if "sampler_logp" in batch:
+        metrics.update(mismatch_sums(old_logp, batch["sampler_logp"], mask))
+        if correction.mode != "none":
+            weights, masked, truncated = importance_weights(old_logp, batch["sampler_logp"], mask, correction)
+            per_token = per_token * weights
+            metrics.update(is_masked_sum=jnp.sum(masked * mask), is_truncated_sum=jnp.sum(truncated * mask))
     if kl_mode == "k3":
-        kl = kl_penalty(logp, batch["ref_logp"], old_logp, kl_importance_ratio)
+        ratio = importance_ratio(policy, logp, old_logp, mask) if kl_importance_ratio else None
+        kl = kl_penalty(logp, batch["ref_logp"], ratio)
         per_token = per_token + beta * kl
         metrics[f"{kl_form(kl_importance_ratio)}_sum"] = jnp.sum(kl * mask)
     loss_sum, count = aggregate(per_token, mask, aggregation, max_tokens)

@@ -31,8 +31,14 @@ def split_micro_batches(batch: dict, num: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def combine_metrics(total: dict, new: dict) -> dict:
+    """Metrics of two micro-batches as one: summed, except those named `*_max` (maxima of non-negative
+    quantities), which keep the larger."""
+    return {k: jnp.maximum(total[k], v) if k.endswith("_max") else total[k] + v for k, v in new.items()}
+
+
 def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng, num_micro_batches: int):
-    """(grad of the summed loss, loss_sum, count, summed metrics) over `num_micro_batches`."""
+    """(grad of the summed loss, loss_sum, count, metrics combined by `combine_metrics`) over `num_micro_batches`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches == 1:
         (loss_sum, (count, metrics)), grads = grad_fn(params, batch, rng)
@@ -44,7 +50,9 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng, num_micro_ba
     def body(carry, xs):
         mb, key = xs
         (loss_sum, (count, metrics)), grads = grad_fn(params, mb, key)
-        return jax.tree.map(jnp.add, carry, (grads, loss_sum, count, metrics)), None
+        total_grads, total_loss, total_count, total_metrics = carry
+        return (jax.tree.map(jnp.add, total_grads, grads), total_loss + loss_sum, total_count + count,
+                combine_metrics(total_metrics, metrics)), None
 
     zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1][1])
     init = (

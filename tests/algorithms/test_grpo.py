@@ -130,9 +130,12 @@ def test_kl_penalty_is_k3_times_the_importance_ratio():
     logp, ref, old = RNG.normal(-2, 1, (3, 7)), RNG.normal(-2, 1, (3, 7)), RNG.normal(-2, 1, (3, 7))
     k3 = np.exp(ref - logp) - (ref - logp) - 1
     as_jax = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]
-    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref, old), False), k3, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref, old), True), k3 * np.exp(logp - old), rtol=1e-5,
+    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref)), k3, rtol=1e-5, atol=1e-7)
+    ratio = grpo.importance_ratio("ppo_clip", *as_jax(logp, old), jnp.ones((3, 7)))
+    np.testing.assert_allclose(grpo.kl_penalty(*as_jax(logp, ref), ratio), k3 * np.exp(logp - old), rtol=1e-5,
                                atol=1e-7)
+    sequence = grpo.importance_ratio("gspo", *as_jax(logp, old), jnp.ones((3, 7)))  # GSPO: one ratio per sequence
+    np.testing.assert_allclose(sequence[:, 0], np.exp(np.mean(logp - old, axis=1)), rtol=1e-5)
     assert grpo.kl_form(False) == "k3" and grpo.kl_form(True) == "k3_ratio"
 
 
@@ -140,3 +143,68 @@ def test_importance_ratio_needs_the_k3_mode():
     with pytest.raises(ValueError, match="kl_importance_ratio .* needs kl_mode 'k3', got 'token_reward'"):
         grpo.grpo_loss(None, None, {}, None, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_mode="token_reward",
                        beta=0.1, aggregation="token_mean", max_tokens=4, kl_importance_ratio=True)
+
+
+def numpy_policy_loss(name, logp, old, adv, mask, low, high):
+    """(per-token loss, its gradient w.r.t. logp) of the published formulas, in float64, row by row."""
+    loss, grad = np.zeros_like(logp), np.zeros_like(logp)
+    for r in range(logp.shape[0]):
+        real = mask[r]
+        if name == "gspo":  # one ratio per sequence: s = exp(mean of the log-ratios)
+            s = np.exp(np.mean(logp[r, real] - old[r, real]))
+            for t in np.flatnonzero(real):
+                unclipped, clipped = s * adv[r, t], np.clip(s, 1 - low, 1 + high) * adv[r, t]
+                loss[r, t] = -min(unclipped, clipped)
+                if unclipped <= clipped:  # the unclipped branch is the min: d(-s A)/d logp_u = -s A / n
+                    grad[r, real] += -s * adv[r, t] / real.sum()
+        else:  # cispo: -sg(min(ratio, 1 + high)) A logp
+            w = np.minimum(np.exp(logp[r] - old[r]), 1 + high)
+            loss[r], grad[r] = -w * adv[r] * logp[r], -w * adv[r]
+    return loss, grad * mask
+
+
+@pytest.mark.parametrize("name", ["gspo", "cispo"])
+def test_policy_losses_match_their_formulas(name):
+    rng = np.random.default_rng(11)  # its own draws, so the clip binds on some tokens whatever ran before
+    logp = rng.normal(-2, 0.3, (6, 8))
+    old = logp + rng.normal(0, 0.3 if name == "cispo" else 0.08, logp.shape)
+    adv = np.repeat(rng.standard_normal((6, 1)), 8, axis=1)
+    mask = rng.random((6, 8)) < 0.8
+    mask[:, 0] = True
+    low, high = (0.01, 0.015) if name == "gspo" else (0.2, 0.28)
+    expected, expected_grad = numpy_policy_loss(name, logp, old, adv, mask, low, high)
+    with jax.enable_x64(True):
+        def total(lp):
+            per_token, _ = grpo.policy_loss(name, lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), low, high)
+            return jnp.sum(per_token * mask), per_token
+
+        (_, per_token), grad = jax.value_and_grad(total, has_aux=True)(jnp.asarray(logp))
+        np.testing.assert_allclose(np.asarray(per_token)[mask], expected[mask], rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-12, atol=1e-15)
+    _, clipped = grpo.policy_loss(name, jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                  low, high)
+    assert 0 < float(np.asarray(clipped)[mask].mean()) < 1  # the clip binds on some tokens, not all
+
+
+def test_ppo_clip_by_name_is_the_clipped_surrogate_and_unknown_names_are_refused():
+    logp, old, adv = (jnp.asarray(RNG.normal(-2, 0.3, (3, 4))) for _ in range(3))
+    got = grpo.policy_loss("ppo_clip", logp, old, adv, jnp.ones((3, 4)), 0.2, 0.28)
+    want = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="policy loss must be one of .* got 'gpso'"):
+        grpo.policy_loss("gpso", logp, old, adv, jnp.ones((3, 4)), 0.2, 0.28)
+
+
+@pytest.mark.parametrize("policy", grpo.POLICY_LOSSES)
+def test_first_pass_ratio_is_one_for_every_policy_loss(policy):
+    """On pi_old's own log-probs every loss is -A logp's gradient: the ratio (token or sequence) is exactly 1."""
+    logp = jnp.asarray(RNG.normal(-2, 0.3, (3, 5)))
+    adv, mask = jnp.asarray(RNG.standard_normal((3, 5))), jnp.ones((3, 5))
+    grad = jax.grad(lambda lp: jnp.sum(grpo.policy_loss(policy, lp, jax.lax.stop_gradient(lp), adv, mask, 0.2,
+                                                        0.28)[0]))(logp)
+    if policy == "gspo":  # a sequence's tokens share the mean of its advantages
+        expected = -np.repeat(np.asarray(adv).mean(axis=1, keepdims=True), 5, axis=1)
+    else:
+        expected = -np.asarray(adv)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-6)

@@ -8,15 +8,19 @@ w.r.t. the per-token log-probs for each loss type. Here the same loss is built f
 
 TRL loss type -> our aggregation: grpo -> seq_mean_token_mean, bnpo and dapo -> token_mean (one process, no
 accumulation: the local and the global token count agree), dr_grpo -> constant with max_tokens =
-max_completion_length. kl is our `kl_penalty(logp, ref_logp, old_logp, importance_ratio)`: k3 as is when TRL's
-use_bias_correction_kl is off, times the importance ratio exp(logp - old_logp) when it is on (TRL's default; our
-`rl.kl_importance_ratio`). An absent old_logp is TRL's on-policy case: old_logp = stop_gradient(logp), as our
+max_completion_length. kl is our `kl_penalty(logp, ref_logp, ratio)`: k3 as is when TRL's use_bias_correction_kl
+is off, times the importance ratio exp(logp - old_logp) when it is on (TRL's default; our `rl.kl_importance_ratio`). An absent old_logp is TRL's on-policy case: old_logp = stop_gradient(logp), as our
 first pass does.
 
 The fixture's `model_cases` also pin TRL's sampling temperature: TRL computes their log-probs itself from final
 hidden states and an output head at temperature 1.0 or 0.7, and they run here through `grpo_loss` itself (our
 fused log-prob kernel at that temperature, then the loss), compared on the log-probs, the loss, the KL metric
 and the gradients w.r.t. the hidden states and the head.
+
+The fixture's `off_policy_cases` run the same way for GSPO (TRL's importance_sampling_level="sequence", whose
+sequence ratio also weights the KL term), CISPO (TRL's cap epsilon_high is our 1 + clip_high) and TRL's
+importance-sampling correction of sampler log-probs in its four modes, whose weights TRL's own
+`_generate_and_score_completions` computed: ours must give the same weights, loss, KL and gradients.
 """
 import json
 import types
@@ -28,6 +32,7 @@ import pytest
 
 from alignment.algorithms.grpo import aggregate, clipped_surrogate, grpo_loss, kl_form, kl_penalty
 from alignment.algorithms.logprobs import logprobs_entropy_kl
+from alignment.algorithms.off_policy import ISCorrection, importance_weights
 from tests import FIXTURES
 
 FIXTURE = FIXTURES / "trl_grpo.json"
@@ -52,7 +57,7 @@ def trl_equivalent_loss(case, dtype):
     def loss(logp):
         old = jax.lax.stop_gradient(logp) if case["old_per_token_logps"] is None else as_array("old_per_token_logps")
         per_token, _ = clipped_surrogate(logp, old, advantages[:, None], case["epsilon_low"], case["epsilon_high"])
-        kl = kl_penalty(logp, ref, old, case["use_bias_correction_kl"])
+        kl = kl_penalty(logp, ref, jnp.exp(logp - old) if case["use_bias_correction_kl"] else None)
         total, count = aggregate(per_token + case["beta"] * kl, mask, aggregation, case["max_completion_length"])
         kl_sum, tokens = aggregate(kl, mask, "token_mean", case["max_completion_length"])
         return total / count, (count, kl_sum / tokens)
@@ -152,6 +157,64 @@ def test_grpo_loss_matches_trl_through_the_temperature(case):
     assert {k for k in metrics if k.startswith("k3")} == {f"{form}_sum"}
     kl_mean = float(metrics[f"{form}_sum"] / metrics["tokens"])
     assert abs(kl_mean - case["trl_kl"]) <= 1e-5 * max(case["trl_kl"], 1.0)
+    for key in ("hidden", "unembedding"):
+        expected = np.asarray(case[f"trl_grad_{key}"])
+        assert np.abs(np.asarray(grads[key]) - expected).max() <= 1e-5 * np.abs(expected).max(), key
+
+
+OFF_POLICY_CASES = json.loads(FIXTURE.read_text()).get("off_policy_cases", []) if FIXTURE.exists() else []
+IS_MODES = {"truncate": "tis", "mask": "mis"}
+
+
+def off_policy_settings(case):
+    """grpo_loss's policy, clip_high and ISCorrection for a TRL off-policy case: importance_sampling_level
+    'sequence' is GSPO; CISPO's cap epsilon_high is our 1 + clip_high; vllm_importance_sampling_mode
+    '<level>_<truncate|mask>' with clip_min / clip_max is our correction at that level (no clip_min: low 0)."""
+    policy = "cispo" if case["trl_loss_type"] == "cispo" else "gspo" if case["importance_sampling_level"] == "sequence" \
+        else "ppo_clip"
+    clip_high = case["epsilon_high"] - 1.0 if policy == "cispo" else case["epsilon_high"]
+    correction = ISCorrection()
+    if case.get("is_mode"):
+        level, mode = case["is_mode"].split("_")
+        correction = ISCorrection(IS_MODES[mode], level, case["is_clip_min"] or 0.0, case["is_clip_max"])
+    return policy, clip_high, correction
+
+
+def test_off_policy_fixture_covers_gspo_cispo_and_every_correction():
+    cases = OFF_POLICY_CASES or load_cases("off_policy_cases")
+    assert {off_policy_settings(c)[0] for c in cases} == {"ppo_clip", "gspo", "cispo"}
+    assert {c["is_mode"] for c in cases if c.get("is_mode")} == {f"{level}_{mode}" for level in ("token", "sequence")
+                                                               for mode in ("truncate", "mask")}
+
+
+@pytest.mark.parametrize("case", OFF_POLICY_CASES, ids=[
+    f"{c['trl_loss_type']}-{c['importance_sampling_level']}-{c.get('is_mode')}-T={c['temperature']}"
+    for c in OFF_POLICY_CASES])
+def test_off_policy_losses_match_trl(case):
+    policy, clip_high, correction = off_policy_settings(case)
+    params = {"hidden": jnp.asarray(case["hidden"], jnp.float32),
+              "unembedding": jnp.asarray(case["unembedding"], jnp.float32)}
+    batch = model_case_batch(case)
+    if case.get("is_mode"):
+        batch["sampler_logp"] = np.asarray(case["sampling_per_token_logps"], np.float32)
+        mask = batch["loss_mask"]
+        weights, _, _ = importance_weights(batch["old_logp"], batch["sampler_logp"], mask, correction)
+        expected = np.broadcast_to(np.asarray(case["trl_importance_sampling_ratio"]), mask.shape)
+        np.testing.assert_allclose(np.asarray(weights)[mask > 0], expected[mask > 0], rtol=2e-6)
+
+    def loss(params):
+        total, (count, metrics) = grpo_loss(
+            FixedHidden(), params, batch, None, temperature=case["temperature"], clip_low=case["epsilon_low"],
+            clip_high=clip_high, kl_mode="k3", beta=case["beta"], aggregation=case["ours"],
+            max_tokens=case["max_completion_length"], kl_importance_ratio=case["use_bias_correction_kl"],
+            policy=policy, correction=correction)
+        return total / count, metrics
+
+    (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert abs(float(value) - case["trl_loss"]) <= 1e-5 * max(abs(case["trl_loss"]), 1.0)
+    if case["beta"] > 0:
+        kl_mean = float(metrics[f"{kl_form(case['use_bias_correction_kl'])}_sum"] / metrics["tokens"])
+        assert abs(kl_mean - case["trl_kl"]) <= 1e-5 * max(case["trl_kl"], 1.0)
     for key in ("hidden", "unembedding"):
         expected = np.asarray(case[f"trl_grad_{key}"])
         assert np.abs(np.asarray(grads[key]) - expected).max() <= 1e-5 * np.abs(expected).max(), key
