@@ -7,45 +7,53 @@
 Settings are configs/serve.py's keys (that file is the default --config). The server logs its address and one
 line per request; --verbosity=1 adds the libraries' (JAX, Orbax) log lines.
 
-Requests run through the engine one at a time (a lock); each request's n samples share one prefill, and n is
-padded to a power of two so a new n re-uses a compiled program (prompt and token lengths are bucketed by the
-engine). Supported request fields: model, messages / prompt, max_tokens (or max_completion_tokens),
-temperature (default 1), top_p, n, stop, seed, and the common extensions top_k and min_p; message content is a
-string or a list of text parts. A `model` other than the served names gets 404 model_not_found; an absent one
-means the served model. A prompt that leaves no room for max_tokens is refused with 400 (code
-context_length_exceeded), never truncated. Errors are JSON: {"error": {"message", "type", "param", "code"}}.
+Concurrent requests share the engine's batch: every request's sequences (its `n` samples, which share the
+prompt's KV pages) are queued with one engine worker (`alignment.generation.worker`) that steps the continuous-
+batching engine on its own thread, so a request joins the decoding batch at the next step whatever else is
+running. `stream: true` answers with server-sent events in the OpenAI format (chunks of new text, then
+`data: [DONE]`; `stream_options.include_usage` adds a usage chunk). At most `max_waiting` sequences may wait for
+a decode slot; a request that would queue more gets 429 (code queue_full) with Retry-After. Supported request
+fields: model, messages / prompt, max_tokens (or max_completion_tokens), temperature (default 1), top_p, n,
+stop (up to 4 strings, found in the text as it is generated), seed, stream, stream_options, and the common
+extensions top_k and min_p; message content is a string or a list of text parts. A `model` other than the
+served names gets 404 model_not_found; an absent one means the served model. A prompt that leaves no room for
+max_tokens is refused with 400 (code context_length_exceeded), never truncated. Errors are JSON:
+{"error": {"message", "type", "param", "code"}}.
 
 Hostile or departed clients are contained (`alignment.generation.http_server`): at most `max_connections`
 connections are served at once (more get 503 at once), every socket read waits at most `read_timeout` seconds
-and a request body must arrive within it (else 408), and a client that disconnects cancels its generation
-within `CANCEL_CHECK_STEPS` decode steps, so the next request does not wait for abandoned work.
+and a request body must arrive within it (else 408), and a client that disconnects has its sequences cancelled
+within `CANCEL_POLL_S` seconds (or at the first chunk a streaming answer cannot write), their slots and KV
+pages freed at the next engine step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import secrets
-import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
 from alignment import config as config_lib
 from alignment.config import Field, at_least, model_preset, one_of, positive
 from alignment.data.chat import TEMPLATES, encode_chat
-from alignment.generation.loading import build_engine
-from alignment.generation.engine import Engine, bucket
+from alignment.generation.engine import Cancelled, Engine
 from alignment.generation.http_server import RequestError, client_gone, make_server
+from alignment.generation.loading import build_engine
 from alignment.generation.sampling import SamplingParams
+from alignment.generation.scheduler import Request
 from alignment.generation.text import finish
+from alignment.generation.worker import Job, QueueFull, Worker
 
 MAX_SAMPLES = 64
 MAX_STOPS = 4
-CANCEL_CHECK_STEPS = 16  # decode steps between checks of the client's connection
+CANCEL_POLL_S = 0.1  # how often a waiting request checks that its client is still connected
 
 logger = logging.getLogger("alignment.serve")  # by name: run as __main__, the module's own name says nothing
 
@@ -100,22 +108,28 @@ def _stops(body: dict) -> tuple[str, ...]:
 
 
 class Service:
-    """Turns request bodies into engine calls and OpenAI response bodies; thread-safe.
+    """Turns request bodies into engine requests and OpenAI response bodies; thread-safe.
 
-    While a request runs in a handler thread, `client_gone` holds its connection check: the generation stops
-    (engine `Cancelled`) when the client has gone away.
+    Requests from all handler threads go to one `Worker`, which steps the engine on its own thread, so concurrent
+    requests decode in the same batch. While a request waits, `client_gone` (its connection check) is asked every
+    `CANCEL_POLL_S`; a departed client's sequences are cancelled (engine `Cancelled` for the handler).
+    A streamed answer is an iterator of chunk bodies that cancels its sequences when closed early.
     """
 
     def __init__(self, engine: Engine, tokenizer, chat_template: str, model_name: str | Sequence[str],
-                 default_max_tokens: int = 256, pas=None):
+                 default_max_tokens: int = 256, pas=None, max_waiting: int = 256):
         """model_name: the name, or names, a request's `model` may give; the first is the one answers report.
-        pas: an `alignment.pas.augment.Pas` put in front of the model for chat requests, or None."""
+        pas: an `alignment.pas.augment.Pas` put in front of the model for chat requests, or None.
+        max_waiting: sequences that may wait for a decode slot; beyond, requests get 429."""
         self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
         self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
         if not self.model_names:
             raise ValueError("a served model needs at least one name")
         self.model_name, self.default_max_tokens, self.pas = self.model_names[0], default_max_tokens, pas
-        self._lock = threading.Lock()
+        self.worker = Worker(engine, max_waiting)
+
+    def close(self) -> None:
+        self.worker.close()
 
     def models(self) -> dict:
         return {"object": "list",
@@ -132,7 +146,7 @@ class Service:
             raise RequestError(f"model {model!r} is not served here; served: {', '.join(self.model_names)}",
                                param="model", code="model_not_found", status=404)
 
-    def chat_completions(self, body: dict) -> dict:
+    def chat_completions(self, body: dict) -> dict | Iterator[dict]:
         self._check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -145,9 +159,15 @@ class Service:
             ids = encode_chat(self.tokenizer, messages, self.chat_template, add_generation_prompt=True).ids.tolist()
         except ValueError as e:
             raise RequestError(f"messages: {e}", param="messages") from None
-        choices, usage = self._generate(body, ids)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "usage": usage,
+        run = self._start(body, ids)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if run.stream:
+            return self._events(run, {**head, "object": "chat.completion.chunk"},
+                                lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None},
+                                first=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None})
+        choices, usage = self._collect(run)
+        return {**head, "object": "chat.completion", "usage": usage,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
                              "finish_reason": c["finish_reason"], "logprobs": None} for i, c in enumerate(choices)]}
 
@@ -161,7 +181,7 @@ class Service:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RequestError(f"messages: PAS cannot complement them ({e})", param="messages") from None
 
-    def completions(self, body: dict) -> dict:
+    def completions(self, body: dict) -> dict | Iterator[dict]:
         self._check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -169,15 +189,25 @@ class Service:
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("'prompt' must be a non-empty string (one prompt per request)", param="prompt")
         bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
-        choices, usage = self._generate(body, bos + self.tokenizer.encode(prompt))
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "usage": usage,
+        run = self._start(body, bos + self.tokenizer.encode(prompt))
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        if run.stream:
+            return self._events(run, head, lambda i, text: {"index": i, "text": text, "logprobs": None})
+        choices, usage = self._collect(run)
+        return {**head, "usage": usage,
                 "choices": [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                             for i, c in enumerate(choices)]}
 
-    def _generate(self, body: dict, ids: list[int]) -> tuple[list[dict], dict]:
-        if body.get("stream"):
-            raise RequestError("streaming is not supported; send stream=false", param="stream")
+    def _start(self, body: dict, ids: list[int]) -> "_Run":
+        """Checks a request's settings and queues its sequences."""
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)}", param="stream")
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage",
+                                                                                               False), bool)):
+            raise RequestError("'stream_options' must be {\"include_usage\": true or false}", param="stream_options")
         room = self.engine.max_len - len(ids)
         if room < 1:
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's context length is "
@@ -193,20 +223,98 @@ class Service:
         n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_SAMPLES, f"an integer in [1, {MAX_SAMPLES}]")
         seed = _field(body, "seed", int, None, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
         sampling, stop = _sampling(body), _stops(body)
-        with self._lock:  # a client that left while waiting here is cancelled before the prefill
-            out = self.engine.generate([ids], max_tokens, sampling, num_samples=n, pad_samples_to=bucket(n, 1),
-                                       seeds=[secrets.randbits(31) if seed is None else seed],
-                                       stop_ids=self._single_token_stops(stop), cancelled=client_gone.get(),
-                                       check_every=CANCEL_CHECK_STEPS)
-        choices = [finish(self.tokenizer, out.row(r), bool(out.stopped[r]), stop) for r in range(n)]
-        completion_tokens = sum(c["num_tokens"] for c in choices)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                 "total_tokens": len(ids) + completion_tokens}
-        return choices, usage
+        try:
+            job = self.worker.submit(ids, max_tokens, sampling, seed=secrets.randbits(31) if seed is None else seed,
+                                     samples=n, stop_strings=stop)
+        except QueueFull as e:
+            raise RequestError(str(e), code="queue_full", status=429) from None
+        except ValueError as e:  # more than the KV cache can ever hold
+            raise RequestError(str(e), param="max_tokens", code="context_length_exceeded") from None
+        return _Run(job, stop, len(ids), stream, bool((options or {}).get("include_usage")))
 
-    def _single_token_stops(self, stop: tuple[str, ...]) -> list[int]:
-        """Stop strings that are one vocabulary token also end the row inside the decode loop."""
-        return [i for i in map(self.tokenizer.token_id, stop) if i is not None]
+    def _wait(self, run: "_Run") -> Iterator[Request]:
+        """The run's sequences as they grow or end; cancels them when the client has gone away or the
+        iteration is left early (a streaming client that stopped reading)."""
+        gone = client_gone.get()
+        try:
+            for changed in self.worker.updates(run.job, CANCEL_POLL_S):
+                if gone is not None and gone():
+                    raise Cancelled(sum(len(r.generated) for r in run.job.requests))
+                if changed is not None:
+                    if changed.error:
+                        raise RuntimeError(f"generation failed: {changed.error}")
+                    yield changed
+        finally:
+            if not run.job.done:
+                self.worker.cancel(run.job)
+
+    def _collect(self, run: "_Run") -> tuple[list[dict], dict]:
+        for _ in self._wait(run):
+            pass
+        choices = [finish(self.tokenizer, r.generated, r.stopped, run.stop) for r in run.job.requests]
+        return choices, _usage(run.prompt_tokens, choices)
+
+    def _events(self, run: "_Run", head: dict, choice, first=None) -> Iterator[dict]:
+        """Chunk bodies of a streamed answer: `first(i)` for each choice (if given), then each choice's new text
+        as it is generated (`choice(i, text)`), its last piece with the finish reason, and the usage when asked."""
+        if first is not None:
+            yield {**head, "choices": [first(i) for i in range(len(run.job.requests))]}
+        index = {r: i for i, r in enumerate(run.job.requests)}
+        texts = [_TextStream(self.tokenizer, run.stop) for _ in run.job.requests]
+        finished = [None] * len(texts)
+        for request in self._wait(run):
+            i = index[request]
+            if finished[i] is not None:
+                continue
+            if request.finished:
+                finished[i] = finish(self.tokenizer, request.generated, request.stopped, run.stop)
+                piece = texts[i].rest(finished[i]["text"])
+                yield {**head, "choices": [{**choice(i, piece), "finish_reason": finished[i]["finish_reason"]}]}
+            elif piece := texts[i].more(request.generated):
+                yield {**head, "choices": [{**choice(i, piece), "finish_reason": None}]}
+        if run.include_usage:
+            yield {**head, "choices": [], "usage": _usage(run.prompt_tokens, finished)}
+
+
+@dataclasses.dataclass
+class _Run:
+    job: Job
+    stop: tuple[str, ...]
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+def _usage(prompt_tokens: int, choices: list[dict]) -> dict:
+    completion_tokens = sum(c["num_tokens"] for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _TextStream:
+    """The text of one choice in pieces: each piece extends what was sent, and what was sent is always the
+    start of the final text (`text.finish`'s). While generating, text that may be the start of a stop string,
+    and an incomplete multi-byte character at the end, are held back."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.hold = tokenizer, max((len(s) for s in stop), default=1) - 1
+        self.sent = ""
+
+    def more(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special=True)
+        end = len(text) - self.hold
+        while end > 0 and text[end - 1] == "\ufffd":  # bytes of a character still to come
+            end -= 1
+        return self._extend(text[:max(end, 0)])
+
+    def rest(self, final: str) -> str:
+        return self._extend(final)
+
+    def _extend(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""  # nothing new, or a decoding that changed earlier text: wait for it to settle
+        piece, self.sent = text[len(self.sent):], text
+        return piece
 
 
 def engine_config(checkpoint: str, model: str = "tiny", tokenizer: str = "", chat_template: str = "",
@@ -235,6 +343,8 @@ FIELDS = {
     "port": Field(low=0, high=65535, integer=True),
     "max_tokens": positive(),
     "max_connections": positive(),
+    "slots": positive(),
+    "max_waiting": positive(),
     "read_timeout": Field(low=0, open_low=True),
 }
 
@@ -248,15 +358,16 @@ def check(config: ml_collections.ConfigDict) -> None:
 def main(config: ml_collections.ConfigDict) -> None:
     check(config)
     loading = engine_config(config.checkpoint, config.model, config.tokenizer, config.chat_template, config.seed)
-    engine, tokenizer = build_engine(loading)  # fills in the checkpoint's tokenizer and template
+    engine, tokenizer = build_engine(loading, slots=config.slots)  # fills in the checkpoint's tokenizer, template
     names = served_model_names(config.checkpoint, config.served_model_name.split(","))
     pas = None
     if config.pas:
         from alignment.pas.augment import load_pas
 
         pas = load_pas(config.pas)
-    server = make_server(Service(engine, tokenizer, loading.chat_template, names, config.max_tokens, pas), config.host,
-                         config.port, config.max_connections, config.read_timeout, access_log=logger)
+    service = Service(engine, tokenizer, loading.chat_template, names, config.max_tokens, pas, config.max_waiting)
+    server = make_server(service, config.host, config.port, config.max_connections, config.read_timeout,
+                         access_log=logger)
     logger.info("serving %s on http://%s:%d/v1", " = ".join(names), *server.server_address[:2])
     try:
         server.serve_forever()
@@ -264,6 +375,7 @@ def main(config: ml_collections.ConfigDict) -> None:
         logger.info("stopped")
     finally:
         server.server_close()
+        service.close()
 
 
 def run() -> None:

@@ -22,6 +22,8 @@ def get_config():
     c.served_model_name = ""  # comma-separated `model` names requests may give, first reported; '' = dir name, default
     c.max_tokens = 256  # new tokens when a request does not say
     c.max_connections = 64  # connections served at once; more get 503
+    c.slots = 64  # sequences decoding together in the engine's batch (requests and their n samples share it)
+    c.max_waiting = 256  # sequences that may wait for a slot; a request beyond gets 429
     c.read_timeout = 30.0  # seconds a socket read may wait (an idle keep-alive connection is closed after it)
     c.pas = ""  # PAS model in front of chat requests: a pas run's pas_model directory or an API root; '' = off
     return c

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server answers real HTTP clients on localhost; bad requests get 4xx JSON errors; hostile
 or departed clients (stalled bodies, too many connections, disconnects, broken pipes) are contained. The command
 line prints the address and one line per request (library logs with --verbosity), and bad settings are one line."""
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -23,12 +24,13 @@ from alignment.config import model_preset
 from alignment.data.chat import encode_chat, render_chat_text
 from alignment.data.tokenizer import load_tokenizer
 from alignment.generation import client
-from alignment.generation.engine import Cancelled, Engine
+from alignment.generation.engine import Engine
 from alignment.generation.http_server import make_server
+from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import stop_token_ids
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
-from alignment.serve import CANCEL_CHECK_STEPS, Service, engine_config, served_model_names
+from alignment.serve import Service, engine_config, served_model_names
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 MAX_LEN = 64  # a short context makes the over-long case cheap
@@ -43,6 +45,12 @@ def model():
     return config, params, load_tokenizer("embedded"), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
+def make_engine(model, **options):
+    config, params, tokenizer, mesh = model
+    return Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id,
+                  detokenize=lambda ids: tokenizer.decode(ids, skip_special=True), slots=16, **options)
+
+
 @contextlib.contextmanager
 def serving(service, **options):
     """The base URL of `service` served in a background thread; options go to `make_server`."""
@@ -55,13 +63,13 @@ def serving(service, **options):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        service.close()
 
 
 @pytest.fixture(scope="module")
 def served(model):
-    config, params, tokenizer, mesh = model
-    engine = Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id,
-                    stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN)
+    tokenizer = model[2]
+    engine = make_engine(model, stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN)
     with serving(Service(engine, tokenizer, "chatml", "tiny")) as base:
         yield base, engine, tokenizer
 
@@ -123,7 +131,8 @@ def test_completions_and_models_and_seeded_sampling(served):
      .encode(), 400, "only text parts"),
     (json.dumps({"messages": MESSAGES, "top_p": 0}).encode(), 400, "'top_p' must be"),
     (json.dumps({"messages": MESSAGES, "n": 0}).encode(), 400, "'n' must be"),
-    (json.dumps({"messages": MESSAGES, "stream": True}).encode(), 400, "streaming is not supported"),
+    (json.dumps({"messages": MESSAGES, "stream": "yes"}).encode(), 400, "'stream' must be true or false"),
+    (json.dumps({"messages": MESSAGES, "stream": True, "stream_options": [1]}).encode(), 400, "'stream_options'"),
     (json.dumps({"messages": MESSAGES, "max_tokens": MAX_LEN}).encode(), 400, "context length"),
     (json.dumps({"messages": [{"role": "user", "content": "1 + " * MAX_LEN}]}).encode(), 400, "context length"),
 ])
@@ -202,7 +211,7 @@ def test_a_new_n_or_length_reuses_the_compiled_programs(served):
         else None
     request = lambda n, content, max_tokens: post(f"{base}/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "n": n}).encode())
-    assert request(3, "What is 2 + 3?", 5)[0] == 200  # compiles the programs of n = 3 and 4 (padded to 4)
+    assert request(3, "What is 2 + 3?", 5)[0] == 200  # compiles the programs (rows, prompt and pages are buckets)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         # Prompts of 19, 20 and 29 tokens (one 32-token bucket), 3 to 7 new tokens (one 16-token bucket).
@@ -256,54 +265,141 @@ def test_connections_beyond_the_limit_get_503_at_once(served):
 
 
 class GatedEngine:
-    """The engine, with its cancellation check held at the second chunk boundary until the test says go, and
-    every generate call's outcome recorded: 'done' or the decode steps a cancelled one ran."""
+    """The engine, whose steps can be held at a gate until released; it counts steps and records every request
+    submitted to it."""
 
     def __init__(self, engine):
-        self.engine, self.outcomes = engine, []
-        self.reached, self.go = threading.Event(), threading.Event()
+        self.engine, self.requests, self.steps, self.hold_from = engine, [], 0, 0
+        self.open, self.held = threading.Event(), threading.Event()
+        self.open.set()
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, *args, cancelled=None, **kwargs):
-        calls = []
+    def hold(self, after: int = 0):
+        """Hold the step after `after` more steps."""
+        self.hold_from = self.steps + after
+        self.held.clear()
+        self.open.clear()
 
-        def check():
-            calls.append(1)
-            if len(calls) == 3:  # before the prefill, after it, then after the first chunk of decode steps
-                self.reached.set()
-                self.go.wait(30)
-                deadline = time.monotonic() + 5
-                while not cancelled() and time.monotonic() < deadline:  # the client's FIN is on its way
-                    time.sleep(0.01)
-            return cancelled()
+    def submit(self, *args, **kwargs):
+        request = self.engine.submit(*args, **kwargs)
+        self.requests.append(request)
+        return request
 
-        try:
-            out = self.engine.generate(*args, cancelled=check if cancelled else None, **kwargs)
-        except Cancelled as e:
-            self.outcomes.append(e.steps)
-            raise
-        self.outcomes.append("done")
-        return out
+    def step(self, params=None):
+        if not self.open.is_set() and self.steps >= self.hold_from:
+            self.held.set()
+            assert self.open.wait(60), "the test never released the gate"
+        self.steps += 1
+        self.engine.step(params)
 
 
-def test_a_departed_client_cancels_its_generation(model):
-    config, params, tokenizer, mesh = model
-    # No stop tokens, so only the token limit or a cancellation ends the generation.
-    engine = GatedEngine(Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id))
-    max_tokens = 200
-    with serving(Service(engine, tokenizer, "chatml", "tiny")) as base:
-        body = json.dumps({"prompt": "Count: 1 2 3", "max_tokens": max_tokens, "temperature": 0}).encode()
-        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert engine.reached.wait(60), "the generation never reached its first chunk boundary"
-        sock.close()
-        engine.go.set()
-        code, answer = post(f"{base}/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 3}).encode())
-        assert code == 200, answer
-    assert engine.outcomes == [1 + CANCEL_CHECK_STEPS, "done"]  # stopped at that boundary, not after 200 steps
+@pytest.fixture(scope="module")
+def gated(model):
+    """(base URL, gated engine, service) of a server whose engine has no stop tokens (only the limit ends a
+    sequence) and the model's whole context."""
+    engine = GatedEngine(make_engine(model))
+    service = Service(engine, model[2], "chatml", "tiny", max_waiting=20)
+    with serving(service) as base:
+        yield base, engine, service
+
+
+def wait_for(condition, what: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_sixteen_concurrent_clients_share_the_batch_and_get_their_own_answers(gated):
+    """16 clients at once (different prompts and settings) are decoded in one batch, and each gets exactly what
+    its request generates alone."""
+    base, engine, service = gated
+    tokenizer = service.tokenizer
+    bodies = [{"messages": [{"role": "user", "content": f"Client {i}: what is {i} + {2 * i}?"}], "max_tokens": 6 + i,
+               "temperature": 0.0 if i % 3 == 0 else 0.9, "top_p": 1.0 if i % 2 else 0.8, "seed": 100 + i}
+              for i in range(16)]
+    engine.hold()  # nothing runs until all 16 wait, so they start in the same step
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = [pool.submit(post, f"{base}/v1/chat/completions", json.dumps(b).encode()) for b in bodies]
+        wait_for(lambda: service.worker.waiting() == 16, "the 16 requests never all arrived")
+        peak = engine.scheduler.stats()["peak_running"]
+        engine.open.set()
+        answers = [a.result(timeout=300) for a in answers]
+    assert engine.scheduler.stats()["peak_running"] == max(peak, 16)
+    for body, (status, answer) in zip(bodies, answers):
+        assert status == 200, answer
+        ids = encode_chat(tokenizer, body["messages"], "chatml", add_generation_prompt=True).ids.tolist()
+        sampling = SamplingParams(temperature=body["temperature"], top_p=body["top_p"])
+        alone = engine.engine.generate([ids], body["max_tokens"], sampling, seeds=[body["seed"]])
+        assert answer["choices"][0]["message"]["content"] == tokenizer.decode(alone.row(0), skip_special=True)
+        assert answer["usage"]["completion_tokens"] == body["max_tokens"]
+
+
+def test_streamed_text_equals_the_plain_answer_with_the_openai_client(gated):
+    openai = pytest.importorskip("openai")
+    base, _, _ = gated
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    request = dict(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0.9, seed=7, n=2)
+    plain = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    for i, choice in enumerate(plain.choices):
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(pieces) == choice.message.content and len([p for p in pieces if p]) > 1
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].index == i]
+        assert reasons[-1] == choice.finish_reason == "length" and set(reasons[:-1]) == {None}
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage == plain.usage
+    # Text completions with a stop string: the streamed pieces never show the stop string or what follows it.
+    text = client.completions.create(model="tiny", prompt="Count: 1 2 3", max_tokens=30, temperature=0).choices[0].text
+    stop = text[10:13]
+    expected = client.completions.create(model="tiny", prompt="Count: 1 2 3", max_tokens=30, temperature=0, stop=stop)
+    streamed = client.completions.create(model="tiny", prompt="Count: 1 2 3", max_tokens=30, temperature=0,
+                                         stop=stop, stream=True)
+    pieces = [(c.choices[0].text, c.choices[0].finish_reason) for c in streamed]
+    assert "".join(p for p, _ in pieces) == expected.choices[0].text == text[:text.index(stop)]
+    assert pieces[-1][1] == expected.choices[0].finish_reason == "stop"
+
+
+def test_a_full_queue_answers_429(gated):
+    _, engine, service = gated
+    small = Service(engine, service.tokenizer, "chatml", "tiny", max_waiting=2)
+    with serving(small) as quick:
+        engine.hold()
+        body = json.dumps({"messages": MESSAGES, "max_tokens": 3, "n": 2}).encode()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, f"{quick}/v1/chat/completions", body)
+            wait_for(lambda: small.worker.waiting() == 2, "the first request never queued")
+            request = urllib.request.Request(f"{quick}/v1/chat/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            engine.open.set()
+            assert first.result(timeout=120)[0] == 200
+    assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
+    assert json.loads(refused.value.read())["error"]["code"] == "queue_full"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_departed_client_cancels_its_generation_and_frees_its_pages(gated, stream):
+    base, engine, _ = gated
+    engine.hold(after=2)  # two steps (a prefill and two decode calls), then the client leaves
+    body = json.dumps({"prompt": "Count: 1 2 3", "max_tokens": 200, "temperature": 0, "stream": stream}).encode()
+    sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert engine.held.wait(60), "the generation never reached the gate"
+    if stream:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "the stream's head and first chunks come first"
+    sock.close()
+    request = engine.requests[-1]
+    wait_for(lambda: request.cancelled, "the server did not notice the client left")
+    engine.open.set()
+    wait_for(lambda: request.finished, "the cancelled sequence was never dropped")
+    assert 0 < len(request.generated) < 200
+    assert all(pool.in_use == 0 for pool in engine.scheduler.pools)
+    code, answer = post(f"{base}/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 3}).encode())
+    assert code == 200, answer
 
 
 def test_broken_pipes_are_one_log_line(served, caplog, capsys):

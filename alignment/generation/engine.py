@@ -1,54 +1,54 @@
-"""The rollout engine: batched prefill + KV-cache decoding, two jitted programs per shape bucket.
+"""The rollout engine: continuous batching over a paged KV cache, for RL rollouts, generation, evaluation and
+serving alike.
 
-Layout of one call (B prompts, G samples each, R = B * G rows):
-  * prompts are left-padded to a bucket length P; padding slots get segment 0 and are never attended to;
-  * the prompt is prefilled once per prompt into a cache of P + N slots (N = new-token bucket); for group
-    sampling the filled cache is then repeated G times, so each prompt is computed once for its G samples;
-  * decoding is one `lax.while_loop`: step t writes every row's token into cache slot P + t - 1 (one slot for
-    all rows; each row's RoPE position is its own prompt length + t - 1) and stops when every row is done. A
-    caller that may cancel (a server) runs it in chunks of steps, the same program, asking between chunks.
-The program runs on the training mesh (rows over the data axes, heads over `tensor`), so trainer parameters
-are used where they lie. Shapes are rounded up to buckets (powers of two) and jit compiles once per bucket.
+    engine = Engine(model_config, params, mesh, rules, pad_id=tokenizer.pad_id, stop_ids=[tokenizer.eos_id])
+    out = engine.generate(prompts, max_new_tokens=256, sampling=SamplingParams(temperature=1.0), num_samples=4)
 
-Log-probs: `logprobs` are log softmax(logits / temperature) of each sampled token (temperature 1 for greedy
-rows), exactly what `algorithms.logprobs.token_logprobs(..., temperature)` recomputes in the trainer. When
-top-k / top-p / min-p truncation is on, tokens are drawn from the truncated distribution instead:
-`Completions.truncated` says so and `sampling_logprobs` holds the log-probs under that truncated distribution,
-so a trainer can correct for the mismatch (or keep truncation off for on-policy RL).
+A fixed number of sequences decode together (`slots`); a sequence that finishes hands its slot and its KV pages
+to a waiting one at the next step, whose prompt is prefilled in chunks between decode calls, so long-tailed
+completion lengths do not leave the batch idle (`scheduler`). The cache is paged: memory follows the tokens in
+flight, pages are freed when a sequence ends, and sequences with the same prompt prefix (a group's samples,
+requests sharing a system prompt) read the same prompt pages (`pages`). The device programs and their two ways
+of attending over pages are in `paged`; every call's shapes are buckets (rows, pages per row, prompt chunk), so
+each program compiles once per bucket.
+
+Each sequence can have its own sampling settings, seed, token limit, stop tokens and stop strings; a token
+depends only on its sequence's prompt, seed, sample index and settings, never on what else ran beside it or
+when it joined. Log-probs are log softmax(logits / temperature) of each drawn token (temperature 1 for greedy),
+exactly what `algorithms.logprobs.token_logprobs(..., temperature)` recomputes in the trainer. With top-k /
+top-p / min-p truncation, tokens are drawn from the truncated distribution instead: `Completions.truncated`
+says so and `sampling_logprobs` holds the log-probs under it.
+
+`generate` runs the engine on the caller's thread until its requests are done. A server instead `submit`s
+requests from many threads and steps the engine on one (`alignment.generation.worker`); both can share it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignment import sharding
-from alignment.generation import sampling as sampling_lib
+from alignment.generation import paged
 from alignment.generation.sampling import SamplingParams
+from alignment.generation.scheduler import Request, Scheduler
 from alignment.models import ModelConfig, Transformer
-from alignment.models.transformer import KVCache, init_cache, repeat_cache_rows, split_layers
-
-MIN_BUCKET = 16
-_STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so adding one rarely recompiles
-
-
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The static size used for n: the next power of two, at least `minimum`."""
-    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+from alignment_kernels.paged_attention import api as paged_api
 
 
 class Cancelled(Exception):
-    """`Engine.generate` stopped because its `cancelled` callback said so, after `steps` of the decode steps."""
+    """`Engine.generate` stopped because its `cancelled` callback said so, after `tokens` generated tokens."""
 
-    def __init__(self, steps: int):
-        super().__init__(f"generation cancelled after {steps} decode steps")
-        self.steps = steps
+    def __init__(self, tokens: int):
+        super().__init__(f"generation cancelled after {tokens} generated tokens")
+        self.tokens = tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ class Completions:
 
     tokens [R, max_new] int32 (pad_id after each row's length); lengths [R] count the tokens generated,
     including a final stop token; logprobs and sampling_logprobs [R, max_new] float32 (0 after the length, see
-    the module docstring); stopped [R] bool: the row ended with a stop token rather than its token limit.
+    the module docstring); stopped [R] bool: the row ended with a stop token (not its token limit or a stop
+    string, which `text.finish` finds in the text).
     """
 
     tokens: np.ndarray
@@ -73,162 +74,169 @@ class Completions:
         return self.tokens[i, : self.lengths[i]].tolist()
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
-    constrain = lambda a: sharding.constrain(a, "batch", "act_kv_heads", None, None)
-    return KVCache(tuple(map(constrain, cache.k)), tuple(map(constrain, cache.v)),
-                   sharding.constrain(cache.segment_ids, "batch", None),
-                   sharding.constrain(cache.positions, "batch", None))
-
-
-def _in_compute_dtype(params: Any, config: ModelConfig) -> tuple[Any, Any]:
-    """(params, per-layer weights) with every weight matrix in the compute dtype.
-
-    Cast once per program instead of once per matmul at every decode step; the model casts them to that dtype
-    anyway, so the numbers are the same.
-    """
-    matrices = lambda tree: jax.tree.map(lambda a: a.astype(config.dtype) if a.ndim >= 2 else a, tree)
-    layers = matrices(split_layers(params["layers"], config.num_layers))
-    return dict(params, **matrices({k: v for k, v in params.items() if k != "layers"})), layers
-
-
-def _record(state: dict, logits: jax.Array, stop_ids: jax.Array, settings: Mapping[str, jax.Array],
-            pad_id: int) -> dict:
-    """The state after step state["t"]: every unfinished row draws its token from logits [R, V]."""
-    t = state["t"]
-    drawn = sampling_lib.sample(jax.vmap(jax.random.fold_in, (0, None))(state["keys"], t), logits, settings)
-    active = ~state["done"]
-    stop = active & jnp.any(drawn["tokens"][:, None] == stop_ids[None, :], axis=-1)
-    put = lambda buf, value, fill: jax.lax.dynamic_update_slice(
-        buf, jnp.where(active, value, fill)[:, None].astype(buf.dtype), (0, t))
-    lengths = state["lengths"] + active
-    return dict(
-        state, t=t + 1,
-        tokens=put(state["tokens"], drawn["tokens"], pad_id),
-        logprobs=put(state["logprobs"], drawn["logprobs"], 0.0),
-        sampling_logprobs=put(state["sampling_logprobs"], drawn["sampling_logprobs"], 0.0),
-        last=drawn["tokens"], lengths=lengths, stopped=state["stopped"] | stop,
-        done=state["done"] | stop | (lengths >= state["max_new"]),
-    )
-
-
-def prefill_program(model: Transformer, params: Any, prompts: jax.Array, prompt_lengths: jax.Array,
-                    seeds: jax.Array, max_new: jax.Array, stop_ids: jax.Array, settings: Mapping[str, jax.Array],
-                    *, num_samples: int, new_tokens: int, pad_id: int) -> dict[str, jax.Array]:
-    """The prompts' cache and every row's first token: the decoding state `decode_program` continues (jit it
-    with num_samples, new_tokens, pad_id static).
-
-    prompts [B, P] int32 left-padded; prompt_lengths [B] (0 marks a filler row); seeds [B] int32; max_new [R]
-    tokens per row (<= new_tokens); stop_ids [S] (-1 = unused); settings: `sampling.stack_params` arrays [R].
-    """
-    c = model.config
-    batch, prompt_len = prompts.shape
-    params, layers = _in_compute_dtype(params, c)
-    run = lambda method, *args: model.apply({"params": params}, *args, method=method)
-
-    slots = jnp.arange(prompt_len, dtype=jnp.int32)
-    padding = (prompt_len - prompt_lengths)[:, None]
-    segment_ids = (slots >= padding).astype(jnp.int32)
-    positions = jnp.maximum(slots - padding, 0)
-    cache = _constrain_cache(init_cache(c, batch, prompt_len + new_tokens))
-    hidden, cache = run(Transformer.decode, prompts, positions, segment_ids, cache, 0, layers)
-    logits = run(Transformer.logits, hidden[:, -1:])[:, 0]
-
-    rows = batch * num_samples
-    sample_index = jnp.tile(jnp.arange(num_samples), batch)
-    state = dict(
-        t=jnp.int32(0),
-        tokens=jnp.full((rows, new_tokens), pad_id, jnp.int32),
-        logprobs=jnp.zeros((rows, new_tokens), jnp.float32),
-        sampling_logprobs=jnp.zeros((rows, new_tokens), jnp.float32),
-        last=jnp.zeros((rows,), jnp.int32), lengths=jnp.zeros((rows,), jnp.int32),
-        stopped=jnp.zeros((rows,), bool), done=max_new <= 0, max_new=max_new,
-        next_position=jnp.repeat(prompt_lengths, num_samples),
-        keys=jax.vmap(lambda s, g: jax.random.fold_in(jax.random.key(s), g))(
-            jnp.repeat(seeds, num_samples), sample_index),
-        cache=_constrain_cache(repeat_cache_rows(cache, num_samples)),
-    )
-    return _record(state, jnp.repeat(logits, num_samples, axis=0), stop_ids, settings, pad_id)
-
-
-def decode_program(model: Transformer, params: Any, state: dict[str, jax.Array], stop_ids: jax.Array,
-                   settings: Mapping[str, jax.Array], until: jax.Array, *, prompt_len: int,
-                   pad_id: int) -> dict[str, jax.Array]:
-    """Decoding steps of state (from `prefill_program`) until step `until` (a scalar, so a caller can run the
-    steps in chunks without recompiling), the new-token bucket, or every row is done (jit it with prompt_len, the
-    prompt bucket P, and pad_id static). Step t writes every row's token into cache slot P + t - 1."""
-    new_tokens = state["tokens"].shape[1]
-    params, layers = _in_compute_dtype(params, model.config)
-    run = lambda method, *args: model.apply({"params": params}, *args, method=method)
-
-    def keep_going(state):
-        return (state["t"] < jnp.minimum(until, new_tokens)) & ~jnp.all(state["done"])
-
-    def step(state):
-        t = state["t"]
-        tokens = state["last"][:, None]
-        position = (state["next_position"] + t - 1)[:, None]
-        hidden, cache = run(Transformer.decode, tokens, position, jnp.ones_like(tokens), state["cache"],
-                            prompt_len + t - 1, layers)
-        logits = run(Transformer.logits, hidden)[:, 0]
-        return _record(dict(state, cache=_constrain_cache(cache)), logits, stop_ids, settings, pad_id)
-
-    return jax.lax.while_loop(keep_going, step, state)
-
-
 class Engine:
     """Generation from a model whose parameters already lie on `mesh` (e.g. the trainer's own)."""
 
     def __init__(self, config: ModelConfig, params: Any, mesh: Mesh, rules: Mapping[str, Any], *, pad_id: int,
-                 stop_ids: Sequence[int] = (), max_len: int | None = None):
-        """stop_ids: tokens that end a row (EOS, end-of-turn); max_len: context limit, default the model's."""
+                 stop_ids: Sequence[int] = (), max_len: int | None = None,
+                 detokenize: Callable[[list[int]], str] | None = None, slots: int = 128, page_size: int = 16,
+                 pages: int | None = None, steps_per_call: int = 16, prefill_chunk: int = 256,
+                 prefill_tokens: int = 4096, attention_impl: str | None = None, interpret: bool = False):
+        """stop_ids: tokens that end every sequence (EOS, end-of-turn); max_len: context limit, default the
+        model's; detokenize: token ids -> text, for stop strings (`Tokenizer.decode` without special tokens).
+
+        slots: sequences decoding at once (rounded up to a multiple of the data shards); page_size: tokens per KV
+        page; pages: pages per data shard (default: 256 tokens per slot; when sequences need more, the latest
+        admitted are preempted and recomputed later, so size it for the tokens in flight); steps_per_call:
+        decode steps per device call (the host admits, streams and checks stop strings in between);
+        prefill_chunk: prompt tokens a sequence prefills per call, prefill_tokens: tokens per prefill call;
+        attention_impl: `kernels/paged_attention` implementation (default: the backend's), interpret: run a
+        Pallas one in interpret mode (tests).
+        """
         self.config, self.params, self.mesh, self.rules = config, params, mesh, dict(rules)
         self.model = Transformer(config)
         self.pad_id = int(pad_id)
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.max_len = int(max_len or config.max_position_embeddings)
-        batch_axes = self.rules["batch"]
-        axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-        self.data_parallel = math.prod(mesh.shape[a] for a in axes)
-        self._rows = NamedSharding(mesh, PartitionSpec(batch_axes))
+        self.detokenize = detokenize
+        layout = paged.Layout(mesh, rules)
+        row_axes = layout.rows if isinstance(layout.rows, tuple) else () if layout.rows is None else (layout.rows,)
+        shards = math.prod(mesh.shape[a] for a in row_axes)
+        per_shard = -(-slots // shards)
+        if pages is None:
+            pages = per_shard * -(-min(self.max_len, 256) // page_size) + 1
+        self.page_size, self.steps_per_call = page_size, steps_per_call
+        impl, attention = paged_api.get_impl(attention_impl, interpret=interpret)
+        self.attention_impl = impl
+        self.scheduler = Scheduler(shards, per_shard, pages, page_size, steps=steps_per_call,
+                                   prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens,
+                                   detokenize=detokenize)
+        self.pool = paged.init_pool(config, shards * pages, page_size, layout)
+        self._rows = NamedSharding(mesh, PartitionSpec(layout.rows))
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._prefill = jax.jit(functools.partial(prefill_program, self.model),
-                                static_argnames=("num_samples", "new_tokens", "pad_id"))
-        self._decode = jax.jit(functools.partial(decode_program, self.model),
-                               static_argnames=("prompt_len", "pad_id"), donate_argnames=("state",))
+        self._prefill = jax.jit(functools.partial(paged.prefill_program, self.model, attention=attention,
+                                                  layout=layout), donate_argnames=("pool",))
+        self._decode = jax.jit(functools.partial(paged.decode_program, self.model, attention=attention,
+                                                 views=paged.gathers_views(impl), layout=layout),
+                               static_argnames=("steps", "pad_id"), donate_argnames=("pool",))
+        self._step_lock = threading.Lock()  # one step at a time, whoever drives the engine
+        self._call_lock = threading.Lock()  # one `generate` at a time: each may step with its own weights
+        self._inbox: collections.deque[Request] = collections.deque()  # submitted, not yet seen by a step
+        self._cached_with = params  # the weights the prefix cache's pages were computed with
+
+    @property
+    def slots(self) -> int:
+        return self.scheduler.slots * self.scheduler.shards
 
     def check_lengths(self, prompt_length: int, max_new_tokens: int) -> None:
-        """ValueError when a prompt plus its new tokens exceed the context limit (requests are refused, not cut)."""
+        """ValueError when a prompt plus its new tokens exceed the context limit or the KV cache (requests are
+        refused, not cut)."""
         if prompt_length < 1:
             raise ValueError("prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prompt_length + max_new_tokens > self.max_len:
             raise ValueError(f"prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
                              f"context length {self.max_len}")
+        problem = self.scheduler.capacity_error(prompt_length, max_new_tokens)
+        if problem:
+            raise ValueError(problem)
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(), *,
+               seed: int = 0, sample: int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+               listener: Callable[[Request], None] | None = None) -> Request:
+        """Queues one sequence (any thread); it runs in the steps that follow. Cancel it with `cancel`.
+
+        stop_ids are added to the engine's own; stop_strings end it once its text contains one (needs
+        `detokenize`); listener(request) is called on the stepping thread whenever it grew or ended.
+        """
+        self.check_lengths(len(prompt), max_new_tokens)
+        if stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with detokenize")
+        request = Request(list(prompt), int(max_new_tokens), sampling, int(seed), int(sample),
+                          tuple(sorted(set(self.stop_ids) | {int(i) for i in stop_ids})),
+                          tuple(s for s in stop_strings if s), listener)
+        self._inbox.append(request)
+        return request
+
+    @staticmethod
+    def cancel(request: Request) -> None:
+        """Ends a submitted sequence at the next step (any thread); its pages are freed there."""
+        request.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    def step(self, params: Any | None = None) -> None:
+        """One round: admit waiting sequences, prefill a chunk of the admitted ones, run one decode call, then
+        tell the listeners. params: weights to use instead of the engine's (same shapes and shardings) for every
+        sequence of this step; other weights than the last step's (an RL update) empty the prefix cache."""
+        with self._step_lock:
+            scheduler = self.scheduler
+            while self._inbox:
+                scheduler.add(self._inbox.popleft())
+            changed = scheduler.drop_cancelled()
+            params = self.params if params is None else params
+            if params is not self._cached_with:  # cached prefixes hold other weights' keys and values
+                scheduler.forget_prefixes()
+                self._cached_with = params
+            scheduler.admit()
+            with sharding.activation_sharding(self.mesh, self.rules):
+                planned = scheduler.prefill_batch()
+                if planned is not None:
+                    changed += self._run_prefill(params, *planned)
+                batch = scheduler.decode_batch()
+                if batch is not None:
+                    changed += self._run_decode(params, batch)
+        for request in dict.fromkeys(changed):  # each once, in order
+            if request.listener is not None:
+                request.listener(request)
+
+    def _run_prefill(self, params, batch, width) -> list[Request]:
+        inputs = self.scheduler.prefill_inputs(batch, width)
+        ends = inputs.pop("ends")
+        self.pool, drawn = self._prefill(params, self.pool, **self._on_rows(inputs))
+        return self.scheduler.finish_prefill(batch, ends, jax.device_get(drawn))
+
+    def _run_decode(self, params, batch) -> list[Request]:
+        inputs = self._on_rows(self.scheduler.decode_inputs(batch))
+        waiting = bool(self.scheduler.waiting)  # stop at the first finished row to give its slot away
+        self.pool, out = self._decode(params, self.pool, **inputs, until=np.int32(self.steps_per_call),
+                                      exit_on_finish=np.bool_(waiting), steps=self.steps_per_call,
+                                      pad_id=self.pad_id)
+        return self.scheduler.finish_decode(batch, jax.device_get(out))
+
+    def _on_rows(self, inputs: dict) -> dict:
+        put = lambda x: jax.device_put(x, self._rows)
+        return {k: ({n: put(a) for n, a in v.items()} if isinstance(v, dict) else put(v)) for k, v in inputs.items()}
+
+    def stats(self) -> dict:
+        """peak_pages (most pages in use at once in a shard), preemptions, and the cache's bytes per page."""
+        c = self.config
+        page_bytes = 2 * c.num_layers * c.num_kv_heads * self.page_size * c.head_dim * np.dtype(c.dtype).itemsize
+        return {**self.scheduler.stats(), "page_bytes": page_bytes}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(temperature=0.0),
                  *, num_samples: int = 1, seeds: int | Sequence[int] = 0, stop_ids: Sequence[int] = (),
-                 params: Any | None = None, pad_samples_to: int | None = None,
-                 cancelled: Callable[[], bool] | None = None, check_every: int = 16) -> Completions:
-        """Complete every prompt (token ids) num_samples times.
+                 stop_strings: Sequence[str] = (), params: Any | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Completions:
+        """Complete every prompt (token ids) num_samples times, on this thread.
 
         max_new_tokens, sampling: one for all prompts or one per prompt; seeds: one per prompt, or a base seed
         (prompt i then uses base + i); a row's tokens depend only on its prompt, seed, sample index and settings.
-        stop_ids are added to the engine's own. params: weights to use instead of the engine's (an RL trainer
+        stop_ids are added to the engine's own; stop_strings end a row once its text holds one (the row keeps
+        the tokens up to the one completing it). params: weights to use instead of the engine's (an RL trainer
         passes its current ones; same shapes and shardings, so nothing recompiles or moves).
-        pad_samples_to: run this many samples per prompt (>= num_samples) and drop the extra ones, which are
-        finished from the start: a caller whose num_samples varies (a server's `n`) passes a bucket of it, so a
-        new num_samples re-uses a compiled program.
-        cancelled: asked before the prefill and after every `check_every` decode steps; when it returns True
-        the generation stops there and `Cancelled` is raised (a server whose client went away).
+        cancelled: asked before every step; when it returns True the call's sequences are dropped and
+        `Cancelled` is raised. Concurrent calls run one after the other (sequences others `submit` share the
+        steps, and the weights, of a running call).
         """
         n = len(prompts)
         if n == 0:
             raise ValueError("no prompts given")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        samples = num_samples if pad_samples_to is None else pad_samples_to
-        if samples < num_samples:
-            raise ValueError(f"pad_samples_to={pad_samples_to} is below num_samples={num_samples}")
         per_prompt = lambda x: list(x) if isinstance(x, Sequence) else [x] * n
         max_new, settings = per_prompt(max_new_tokens), per_prompt(sampling)
         seeds = list(seeds) if isinstance(seeds, Sequence) else [seeds + i for i in range(n)]
@@ -236,58 +244,32 @@ class Engine:
             if len(values) != n:
                 raise ValueError(f"{name}: {len(values)} values for {n} prompts")
         for i, (prompt, m) in enumerate(zip(prompts, max_new)):
-            if m < 1:
-                raise ValueError(f"prompt {i}: max_new_tokens must be >= 1, got {m}")
             try:
                 self.check_lengths(len(prompt), m)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        with self._call_lock:
+            requests = [self.submit(prompt, m, s, seed=seed, sample=g, stop_ids=stop_ids, stop_strings=stop_strings)
+                        for prompt, m, s, seed in zip(prompts, max_new, settings, seeds) for g in range(num_samples)]
+            while not all(r.finished for r in requests):
+                if cancelled is not None and cancelled():
+                    for r in requests:
+                        self.cancel(r)
+                    self.step(params)  # drops them and frees their pages
+                    raise Cancelled(sum(len(r.generated) for r in requests))
+                self.step(params)
+        return _completions(requests, max(max_new), self.pad_id, any(s.truncated for s in settings), num_samples)
 
-        # Buckets: batch to a power of two that the data axes divide; prompt and new tokens to powers of two.
-        batch = bucket(n, 1)
-        batch = -(-batch // self.data_parallel) * self.data_parallel
-        prompt_len, new_tokens = bucket(max(len(p) for p in prompts)), bucket(max(max_new))
-        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
-        lengths = np.zeros((batch,), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, prompt_len - len(p):] = p
-            lengths[i] = len(p)
-        fill = batch - n  # filler rows: empty prompt, no new tokens
-        row_settings = [s for s in settings + [settings[0]] * fill for _ in range(samples)]
-        row_max_new = np.repeat(np.asarray(max_new + [0] * fill, np.int32)[:, None], samples, axis=1)
-        row_max_new[:, num_samples:] = 0  # samples beyond num_samples are finished from the start
-        stops = sorted(set(self.stop_ids) | {int(i) for i in stop_ids})
-        stop_array = np.full((-(-max(len(stops), 1) // _STOP_SLOTS) * _STOP_SLOTS,), -1, np.int32)
-        stop_array[: len(stops)] = stops
-        stacked = sampling_lib.stack_params(row_settings)
 
-        put_rows = lambda x: jax.device_put(x, self._rows)
-        params = self.params if params is None else params
-        stop_array = jax.device_put(stop_array, self._replicated)
-        stacked = {k: put_rows(v) for k, v in stacked.items()}
-        # Without `cancelled`, all decode steps are one call and the host never waits between them.
-        chunk = new_tokens if cancelled is None else max(1, check_every)
-        cancelled = cancelled or (lambda: False)
-        with sharding.activation_sharding(self.mesh, self.rules):
-            if cancelled():
-                raise Cancelled(0)
-            state = self._prefill(
-                params, put_rows(tokens), put_rows(lengths), put_rows(np.asarray(seeds + [0] * fill, np.int32)),
-                put_rows(row_max_new.reshape(-1)), stop_array, stacked,
-                num_samples=samples, new_tokens=new_tokens, pad_id=self.pad_id)
-            for step in range(1, new_tokens, chunk):
-                if cancelled():
-                    raise Cancelled(step)
-                state = self._decode(params, state, stop_array, stacked, np.int32(step + chunk),
-                                     prompt_len=prompt_len, pad_id=self.pad_id)
-                # Waiting for the chunk here also makes the next check see the time after it.
-                if chunk < new_tokens and np.all(jax.device_get(state["done"])):
-                    break
-        out = jax.device_get({k: state[k] for k in ("tokens", "lengths", "logprobs", "sampling_logprobs",
-                                                    "stopped")})
-        keep = (np.arange(n)[:, None] * samples + np.arange(num_samples)).reshape(-1)  # rows of real samples
-        width = max(max_new)
-        return Completions(
-            tokens=out["tokens"][keep, :width], lengths=out["lengths"][keep],
-            logprobs=out["logprobs"][keep, :width], sampling_logprobs=out["sampling_logprobs"][keep, :width],
-            stopped=out["stopped"][keep], truncated=any(s.truncated for s in settings), num_samples=num_samples)
+def _completions(requests: list[Request], width: int, pad_id: int, truncated: bool, num_samples: int) -> Completions:
+    rows = len(requests)
+    tokens = np.full((rows, width), pad_id, np.int32)
+    logprobs, sampling_logprobs = np.zeros((rows, width), np.float32), np.zeros((rows, width), np.float32)
+    for r, request in enumerate(requests):
+        n = len(request.generated)
+        tokens[r, :n], logprobs[r, :n] = request.generated, request.logprobs
+        sampling_logprobs[r, :n] = request.sampling_logprobs
+    return Completions(tokens=tokens, lengths=np.asarray([len(r.generated) for r in requests], np.int32),
+                       logprobs=logprobs, sampling_logprobs=sampling_logprobs,
+                       stopped=np.asarray([r.stopped for r in requests], bool), truncated=truncated,
+                       num_samples=num_samples)

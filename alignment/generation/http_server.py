@@ -1,12 +1,14 @@
-"""The HTTP side of an OpenAI-compatible server: routing, JSON bodies and errors, and containment of hostile or
-departed clients. What answers a request is a service object with `models()`, `chat_completions(body)` and
-`completions(body)`, each returning a JSON-serialisable dict or raising `RequestError` (`alignment.serve.Service`
-over the engine, the PAS teacher's rule-based stand-in).
+"""The HTTP side of an OpenAI-compatible server: routing, JSON bodies and errors, server-sent events, and containment
+of hostile or departed clients. What answers a request is a service object with `models()`,
+`chat_completions(body)` and `completions(body)`, each returning a JSON-serialisable dict, or an iterator of them
+for a streamed answer (sent as server-sent events), or raising `RequestError` (`alignment.serve.Service` over the
+engine, the PAS teacher's rule-based stand-in).
 
 Containment: at most `max_connections` connections are served at once (more get 503 at once, closed after a
 grace period so the client reads its answer), every socket read waits at most `read_timeout` seconds and a
 request body must arrive within it (else 408), and while a service call runs, `client_gone` holds a check of
-its connection, so a generation can stop (engine `Cancelled`) when the client has gone away.
+its connection (also while a streamed answer is written), so a generation can stop (engine `Cancelled`) when
+the client has gone away.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import logging
 
@@ -79,13 +81,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             token = client_gone.set(self._client_gone)
             try:
                 answer = getattr(self.server.service, self.routes[path])(body)
+                if not isinstance(answer, dict):  # a streamed answer: written as it is generated
+                    return self._send_events(answer)
             finally:
                 client_gone.reset(token)
         except RequestError as e:
             return self._error(e)
         except Cancelled as e:
-            logging.info("%s went away; its generation stopped after %d decode steps", self.address_string(),
-                         e.steps)
+            logging.info("%s went away; its generation stopped after %d tokens", self.address_string(), e.tokens)
             self.close_connection = True
             return None
         except ValueError as e:  # invalid settings found deeper (e.g. sampling parameters)
@@ -94,6 +97,44 @@ class Handler(http.server.BaseHTTPRequestHandler):
             logging.exception("request to %s failed", path)
             return self._error(RequestError(f"internal error: {type(e).__name__}: {e}", status=500))
         self._send(200, answer)
+
+    def _send_events(self, events: Iterator[dict]) -> None:
+        """Server-sent events: `data: <json>` per chunk body, then `data: [DONE]`; the connection closes after
+        them (the stream has no length to announce). A failing chunk after the head is sent as an error event. A
+        client that stops reading ends the iterator (which cancels its generation) and the connection."""
+        try:
+            first = next(events, None)  # errors before anything is generated are still plain JSON answers
+        except Exception:
+            events.close()
+            raise
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            chunk = first
+            while chunk is not None:
+                self._write_event(json.dumps(chunk))
+                try:
+                    chunk = next(events, None)
+                except Cancelled:
+                    raise
+                except Exception as e:  # noqa: BLE001  too late for a status code: say it in the stream
+                    logging.exception("streamed request failed")
+                    chunk = None
+                    self._write_event(json.dumps(RequestError(f"internal error: {type(e).__name__}: {e}",
+                                                              status=500).body()))
+            self._write_event("[DONE]")
+        except (ConnectionError, TimeoutError) as e:  # the client stopped reading: nothing to debug
+            logging.info("%s: stream dropped (%s: %s)", self.address_string(), type(e).__name__, e)
+        finally:
+            events.close()
+
+    def _write_event(self, data: str) -> None:
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
 
     def _read_json(self) -> dict:
         try:
@@ -145,13 +186,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _error(self, e: RequestError):
         self.close_connection = True  # the body may be unread; do not parse it as the next request
-        self._send(e.status, e.body())
+        self._send(e.status, e.body(), retry_after=e.status in (429, 503))
 
-    def _send(self, status: int, payload: dict):
+    def _send(self, status: int, payload: dict, retry_after: bool = False):
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if retry_after:
+            self.send_header("Retry-After", "1")
         self.end_headers()
         self.wfile.write(data)
 

@@ -83,9 +83,12 @@ def load(config: ml_collections.ConfigDict, single_device: bool = False) -> Load
     return LoadedModel(model_cfg, model, params, tokenizer, config.chat_template, mesh, rules, max_length)
 
 
-def build_engine(config: ml_collections.ConfigDict, stop: tuple[str, ...] = ()) -> tuple[Engine, Tokenizer]:
-    """A rollout engine over `load(config)`, stopping on EOS, the template's end of turn and single-token `stop`s."""
+def build_engine(config: ml_collections.ConfigDict, **options) -> tuple[Engine, Tokenizer]:
+    """A rollout engine over `load(config)`, stopping on EOS and the template's end of turn, with the tokenizer's
+    text for stop strings; options go to `Engine` (slots, pages, ...)."""
     loaded = load(config)
-    engine = Engine(loaded.config, loaded.params, loaded.mesh, loaded.rules, pad_id=loaded.tokenizer.pad_id,
-                    stop_ids=stop_token_ids(loaded.tokenizer, loaded.chat_template, stop))
-    return engine, loaded.tokenizer
+    tokenizer = loaded.tokenizer
+    engine = Engine(loaded.config, loaded.params, loaded.mesh, loaded.rules, pad_id=tokenizer.pad_id,
+                    stop_ids=stop_token_ids(tokenizer, loaded.chat_template),
+                    detokenize=lambda ids: tokenizer.decode(ids, skip_special=True), **options)
+    return engine, tokenizer

@@ -92,7 +92,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return rotated.astype(x.dtype)
 
 
-def _attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_freq):
+def attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_freq):
     """Pre-norm, q/k/v projections and RoPE: q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim]."""
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
     q = project("bsd,dhk->bshk", h, p["q_proj"])
@@ -106,7 +106,7 @@ def _attention_inputs(p: Params, x: jax.Array, positions, c: ModelConfig, inv_fr
     return q, k, v
 
 
-def _attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: ModelConfig) -> jax.Array:
+def attention_output_and_mlp(p: Params, x: jax.Array, attn: jax.Array, c: ModelConfig) -> jax.Array:
     """The rest of the block after attention: output projection, residual, pre-norm SwiGLU MLP, residual."""
     x = x + project("bshk,hkd->bsd", attn, p["o_proj"])
     x = constrain(x, "batch", "seq", "act_embed")
@@ -136,14 +136,14 @@ class SharedKV(NamedTuple):
 def decoder_layer(p: Params, x: jax.Array, positions, segment_ids, c: ModelConfig, inv_freq,
                   kv: SharedKV | None = None) -> jax.Array:
     """One pre-norm block. p: this layer's parameters (no 'layers' axis); x [batch, seq, hidden]."""
-    q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
+    q, k, v = attention_inputs(p, x, positions, c, inv_freq)
     kv_segment_ids, kv_positions = segment_ids, positions
     if kv is not None:
         k, v = (jnp.take_along_axis(y, kv.index[:, :, None, None], axis=1) for y in (k, v))
         kv_segment_ids, kv_positions = kv.segment_ids, kv.positions
     attention = with_sequence_parallelism(get_attention(c.attention_impl))
     attn = attention(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions)
-    return _attention_output_and_mlp(p, x, attn, c)
+    return attention_output_and_mlp(p, x, attn, c)
 
 
 _REMAT_POLICIES = {
@@ -240,12 +240,12 @@ def cached_decoder_stack(layers: tuple[Params, ...], x: jax.Array, positions, se
     attention = get_attention(c.attention_impl)
     keys, values = [], []
     for p, k_all, v_all in zip(layers, cache.k, cache.v, strict=True):
-        q, k, v = _attention_inputs(p, x, positions, c, inv_freq)
+        q, k, v = attention_inputs(p, x, positions, c, inv_freq)
         k_all = _write_slots(k_all, k.transpose(0, 2, 1, 3), (0, 0, index, 0))
         v_all = _write_slots(v_all, v.transpose(0, 2, 3, 1), (0, 0, 0, index))
         attn = attention(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 3, 1, 2), segment_ids,
                          kv_segment_ids, positions, kv_positions)
-        x = _attention_output_and_mlp(p, x, attn, c)
+        x = attention_output_and_mlp(p, x, attn, c)
         keys.append(k_all)
         values.append(v_all)
     return x, KVCache(tuple(keys), tuple(values), kv_segment_ids, kv_positions)

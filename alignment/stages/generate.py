@@ -79,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sampling = SamplingParams(**config.sampling.to_dict())
     stop = tuple(config.stop)
     records = load_prompts(config)  # before the engine is built: a bad file fails fast
-    engine, tokenizer = build_engine(config, stop)
+    engine, tokenizer = build_engine(config)
 
     prompts = [(where, record, *split_prompt(record)) for where, record in records]
     if config.pas.target:
@@ -108,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for first in range(0, len(encoded), config.prompts_per_call):
             batch = encoded[first: first + config.prompts_per_call]
             out = engine.generate([ids for *_, ids in batch], config.max_new_tokens, sampling,
-                                  num_samples=config.num_samples, seeds=config.seed + first)
+                                  num_samples=config.num_samples, seeds=config.seed + first, stop_strings=stop)
             for i, (record, messages, reference, _) in enumerate(batch):
                 completions = []
                 for g in range(config.num_samples):

@@ -1,7 +1,7 @@
 """Whole programs with the Pallas kernels lowered for TPU and GPU on a mesh of 8 simulated CPU devices.
 
 The real step functions of the stages (the sharded SFT train step, GRPO's update, scoring and PTX-KL steps,
-the generation engine's prefill and decode programs), with attention_impl="pallas" and the fused log-prob
+the generation engine's prefill and decode programs over the paged KV cache), with attention_impl="pallas" and the fused log-prob
 kernels, traced for the foreign platform (`kernels.dispatch.target_platform`) and lowered with
 `lowering_platforms`: the kernels inside shard_map, scan, remat and custom VJPs, on a data x fsdp x tensor
 mesh. Lowering only; a kernel that fails is named with its shapes (`kernels.lowering.CrossLoweringError`).
@@ -18,7 +18,7 @@ import pytest
 from alignment import sharding
 from alignment.algorithms import grpo
 from alignment.algorithms.sft import sft_loss
-from alignment.generation import engine, sampling
+from alignment.generation import paged, sampling
 from alignment.models import ModelConfig, Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.rl.scoring import make_scorer
@@ -26,6 +26,7 @@ from alignment.train.optimizer import make_optimizer
 from alignment.train.state import state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 from alignment_kernels import lowering
+from alignment_kernels.paged_attention import api as paged_api
 
 PLATFORMS = ("tpu", "cuda")
 # Llama-shaped and small: head_dim 128, GQA 4/2 heads (each tensor shard holds whole kv heads), bf16 compute.
@@ -131,19 +132,30 @@ def test_grpo_scoring_and_ptx_kl_lower(platform):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_generation_programs_lower(platform):
-    """The engine's prefill (prompts into the KV cache, G samples each) and its decode while_loop."""
+    """The engine's prefill (prompt chunks written into the paged KV cache) and its decode while_loop, both
+    attending through the paged-attention kernel, with the cache's pages split over the data shards."""
     model, mesh, _, _, abstract, _ = setup(**QWEN_SHAPED)
-    prompts, samples, prompt_len, new_tokens = 8, 2, 64, 32
-    rows = prompts * samples
+    c = model.config
+    rows, chunk, per_row, pages, page_size = 8, 64, 16, 4 * 64, 16  # 4 data shards of 64 pages
+    layout = paged.Layout(mesh, RULES)
+    page_spec = jax.ShapeDtypeStruct((c.num_kv_heads, pages, page_size, c.head_dim), jnp.bfloat16,
+                                     sharding=jax.sharding.NamedSharding(mesh, layout.pages))
+    pool = {"k": (page_spec,) * c.num_layers, "v": (page_spec,) * c.num_layers}
     settings = sampling.stack_params([sampling.SamplingParams(temperature=1.0)] * rows)
-    args = rows_of(mesh, dict(prompts=((prompts, prompt_len), jnp.int32), lengths=((prompts,), jnp.int32),
-                              seeds=((prompts,), jnp.int32), max_new=((rows,), jnp.int32)))
     settings = rows_of(mesh, {name: (value.shape, value.dtype) for name, value in settings.items()})
-    stop_ids = jax.ShapeDtypeStruct((8,), jnp.int32)
-    prefill = jax.jit(functools.partial(engine.prefill_program, model),
-                      static_argnames=("num_samples", "new_tokens", "pad_id"))
-    traced, _ = check_program(prefill, (abstract.params, *args.values(), stop_ids, settings), platform, mesh,
-                              "generation prefill", num_samples=samples, new_tokens=new_tokens, pad_id=0)
-    decode = jax.jit(functools.partial(engine.decode_program, model), static_argnames=("prompt_len", "pad_id"))
-    check_program(decode, (abstract.params, traced.out_info, stop_ids, settings, jax.ShapeDtypeStruct((), jnp.int32)),
-                  platform, mesh, "generation decode loop", prompt_len=prompt_len, pad_id=0)
+    draws = rows_of(mesh, {name: ((rows,), jnp.int32) for name in ("seeds", "samples", "drawn")})
+    attention = lambda *args: paged_api.paged_attention(*args)  # resolved when traced: the target's kernel
+    prefill = jax.jit(functools.partial(paged.prefill_program, model, attention=attention, layout=layout))
+    args = rows_of(mesh, dict(tokens=((rows, chunk), jnp.int32), positions=((rows, chunk), jnp.int32),
+                              page_table=((rows, per_row), jnp.int32), kv_lens=((rows,), jnp.int32),
+                              last=((rows,), jnp.int32)))
+    check_program(prefill, (abstract.params, pool, *args.values(), *draws.values(), settings), platform, mesh,
+                  "generation prefill (paged)")
+    decode = jax.jit(functools.partial(paged.decode_program, model, attention=attention, views=False,
+                                       layout=layout), static_argnames=("steps", "pad_id"))
+    args = rows_of(mesh, dict(tokens=((rows,), jnp.int32), kv_lens=((rows,), jnp.int32),
+                              page_table=((rows, per_row), jnp.int32), active=((rows,), jnp.bool_)))
+    limits = rows_of(mesh, dict(max_new=((rows,), jnp.int32), stop_ids=((rows, 8), jnp.int32)))
+    scalars = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_))
+    check_program(decode, (abstract.params, pool, *args.values(), *draws.values(), *limits.values(), settings,
+                           *scalars), platform, mesh, "generation decode loop (paged)", steps=16, pad_id=0)

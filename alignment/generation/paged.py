@@ -1,0 +1,252 @@
+"""The device side of the rollout engine: the paged KV cache and the two programs that run the model over it.
+
+Cache: per layer, K and V pages [kv_heads, pages, page_size, head_dim] in the compute dtype. Under a mesh the
+pages axis is split over the data axes (each data shard holds its own pages, numbered from 0 inside the shard,
+and its rows use only those) and kv heads over `tensor`; everything touching pages runs per shard (shard_map),
+the model's matmuls as the training rules shard them.
+
+Programs (jit them with the keyword arguments static; shapes are buckets, so each compiles once per bucket):
+  * `prefill_program`: rows of up to T new tokens each (a prompt chunk; positions -1 pad a short row) are
+    written into their pages and attend to everything before them there (`kernels/paged_attention`); a row whose
+    chunk ends its known tokens also draws its next token from the logits of its last one.
+  * `decode_program`: up to `steps` decode steps of every active row, a `lax.while_loop` that can stop early
+    when a row finishes, so the host can give its slot to a waiting request at the next step.
+Decoding attends in one of two ways. With a Pallas kernel (TPU, GPU) each step writes its keys and values into
+the pages and the kernel reads every row's own pages. With the gather-based xla implementation (CPU) the rows'
+pages are gathered once per call into dense per-row copies that the steps append to and attend over, and the
+new tokens go back to the pages after the loop: gathering at every step would copy each row's whole cache per
+token (XLA:CPU gathers ~10x slower than its attention reads them).
+
+Tokens are drawn as `sampling.sample` draws them, with the key fold_in(fold_in(key(seed), sample), t) for the
+t-th generated token of a sequence, so a token depends only on its sequence, never on the batch it ran in or
+the step it joined at. Log-probs are those of the full softmax(logits / temperature), what the trainer scores.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from alignment import sharding
+from alignment.generation import sampling as sampling_lib
+from alignment.models import ModelConfig, Transformer
+from alignment.models.transformer import (attention_inputs, attention_output_and_mlp, rms_norm,
+                                          rope_inverse_frequencies, split_layers)
+from alignment_kernels.paged_attention import api as paged_api
+from alignment_kernels.paged_attention import xla as paged_xla
+from alignment_kernels.paged_attention.reference import gather_rows
+
+Pool = dict  # {"k": per-layer pages, "v": per-layer pages}
+
+
+def gathers_views(impl: str) -> bool:
+    """Whether decoding with the paged-attention implementation named `impl` attends to dense copies (the
+    gather-based ones) rather than reading the pages at every step (the Pallas kernels)."""
+    return impl not in paged_api.NEEDS_SHARD_MAP
+
+
+class Layout:
+    """How pages, rows and heads lie on the mesh: the per-shard wrapper of every function touching pages."""
+
+    def __init__(self, mesh: Mesh, rules: Mapping[str, Any]):
+        self.mesh = mesh
+        self.rows = sharding.logical_to_spec(("batch",), rules)[0]
+        self.kv_heads = sharding.logical_to_spec(("act_kv_heads",), rules)[0]
+        self.heads = sharding.logical_to_spec(("act_heads",), rules)[0]
+        self.pages = PartitionSpec(self.kv_heads, self.rows, None, None)
+
+    def spec(self, kind: str, ndim: int) -> PartitionSpec:
+        """rows: [rows, ...]; queries: [rows, T, heads, head_dim]; new: [rows, T, kv_heads, head_dim];
+        pages; views: [rows, kv_heads, ...]."""
+        if kind == "pages":
+            return self.pages
+        second = {"queries": (None, self.heads), "new": (None, self.kv_heads), "views": (self.kv_heads,)}
+        lead = (self.rows, *second.get(kind, ()))
+        return PartitionSpec(*lead, *[None] * (ndim - len(lead)))
+
+    def per_shard(self, fn: Callable, inputs: tuple[str, ...], outputs: tuple[str, ...] | str) -> Callable:
+        """fn run on each shard's rows and pages; `inputs` / `outputs` name each argument's kind (see `spec`)."""
+        def run(*args):
+            in_specs = tuple(self.spec(kind, a.ndim) for kind, a in zip(inputs, args))
+            shapes = jax.eval_shape(fn, *args)
+            kinds = (outputs,) if isinstance(outputs, str) else outputs
+            flat = (shapes,) if isinstance(outputs, str) else shapes
+            out_specs = tuple(self.spec(kind, s.ndim) for kind, s in zip(kinds, flat))
+            out_specs = out_specs[0] if isinstance(outputs, str) else out_specs
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+        return run
+
+
+def init_pool(config: ModelConfig, pages: int, page_size: int, layout: Layout) -> Pool:
+    """An empty cache of `pages` pages in all (every data shard's together)."""
+    shape = (config.num_kv_heads, pages, page_size, config.head_dim)
+    placed = jax.sharding.NamedSharding(layout.mesh, layout.pages)
+    zeros = jax.jit(lambda: jnp.zeros(shape, config.dtype), out_shardings=placed)
+    return {"k": tuple(zeros() for _ in range(config.num_layers)), "v": tuple(zeros() for _ in range(config.num_layers))}
+
+
+def write_tokens(pages: jax.Array, new: jax.Array, page_table: jax.Array, positions: jax.Array) -> jax.Array:
+    """pages with new [rows, T, kv_heads, head_dim] written at the rows' positions [rows, T] (through the page
+    table [rows, P]); tokens at a negative position go to the scratch page."""
+    page_size = pages.shape[2]
+    real = positions >= 0
+    page = jnp.where(real, jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1), 0)
+    offset = jnp.where(real, positions % page_size, 0)
+    return pages.at[:, page, offset].set(new.transpose(2, 0, 1, 3).astype(pages.dtype))
+
+
+def _in_compute_dtype(params: Any, config: ModelConfig) -> tuple[Any, tuple]:
+    """(params, per-layer weights) with every weight matrix in the compute dtype, cast once per program rather
+    than at every step (the model casts to that dtype anyway); layers split once outside any loop (slicing a
+    layer out of the stack inside a loop makes XLA:CPU copy its weights at every step)."""
+    matrices = lambda tree: jax.tree.map(lambda a: a.astype(config.dtype) if a.ndim >= 2 else a, tree)
+    layers = matrices(split_layers(params["layers"], config.num_layers))
+    return dict(params, **matrices({k: v for k, v in params.items() if k != "layers"})), layers
+
+
+def _forward(model: Transformer, params, layers, tokens, positions, attend) -> jax.Array:
+    """Final-normed hidden [rows, T, hidden] of tokens [rows, T] at positions [rows, T]; attend(layer, q, k, v)
+    gives each layer's attention output (and records the layer's keys and values)."""
+    c = model.config
+    x = sharding.constrain(jnp.take(params["embed"], tokens, axis=0).astype(c.dtype), "batch", "seq", "act_embed")
+    inv_freq = rope_inverse_frequencies(c)
+    for i, p in enumerate(layers):
+        q, k, v = attention_inputs(p, x, jnp.maximum(positions, 0), c, inv_freq)
+        x = attention_output_and_mlp(p, x, attend(i, q, k, v), c)
+    return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+
+
+def _keys(seeds: jax.Array, samples: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s, g: jax.random.fold_in(jax.random.key(s), g))(seeds, samples)
+
+
+def _draw(model, params, hidden, keys, index, settings) -> dict[str, jax.Array]:
+    """One token per row from hidden [rows, hidden]: the index-th draw of each row's key."""
+    logits = model.apply({"params": params}, hidden[:, None], method=Transformer.logits)[:, 0]
+    return sampling_lib.sample(jax.vmap(jax.random.fold_in)(keys, index), logits, settings)
+
+
+def prefill_program(model: Transformer, params, pool: Pool, tokens, positions, page_table, kv_lens, last,
+                    seeds, samples, drawn, settings, *, attention: Callable, layout: Layout) -> tuple[Pool, dict]:
+    """Writes tokens [rows, T] (at positions [rows, T], -1 = padding) into the pages of page_table [rows, P] and
+    draws each row's next token from the hidden state at index last [rows] (the host keeps it only for rows
+    whose chunk ends their known tokens). kv_lens [rows]: each row's tokens in the cache after this chunk;
+    drawn [rows]: tokens the row has generated so far (the index of this draw); settings: `sampling.stack_params`.
+    attention: a `kernels/paged_attention` implementation.
+    Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows]."""
+    params, layers = _in_compute_dtype(params, model.config)
+    attention = layout.per_shard(attention, ("queries", "pages", "pages", "rows", "rows", "rows"), "queries")
+    write = layout.per_shard(write_tokens, ("pages", "new", "rows", "rows"), "pages")
+    k_pages, v_pages = list(pool["k"]), list(pool["v"])
+
+    def attend(i, q, k, v):
+        k_pages[i] = write(k_pages[i], k, page_table, positions)
+        v_pages[i] = write(v_pages[i], v, page_table, positions)
+        return attention(q, k_pages[i], v_pages[i], page_table, kv_lens, positions)
+
+    hidden = _forward(model, params, layers, tokens, positions, attend)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    drawn = _draw(model, params, hidden, _keys(seeds, samples), drawn, settings)
+    return {"k": tuple(k_pages), "v": tuple(v_pages)}, drawn
+
+
+def _gather_views(k_pages, v_pages, page_table):
+    """Dense per-row copies of the rows' pages: K [rows, kv_heads, L, head_dim], V [rows, kv_heads, head_dim, L]
+    (L = P * page_size), the layouts XLA:CPU's two attention matmuls read without transposing."""
+    return (gather_rows(k_pages, page_table).transpose(0, 2, 1, 3),
+            gather_rows(v_pages, page_table).transpose(0, 2, 3, 1))
+
+
+def _put_column(views: jax.Array, new: jax.Array, at: jax.Array, axis: int) -> jax.Array:
+    """views [rows, ...] with each row's new [rows, ...] (size 1 on `axis`, an axis of one row) at index at[row]."""
+    put = lambda view, value, index: jax.lax.dynamic_update_slice_in_dim(view, value.astype(view.dtype), index, axis)
+    return jax.vmap(put)(views, new, at)
+
+
+def decode_program(model: Transformer, params, pool: Pool, tokens, kv_lens, page_table, active, seeds, samples,
+                   drawn, max_new, stop_ids, settings, until, exit_on_finish, *, steps: int, pad_id: int,
+                   attention: Callable, views: bool, layout: Layout) -> tuple[Pool, dict]:
+    """Up to `until` (<= steps) decode steps of rows [rows] (see the module docstring).
+
+    tokens: each row's last drawn token, not yet in the cache, at position kv_lens; page_table [rows, P] covers
+    positions <= kv_lens + until (one to spare: finished rows write to the last position of the dense copies,
+    which no live row reaches); active: rows with a sequence; drawn: tokens each row has generated (its last one
+    included); max_new: each row's limit on them; stop_ids [rows, S] (-1 = unused). Stops early after a step
+    in which a row finished when `exit_on_finish`, and once every row is done. attention: a
+    `kernels/paged_attention` implementation, used at every step unless `views` (see the module docstring).
+
+    Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows, steps] (step i's token in column i,
+    pad_id / 0 where a row was done), "counts" [rows] (tokens each row drew) and "stopped" [rows] (ended with a
+    stop token).
+    """
+    params, layers = _in_compute_dtype(params, model.config)
+    keys = _keys(seeds, samples)
+    rows = tokens.shape[0]
+    state = dict(
+        i=jnp.int32(0), last=tokens, done=~active, finished=jnp.bool_(False),
+        counts=jnp.zeros((rows,), jnp.int32), stopped=jnp.zeros((rows,), bool),
+        tokens=jnp.full((rows, steps), pad_id, jnp.int32), logprobs=jnp.zeros((rows, steps), jnp.float32),
+        sampling_logprobs=jnp.zeros((rows, steps), jnp.float32))
+    if views:
+        gather = layout.per_shard(_gather_views, ("pages", "pages", "rows"), ("views", "views"))
+        state["cache"] = tuple(zip(*[gather(k, v, page_table) for k, v in zip(pool["k"], pool["v"])]))
+    else:
+        state["cache"] = (pool["k"], pool["v"])
+        attention = layout.per_shard(attention, ("queries", "pages", "pages", "rows", "rows", "rows"), "queries")
+        write = layout.per_shard(write_tokens, ("pages", "new", "rows", "rows"), "pages")
+
+    def keep_going(state):
+        stop_now = exit_on_finish & state["finished"]
+        return (state["i"] < jnp.minimum(until, steps)) & ~jnp.all(state["done"]) & ~stop_now
+
+    def step(state):
+        i, live = state["i"], ~state["done"]
+        positions = kv_lens + i
+        k_cache, v_cache = list(state["cache"][0]), list(state["cache"][1])
+
+        def attend(layer, q, k, v):
+            if views:
+                at = jnp.where(live, positions, k_cache[layer].shape[2] - 1)
+                k_cache[layer] = _put_column(k_cache[layer], k.transpose(0, 2, 1, 3), at, axis=1)
+                v_cache[layer] = _put_column(v_cache[layer], v.transpose(0, 2, 3, 1), at, axis=2)
+                return paged_xla.dense_attention(q, k_cache[layer].transpose(0, 2, 1, 3),
+                                                 v_cache[layer].transpose(0, 3, 1, 2), positions + 1,
+                                                 positions[:, None])
+            where = jnp.where(live, positions, -1)[:, None]  # finished rows write to the scratch page
+            k_cache[layer] = write(k_cache[layer], k, page_table, where)
+            v_cache[layer] = write(v_cache[layer], v, page_table, where)
+            return attention(q, k_cache[layer], v_cache[layer], page_table, positions + 1, where)
+
+        hidden = _forward(model, params, layers, state["last"][:, None], positions[:, None], attend)[:, 0]
+        out = _draw(model, params, hidden, keys, drawn + i, settings)
+        stop = live & jnp.any(out["tokens"][:, None] == stop_ids, axis=-1)
+        counts = state["counts"] + live
+        put = lambda buf, value, fill: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(live, value, fill)[:, None].astype(buf.dtype), i, axis=1)
+        ended = stop | (live & (drawn + counts >= max_new))
+        return dict(
+            state, i=i + 1, last=out["tokens"], done=state["done"] | ended, finished=jnp.any(ended),
+            counts=counts, stopped=state["stopped"] | stop, cache=(tuple(k_cache), tuple(v_cache)),
+            tokens=put(state["tokens"], out["tokens"], pad_id), logprobs=put(state["logprobs"], out["logprobs"], 0.0),
+            sampling_logprobs=put(state["sampling_logprobs"], out["sampling_logprobs"], 0.0))
+
+    state = jax.lax.while_loop(keep_going, step, state)
+    k_cache, v_cache = state.pop("cache")
+    if views:  # the tokens this call wrote into the dense copies go back to the pages
+        written = kv_lens[:, None] + jnp.arange(steps, dtype=jnp.int32)
+        written = jnp.where(jnp.arange(steps) < state["counts"][:, None], written, -1)
+        write = layout.per_shard(_write_views_back, ("pages", "views", "rows", "rows"), "pages")
+        k_cache = tuple(write(p, view, page_table, written) for p, view in zip(pool["k"], k_cache))
+        v_cache = tuple(write(p, view.swapaxes(2, 3), page_table, written) for p, view in zip(pool["v"], v_cache))
+    outputs = {k: state[k] for k in ("tokens", "logprobs", "sampling_logprobs", "counts", "stopped")}
+    return {"k": k_cache, "v": v_cache}, outputs
+
+
+def _write_views_back(pages, view, page_table, positions):
+    """pages with the view's [rows, kv_heads, L, head_dim] tokens at positions [rows, n] (-1 = none) copied in."""
+    taken = jnp.take_along_axis(view, jnp.maximum(positions, 0)[:, None, :, None], axis=2)  # [rows, kvh, n, hd]
+    return write_tokens(pages, taken.transpose(0, 2, 1, 3), page_table, positions)
