@@ -27,11 +27,11 @@ import alignment_configs.grpo
 from alignment import config as config_lib, stages
 folder = pathlib.Path(sys.argv[1])
 loaded = {}
-for path in sorted(folder.glob("*.py")):
+for path in sorted([*folder.glob("*.py"), *folder.glob("synth/*.py")]):
     config = config_lib.load_config_file(str(path))
     if "stage" in config:
         stages.check(config)
-    loaded[path.stem] = config.get("stage")
+    loaded[path.relative_to(folder).with_suffix("").as_posix()] = config.get("stage")
 print(json.dumps({
     "stages": sorted(stages.STAGES),
     "loaded": loaded,
@@ -50,7 +50,8 @@ def test_every_config_loads_and_checks_from_another_directory(tmp_path):
     result = python("-c", LOAD_EVERY_CONFIG, str(CONFIGS), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    config_files = sorted(p.stem for p in CONFIGS.glob("*.py"))
+    config_files = sorted(p.relative_to(CONFIGS).with_suffix("").as_posix()
+                          for p in [*CONFIGS.glob("*.py"), *CONFIGS.glob("synth/*.py")])
     assert sorted(out["loaded"]) == config_files
     assert set(out["loaded"].values()) >= set(out["stages"]), f"a stage without a shipped config: {out['loaded']}"
     assert pathlib.Path(out["grpo_module"]).read_bytes() == (CONFIGS / "grpo.py").read_bytes()

@@ -24,7 +24,7 @@ LAYERS = {
     5: ("alignment.launch", "alignment.serve", "alignment.pas.__main__", "alignment.merge.__main__"),
     4: ("alignment.stages",),
     3: ("alignment.rl", "alignment.pas", "alignment.eval", "alignment.data", "alignment.algorithms",
-        "alignment.generation", "alignment.rewards", "alignment.merge"),
+        "alignment.generation", "alignment.rewards", "alignment.merge", "alignment.synth"),
     2: ("alignment.train", "alignment.checkpoint"),
     1: ("alignment.models", "alignment.sharding", "alignment.config", "alignment_kernels"),
 }

@@ -15,11 +15,14 @@ from tests import REPO
 
 # The command-line tools' configs (not stages): each file and the module whose FIELDS check it.
 TOOLS = {"serve": "alignment.serve", "augment": "alignment.pas.__main__"}
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py" and p.stem not in TOOLS)
+CONFIGS = sorted(p for p in [*(REPO / "configs").glob("*.py"), *(REPO / "configs").glob("synth/*.py")]
+                 if p.name != "__init__.py" and p.stem not in TOOLS)
+# A stage whose configs are a folder (one per synth recipe): the one the per-stage tests load.
+STAGE_CONFIG = {"synth": "synth/constraints"}
 
 
 def load(name: str) -> ml_collections.ConfigDict:
-    return config_lib.load_config_file(str(REPO / "configs" / f"{name}.py"))
+    return config_lib.load_config_file(str(REPO / "configs" / f"{STAGE_CONFIG.get(name, name)}.py"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
