@@ -121,15 +121,16 @@ class MainThread:
                 future.set_exception(e)
 
 
-def parse_json_reply(text: str):
-    """The first JSON object or array in a reply (models wrap JSON in prose or code fences); None if none parses."""
+def parse_json_reply(text: str, max_starts: int = 64):
+    """The first JSON object or array in a reply (models wrap JSON in prose or code fences); None if none parses
+    from the first `max_starts` brackets (a hostile reply full of brackets costs at most that many tries)."""
     decoder = json.JSONDecoder()
-    for index, char in enumerate(text):
-        if char in "{[":
-            try:
-                return decoder.raw_decode(text, index)[0]
-            except json.JSONDecodeError:
-                continue
+    starts = (index for index, char in enumerate(text) if char in "{[")
+    for index, _ in zip(starts, range(max_starts)):
+        try:
+            return decoder.raw_decode(text, index)[0]
+        except json.JSONDecodeError:
+            continue
     return None
 
 

@@ -13,13 +13,16 @@ EMBEDDED = "embedded"
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
-def read_records(path: str, fields: dict[str, type] | None = None) -> list[dict]:
-    """Records of a JSONL file, each with `fields` of the given types; errors name the file, line and field."""
+def read_records(path: str, fields: dict[str, type | tuple] | None = None) -> list[dict]:
+    """Records of a JSONL file, each with `fields` of the given types (strings non-empty); errors name the file,
+    line and field."""
     records = []
     for number, record in read_jsonl(path):
         for field, kind in (fields or {}).items():
-            if not isinstance(record.get(field), kind) or (kind is str and not record[field].strip()):
-                raise ValueError(f"{path}:{number}: field {field!r} must be a non-empty {kind.__name__}")
+            value = record.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+                names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ValueError(f"{path}:{number}: field {field!r} must be a non-empty {names}")
         records.append({**record, "where": f"{path}:{number}"})
     if not records:
         raise ValueError(f"{path}: no records")

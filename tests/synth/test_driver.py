@@ -48,6 +48,12 @@ def test_verdicts_parse_from_json_anywhere_in_the_reply(text, expected):
     assert driver.parse_verdict(text) == expected
 
 
+def test_json_is_looked_for_at_a_bounded_number_of_brackets():
+    assert driver.parse_json_reply("{" * 10 + '{"a": 1}') == {"a": 1}
+    assert driver.parse_json_reply("{" * 100 + '{"a": 1}') is None
+    assert driver.parse_json_reply("[1, 2] then {}") == [1, 2]
+
+
 def test_a_rerun_replays_every_call_from_the_cache(tmp_path):
     first = session(tmp_path, lambda m, seed: f"reply {seed}")
     replies = [first.ask([{"role": "user", "content": str(i)}], ("item", i)) for i in range(5)]

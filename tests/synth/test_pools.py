@@ -29,6 +29,9 @@ def test_bad_records_fail_naming_file_line_and_field(tmp_path):
     path.write_text(json.dumps({"text": "ok", "quality": 3}) + "\n" + json.dumps({"text": "", "quality": 3}) + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: field 'text' must be a non-empty str"):
         pools.read_records(str(path), {"text": str})
+    path.write_text(json.dumps({"text": "ok", "quality": True}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:1: field 'quality' must be a non-empty int or float"):
+        pools.read_records(str(path), {"text": str, "quality": (int, float)})
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         pools.read_records(str(tmp_path / "empty.jsonl"))
