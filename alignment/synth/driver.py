@@ -11,9 +11,9 @@ calling thread (math-verify enforces its timeouts with signals) go through `sess
   attempts.jsonl  every response a verifier judged: {"id", "messages", "response", "failures"}
   pairs.jsonl     preference pairs for the RM and DPO stages: a verified response (chosen) and a failed attempt at
                   the same prompt (rejected), with the checkers it failed in "rejected_failures"
-and returns the counts: items, kept, dropped by reason, failed checks by name (a rejected try counts once per check
-it failed), items filtered out before synthesis by reason, teacher and critic calls made and those replayed from the
-cache (calls.jsonl).
+and returns the counts: items, kept, responses judged and rejected, dropped items by reason, failed checks by name
+(a rejected try counts once per check it failed), items filtered out before synthesis by reason, teacher and critic
+calls made and those replayed from the cache (calls.jsonl).
 """
 from __future__ import annotations
 
@@ -288,6 +288,8 @@ def run(recipe, name: str, options, session: Session, workdir: str, *, seed: int
         "recipe": name,
         "items": len(items),
         "kept_items": sum(not r.dropped for r in results),
+        "responses_judged": sum(len(r.attempts) for r in results),
+        "responses_rejected": sum(bool(a.failures) for r in results for a in r.attempts),
         "records": len(records),
         "pairs": len(pairs),
         "dropped": dict(dropped.most_common()),

@@ -40,6 +40,9 @@ def test_expansion_end_to_end_over_http(tmp_path):
     summary = stages.run("synth", config, str(tmp_path))
     assert summary["items"] == 60 and summary["kept_items"] + sum(summary["dropped"].values()) == 60
     assert summary["teacher_calls"] > 60 and summary["critic_calls"] > 0
+    attempts = [json.loads(line) for line in open(tmp_path / "attempts.jsonl")]
+    assert len(attempts) == summary["responses_judged"] == summary["records"] + summary["responses_rejected"]
+    assert sum(bool(a["failures"]) for a in attempts) == summary["responses_rejected"] > 0
     assert any(k.startswith("validator:") for k in summary["rejected"])  # flawed rewrites were caught
     assert any(k.startswith(("ifeval:", "rule:")) for k in summary["rejected"])  # and flawed responses
     assert summary["coverage"]["types"] == len(TAXONOMY.types) and summary["coverage"]["coverage"] > 0.6
