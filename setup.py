@@ -35,6 +35,9 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
         "tensorflow-datasets>=4.9.8",
+        # tfds imports it for builders defined inside a package (DatasetBuilder.code_path) but declares it for
+        # Python < 3.9 only
+        "importlib_resources>=6",
         "ml-collections>=1.0",
         "absl-py>=2.1",
         "safetensors>=0.4",
