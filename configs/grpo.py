@@ -42,11 +42,24 @@ def get_config():
         scale_rewards="group",  # group | batch | none: what the centred rewards are divided by
         advantage_estimator="grpo",  # grpo (group mean baseline) | rloo (leave-one-out)
         aggregation="token_mean",  # token_mean | seq_mean_token_mean | constant (Dr. GRPO)
+        policy_loss="ppo_clip",  # ppo_clip | gspo (one ratio per sequence) | cispo (clipped, detached IS weight)
         ptx_gamma=0.0,  # weight of the PTX replacement KL(policy || reference) on SFT batches; 0 = off
         ptx_batch_size=8,  # SFT rows per PTX step
         eval_every=20,  # RL steps between held-out evaluations (greedy), which also re-weight categories
         reweight_categories=True,  # shift the prompt mix toward categories with lower held-out accuracy
         correct_threshold=1.0,  # a held-out sample counts as correct when its reward reaches this
+        max_staleness=0,  # k: step s samples from the parameters after s - k updates, made while earlier steps train
+        rollout_devices=0,  # n > 0: the first n devices sample (parameters copied after each update), the rest train
+        rollout_dtype="",  # compute dtype of sampling: '' (the model's) | float32 | bfloat16
+        is_correction="none",  # none | tis (truncated) | mis (masked): importance weights pi_old / sampler
+        is_level="token",  # token | sequence (the product of the sequence's token ratios)
+        is_low=0.0,  # weights below this are truncated up to it (tis) or masked (mis)
+        is_high=2.0,  # weights above this are truncated down to it (tis) or masked (mis)
+        dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal, draw more prompts to fill the batch
+        dynamic_sampling_max_draws=3,  # at most this many draws of prompts_per_step prompts per step
+        overlong="none",  # none | mask (truncated completions out of the loss) | penalty (DAPO's soft penalty)
+        overlong_buffer=8,  # penalty: it falls from 0 to -overlong_penalty over the last this many tokens
+        overlong_penalty=1.0,  # penalty at max_new_tokens
     ))
     c.rewards = ml_collections.ConfigDict(dict(math=dict(weight=1.0)))  # name -> weight and parameters
     c.reward_on_error = "zero"  # zero | raise | skip: what a reward function that raises scores

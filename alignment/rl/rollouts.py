@@ -31,10 +31,12 @@ class Rollouts:
             ids.append(encoded.ids.tolist())
         return ids
 
-    def sample(self, records: list[dict], num_samples: int, sampling: SamplingParams, seed: int):
+    def sample(self, records: list[dict], num_samples: int, sampling: SamplingParams, seed: int, params=None):
+        """(prompt ids, completions, rewards) of `num_samples` completions per record, sampled with `params`
+        (the engine's own when None)."""
         prompts = self.prompt_ids(records)
         out = self.engine.generate(prompts, self.config.rl.max_new_tokens, sampling, num_samples=num_samples,
-                                   seeds=seed)
+                                   seeds=seed, params=params)
         samples = []
         for row in range(len(out.lengths)):
             record = records[row // num_samples]
@@ -44,11 +46,11 @@ class Rollouts:
         return prompts, out, self.rewards(samples)
 
 
-def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int) -> dict:
-    """Greedy reward and accuracy (reward >= threshold) per category on held-out prompts."""
+def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int, params=None) -> dict:
+    """Greedy reward and accuracy (reward >= threshold) per category on held-out prompts, with `params`."""
     metrics = {}
     for category, records in sorted(held_out.items()):
-        _, _, result = rollouts.sample(records, 1, SamplingParams(temperature=0.0), seed=step)
+        _, _, result = rollouts.sample(records, 1, SamplingParams(temperature=0.0), seed=step, params=params)
         metrics[f"reward/{category}"] = float(np.nanmean(result.total))
         metrics[f"accuracy/{category}"] = float(np.nanmean(result.total >= rollouts.config.rl.correct_threshold))
     metrics["accuracy"] = float(np.mean([v for k, v in metrics.items() if k.startswith("accuracy/")]))

@@ -11,9 +11,21 @@ greedy accuracy per category on held-out prompts, which also re-weights the cate
 Each step records `kl`, the rollout policy's KL to the reference, and in k3 mode also the KL term of the
 loss per token over the step's updates, named by its form: `kl_k3`, or `kl_k3_ratio` with
 `rl.kl_importance_ratio` (k3 weighted by exp(logp - old_logp), TRL's `use_bias_correction_kl`).
+
+Off-policy options: `rl.max_staleness = k` samples step s's rollout from the parameters after s - k updates,
+made ahead by a producer thread (`rl.pipeline`) while the trainer updates, on the training mesh or on a
+rollout mesh of its own (`rl.rollout_devices`; parameters copied there after each update), optionally in
+another precision (`rl.rollout_dtype`). The update's pi_old is the trainer's policy at the step's start, and
+`rl.is_correction` (truncated or masked importance sampling, per token or per sequence) weighs each token by
+pi_old / sampler. Every step records the sampler/trainer mismatch (`mismatch_kl`, the k3 estimate of
+KL(sampler || trainer) per token; `mismatch_abs_log_ratio_mean` / `_max`), the fraction of tokens the correction
+masked or truncated (`is_masked_fraction` / `is_truncated_fraction`) and the rollout's `staleness`.
+Sampling options: dynamic sampling (`rl.dynamic_sampling`) and overlong handling (`rl.overlong`), see
+`rl.producer`; policy losses by name (`rl.policy_loss`: ppo_clip, gspo, cispo).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -21,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
 
-from alignment.algorithms import grpo
-from alignment.config import Field, one_of, positive
+from alignment import sharding
+from alignment.algorithms import grpo, off_policy
+from alignment.config import Field, at_least, one_of, positive
 from alignment.data import sft as sft_data
 from alignment.data.rl_rows import completion_rows
 from alignment.data.tokenizer import checked_tokenizer
@@ -31,7 +45,7 @@ from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models.transformer import dummy_inputs
 from alignment.rewards.registry import from_config
-from alignment.rl import loop
+from alignment.rl import loop, producer
 from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
 from alignment.rl.scoring import make_scorer
 from alignment.train import runtime
@@ -66,6 +80,18 @@ FIELDS = {
     "rl.aggregation": one_of(*grpo.AGGREGATIONS),
     "rl.ptx_gamma": Field(low=0),
     "rl.ptx_batch_size": positive(),
+    "rl.policy_loss": one_of(*grpo.POLICY_LOSSES),
+    "rl.max_staleness": at_least(0),
+    "rl.rollout_devices": at_least(0),
+    "rl.rollout_dtype": one_of("", "float32", "bfloat16"),
+    "rl.is_correction": one_of(*off_policy.IS_MODES),
+    "rl.is_level": one_of(*off_policy.IS_LEVELS),
+    "rl.is_low": Field(low=0),
+    "rl.is_high": Field(low=0, open_low=True),
+    "rl.dynamic_sampling_max_draws": positive(),
+    "rl.overlong": one_of(*producer.OVERLONG),
+    "rl.overlong_buffer": positive(),
+    "rl.overlong_penalty": Field(low=0),
 }
 
 
@@ -73,12 +99,43 @@ def check(config: ml_collections.ConfigDict) -> None:
     rl = config.rl
     if rl.kl_importance_ratio and rl.kl_mode != "k3":
         raise ValueError(f"rl.kl_importance_ratio weights the k3 KL term: it needs rl.kl_mode 'k3', got {rl.kl_mode!r}")
+    if rl.is_low >= rl.is_high:
+        raise ValueError(f"rl.is_low={rl.is_low} must be below rl.is_high={rl.is_high}")
+    if rl.overlong == "penalty" and rl.overlong_buffer > rl.max_new_tokens:
+        raise ValueError(f"rl.overlong_buffer={rl.overlong_buffer} exceeds rl.max_new_tokens={rl.max_new_tokens}")
+    if rl.rollout_devices:
+        if jax.process_count() > 1:
+            raise ValueError("rl.rollout_devices splits one host's devices; with several processes leave it 0")
+        if rl.rollout_devices >= jax.device_count():
+            raise ValueError(f"rl.rollout_devices={rl.rollout_devices} leaves no training device: "
+                             f"{jax.device_count()} devices in all")
+
+
+def make_sampler(config, model_cfg, mesh, rules, rollouts: Rollouts, param_shardings):
+    """(the producer's Rollouts, to_sampler) for `loop.run`: the engine rollouts are sampled with and how the
+    policy's parameters reach it. The trainer's own engine when nothing differs (the synchronous loop as it
+    was); an engine of its own when the producer runs ahead (`rl.max_staleness`: the trainer evaluates with its
+    engine meanwhile) or computes in `rl.rollout_dtype`; with `rl.rollout_devices = n`, on a data-parallel mesh
+    of the first n devices (the trainer has the rest), parameters copied there after every update."""
+    rl = config.rl
+    sampler_cfg = dataclasses.replace(model_cfg, dtype=rl.rollout_dtype or model_cfg.dtype)
+    if not rl.rollout_devices and not rl.max_staleness and sampler_cfg == model_cfg:
+        return rollouts, None
+    to_sampler, sampler_mesh = None, mesh
+    if rl.rollout_devices:
+        sampler_mesh = sharding.make_mesh({"data": rl.rollout_devices}, jax.devices()[: rl.rollout_devices])
+        target = jax.tree.map(lambda s: NamedSharding(sampler_mesh, s.spec), param_shardings)
+        to_sampler = lambda params: jax.device_put(params, target)  # noqa: E731
+    engine = rollouts.engine
+    engine = Engine(sampler_cfg, None, sampler_mesh, rules, pad_id=engine.pad_id, stop_ids=engine.stop_ids)
+    return Rollouts(config, rollouts.tokenizer, engine, rollouts.rewards), to_sampler
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl = config.rl
     kl_form = grpo.kl_form(rl.kl_importance_ratio)
-    model_cfg, model, mesh, rules = runtime.setup_model(config)
+    # The first rl.rollout_devices devices sample (make_sampler), the rest train.
+    model_cfg, model, mesh, rules = runtime.setup_model(config, jax.devices()[rl.rollout_devices:])
     tokenizer = checked_tokenizer(config.tokenizer, model_cfg.vocab_size)
     stream, held_out = loop.prompt_data(config)
 
@@ -92,6 +149,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine = Engine(model_cfg, state.params, mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
     rollouts = Rollouts(config, tokenizer, engine, from_config(config))
+    sampler_rollouts, to_sampler = make_sampler(config, model_cfg, mesh, rules, rollouts, shardings.params)
+    make_rollout = producer.Producer(
+        sampler_rollouts, stream, rl, config.seed, max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else 1,
+        overlong=producer.Overlong(rl.overlong, rl.overlong_buffer, rl.overlong_penalty))
     target = runtime.batch_sharding(mesh, rules)
     # One on-policy pass (k3 in the loss): the update recomputes the policy's log-probs with the rollout's own
     # parameters (first_pass), so scoring only runs the reference; the update reports the KL and entropy.
@@ -107,7 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss = functools.partial(grpo.grpo_loss, model, temperature=rl.temperature, clip_low=rl.clip_low,
                              clip_high=rl.clip_high, kl_mode=rl.kl_mode, beta=rl.beta,
                              aggregation=rl.aggregation, max_tokens=rl.max_new_tokens, group=update_group,
-                             kl_importance_ratio=rl.kl_importance_ratio)
+                             kl_importance_ratio=rl.kl_importance_ratio, policy=rl.policy_loss,
+                             correction=off_policy.ISCorrection(rl.is_correction, rl.is_level, rl.is_low,
+                                                                rl.is_high))
     # Batches keep the layout `place_batch` gives them (rows over the data axes, whatever their rank).
     update = jit_train_step(make_train_step(loss, optimizer, schedule, config.micro_batches), shardings, None)
     ptx = make_ptx_batches(config, tokenizer, model, ref_params)
@@ -125,12 +188,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seq_adv = (seq_adv * valid[:, None]).reshape(-1)  # groups with a skipped sample are left out
         rows = completion_rows(rollout.prompt_ids, rollout.out.tokens, rollout.out.lengths, rl.num_samples,
                                rl.max_prompt_length, rl.max_new_tokens)
+        rows["loss_mask"] &= rollout.in_loss[:, None]
+        # The sampler's log-probs of its tokens (of the truncated distribution it drew from, if any).
+        rows["sampler_logp"] = np.zeros(rows["loss_mask"].shape, np.float32)
+        width = min(rows["loss_mask"].shape[1], rollout.out.sampling_logprobs.shape[1])
+        rows["sampler_logp"][:, :width] = rollout.out.sampling_logprobs[:, :width]
         scored = jax.device_get(score(state.params, ref_params, runtime.place_batch(rows, target)))
         mask = rows["loss_mask"]
         if single_pass:  # never read (first_pass), but kept meaningful: the sampler's own log-probs
-            scored["old_logp"] = np.zeros(mask.shape, np.float32)
-            width = min(mask.shape[1], rollout.out.logprobs.shape[1])
-            scored["old_logp"][:, :width] = rollout.out.logprobs[:, :width]
+            scored["old_logp"] = rows["sampler_logp"]
         if rl.kl_mode == "token_reward":
             advantages = np.asarray(grpo.token_advantages(jnp.asarray(seq_adv), scored["kl"], mask, rl.beta))
         else:
@@ -150,6 +216,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics.append({"ptx_kl": m["ptx_kl_sum"] / jnp.maximum(m["tokens"], 1.0)})
         metrics = jax.device_get(metrics)
         kl_term = [m for m in metrics if f"{kl_form}_sum" in m]  # the policy updates, in k3 mode
+        first = metrics[: rl.minibatches]  # the first pass: every row once, against pi_old
+        first_tokens = max(sum(m["tokens"] for m in first), 1.0)
         record = {
             **rollout_metrics(rewards, rollout.out, scored, mask),
             **({f"kl_{kl_form}": float(sum(m[f"{kl_form}_sum"] for m in kl_term)
@@ -160,6 +228,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "clip_fraction": float(sum(m.get("clip_fraction_sum", 0) for m in metrics)
                                    / max(sum(m.get("tokens", 0) for m in metrics if "clip_fraction_sum" in m), 1)),
             "first_ratio": float(metrics[0]["ratio_sum"] / max(metrics[0]["tokens"], 1.0)),
+            "mismatch_kl": float(sum(m["mismatch_kl_sum"] for m in first) / first_tokens),
+            "mismatch_abs_log_ratio_mean": float(sum(m["mismatch_abs_log_ratio_sum"] for m in first) / first_tokens),
+            "mismatch_abs_log_ratio_max": float(max(m["mismatch_abs_log_ratio_max"] for m in first)),
+            **({"is_masked_fraction": float(sum(m["is_masked_sum"] for m in first) / first_tokens),
+                "is_truncated_fraction": float(sum(m["is_truncated_sum"] for m in first) / first_tokens)}
+               if rl.is_correction != "none" else {}),
             "skipped_groups": int((~valid).sum()),
             "scoring_s": scoring_s,
             "update_s": time.perf_counter() - t2,
@@ -170,4 +244,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     with runtime.activation_context(mesh, rules):
         return loop.run(config, workdir, state=state, abstract=abstract, shardings=shardings, rollouts=rollouts,
-                        stream=stream, held_out=held_out, policy_params=lambda s: s.params, update=rl_step)
+                        stream=stream, held_out=held_out, policy_params=lambda s: s.params, update=rl_step,
+                        producer=make_rollout, max_staleness=rl.max_staleness, to_sampler=to_sampler)

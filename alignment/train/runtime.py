@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -42,19 +42,21 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(fields)
 
 
-def setup_model(config: ml_collections.ConfigDict):
-    """(model config, Transformer, mesh, rules) of a training stage, with the run header logged."""
+def setup_model(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):
+    """(model config, Transformer, mesh, rules) of a training stage, with the run header logged; the mesh spans
+    `devices` (default: all)."""
     model_cfg = model_config(config)
-    mesh, rules = mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config, devices)
     log_run_header(config, model_cfg, mesh)
     return model_cfg, Transformer(model_cfg), mesh, rules
 
 
-def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, dict]:
+def mesh_and_rules(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+                   ) -> tuple[Mesh, dict]:
     rules = dict(sharding.DEFAULT_RULES)
     for key, value in config.sharding_rules.items():
         rules[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    return sharding.make_mesh(config.mesh.to_dict()), rules
+    return sharding.make_mesh(config.mesh.to_dict(), devices), rules
 
 
 def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, abstract_params: Any,
