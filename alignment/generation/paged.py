@@ -24,7 +24,7 @@ the step it joined at. Log-probs are those of the full softmax(logits / temperat
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,13 +99,25 @@ def write_tokens(pages: jax.Array, new: jax.Array, page_table: jax.Array, positi
     return pages.at[:, page, offset].set(new.transpose(2, 0, 1, 3).astype(pages.dtype))
 
 
-def _in_compute_dtype(params: Any, config: ModelConfig) -> tuple[Any, tuple]:
-    """(params, per-layer weights) with every weight matrix in the compute dtype, cast once per program rather
-    than at every step (the model casts to that dtype anyway); layers split once outside any loop (slicing a
-    layer out of the stack inside a loop makes XLA:CPU copy its weights at every step)."""
+class Weights(NamedTuple):
+    """The model's weights as the programs use them: matrices in the compute dtype and the stacked layers split
+    into one dict per layer (slicing a layer out of the stack inside a loop makes XLA:CPU copy its weights at
+    every step)."""
+
+    params: Any
+    layers: tuple
+
+
+def prepare_weights(params: Any, config: ModelConfig) -> Weights:
+    """Casting once instead of at every matmul gives the same numbers (the model casts to that dtype anyway)."""
     matrices = lambda tree: jax.tree.map(lambda a: a.astype(config.dtype) if a.ndim >= 2 else a, tree)
     layers = matrices(split_layers(params["layers"], config.num_layers))
-    return dict(params, **matrices({k: v for k, v in params.items() if k != "layers"})), layers
+    return Weights(dict(params, **matrices({k: v for k, v in params.items() if k != "layers"})), layers)
+
+
+def _weights(weights: Weights | Any, config: ModelConfig) -> Weights:
+    """A program's weights: prepared by the caller (once per set of weights), or here (once per call)."""
+    return weights if isinstance(weights, Weights) else prepare_weights(weights, config)
 
 
 def _forward(model: Transformer, params, layers, tokens, positions, attend) -> jax.Array:
@@ -130,15 +142,15 @@ def _draw(model, params, hidden, keys, index, settings) -> dict[str, jax.Array]:
     return sampling_lib.sample(jax.vmap(jax.random.fold_in)(keys, index), logits, settings)
 
 
-def prefill_program(model: Transformer, params, pool: Pool, tokens, positions, page_table, kv_lens, last,
+def prefill_program(model: Transformer, weights, pool: Pool, tokens, positions, page_table, kv_lens, last,
                     seeds, samples, drawn, settings, *, attention: Callable, layout: Layout) -> tuple[Pool, dict]:
     """Writes tokens [rows, T] (at positions [rows, T], -1 = padding) into the pages of page_table [rows, P] and
     draws each row's next token from the hidden state at index last [rows] (the host keeps it only for rows
     whose chunk ends their known tokens). kv_lens [rows]: each row's tokens in the cache after this chunk;
     drawn [rows]: tokens the row has generated so far (the index of this draw); settings: `sampling.stack_params`.
-    attention: a `kernels/paged_attention` implementation.
-    Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows]."""
-    params, layers = _in_compute_dtype(params, model.config)
+    weights: the model's parameters or their `prepare_weights`; attention: a `kernels/paged_attention`
+    implementation. Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows]."""
+    params, layers = _weights(weights, model.config)
     attention = layout.per_shard(attention, ("queries", "pages", "pages", "rows", "rows", "rows"), "queries")
     write = layout.per_shard(write_tokens, ("pages", "new", "rows", "rows"), "pages")
     k_pages, v_pages = list(pool["k"]), list(pool["v"])
@@ -167,14 +179,14 @@ def _put_column(views: jax.Array, new: jax.Array, at: jax.Array, axis: int) -> j
     return jax.vmap(put)(views, new, at)
 
 
-def decode_program(model: Transformer, params, pool: Pool, tokens, kv_lens, page_table, active, seeds, samples,
+def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, page_table, active, seeds, samples,
                    drawn, max_new, stop_ids, settings, until, exit_on_finish, *, steps: int, pad_id: int,
                    attention: Callable, views: bool, layout: Layout) -> tuple[Pool, dict]:
     """Up to `until` (<= steps) decode steps of rows [rows] (see the module docstring).
 
     tokens: each row's last drawn token, not yet in the cache, at position kv_lens; page_table [rows, P] covers
-    positions <= kv_lens + until (one to spare: finished rows write to the last position of the dense copies,
-    which no live row reaches); active: rows with a sequence; drawn: tokens each row has generated (its last one
+    positions < kv_lens + until, past a row's own pages with the scratch page (a finished row goes on writing
+    at its next positions until the loop ends); active: rows with a sequence; drawn: tokens each row has generated (its last one
     included); max_new: each row's limit on them; stop_ids [rows, S] (-1 = unused). Stops early after a step
     in which a row finished when `exit_on_finish`, and once every row is done. attention: a
     `kernels/paged_attention` implementation, used at every step unless `views` (see the module docstring).
@@ -183,7 +195,7 @@ def decode_program(model: Transformer, params, pool: Pool, tokens, kv_lens, page
     pad_id / 0 where a row was done), "counts" [rows] (tokens each row drew) and "stopped" [rows] (ended with a
     stop token).
     """
-    params, layers = _in_compute_dtype(params, model.config)
+    params, layers = _weights(weights, model.config)
     keys = _keys(seeds, samples)
     rows = tokens.shape[0]
     state = dict(
@@ -210,9 +222,8 @@ def decode_program(model: Transformer, params, pool: Pool, tokens, kv_lens, page
 
         def attend(layer, q, k, v):
             if views:
-                at = jnp.where(live, positions, k_cache[layer].shape[2] - 1)
-                k_cache[layer] = _put_column(k_cache[layer], k.transpose(0, 2, 1, 3), at, axis=1)
-                v_cache[layer] = _put_column(v_cache[layer], v.transpose(0, 2, 3, 1), at, axis=2)
+                k_cache[layer] = _put_column(k_cache[layer], k.transpose(0, 2, 1, 3), positions, axis=1)
+                v_cache[layer] = _put_column(v_cache[layer], v.transpose(0, 2, 3, 1), positions, axis=2)
                 return paged_xla.dense_attention(q, k_cache[layer].transpose(0, 2, 1, 3),
                                                  v_cache[layer].transpose(0, 3, 1, 2), positions + 1,
                                                  positions[:, None])

@@ -86,6 +86,13 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, (max(n, 1) - 1).bit_length()))
 
 
+def fine_bucket(n: int, minimum: int = 1) -> int:
+    """The next size of the form 2^k or 3 * 2^(k-1) (1, 2, 3, 4, 6, 8, 12, ...), at least `minimum`: for sizes
+    whose waste costs in proportion (pages per row, which every decode step reads), at twice the buckets."""
+    power = bucket(n)
+    return max(minimum, power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power)
+
+
 class Scheduler:
     def __init__(self, shards: int, slots: int, pages: int, page_size: int, *, steps: int, prefill_chunk: int,
                  prefill_tokens: int, min_rows: int = 8, min_pages: int = 4,
@@ -270,7 +277,9 @@ class Scheduler:
     def decode_inputs(self, batch: Batch) -> dict[str, np.ndarray]:
         """Host arrays of a decode call (see `paged.decode_program`)."""
         n = len(batch.sequences)
-        ends = [s.computed + self.decode_steps(s) + 1 if s else 0 for s in batch.sequences]  # one to spare
+        # Every row's table covers `steps` more positions, also past its own pages (the scratch page): a finished
+        # row keeps writing garbage at its next positions until the call ends, which must stay inside its table.
+        ends = [s.computed + self.steps if s else self.steps for s in batch.sequences]
         out = dict(tokens=np.zeros((n,), np.int32), kv_lens=np.zeros((n,), np.int32), active=np.zeros((n,), bool),
                    max_new=np.zeros((n,), np.int32), stop_ids=np.full((n, self.stop_slots(batch)), -1, np.int32),
                    page_table=self._table(batch, ends), **self._draw_inputs(batch))
@@ -337,7 +346,7 @@ class Scheduler:
     def _table(self, batch: Batch, ends: list[int]) -> np.ndarray:
         """[rows, P] page tables (scratch page 0 past a row's pages), P a bucket covering every row's positions
         below its entry of `ends`."""
-        width = bucket(max(-(-e // self.page_size) for e in ends), self.min_pages)
+        width = fine_bucket(max(-(-e // self.page_size) for e in ends), self.min_pages)
         table = np.zeros((len(batch.sequences), width), np.int32)
         for r, s in enumerate(batch.sequences):
             if s is not None:
