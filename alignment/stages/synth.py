@@ -82,8 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     recipe, options = RECIPES[config.recipe], config[config.recipe]
     t, c = config.teacher, config.critic
     server, url = None, t.url
-    if t.url == "embedded":
-        server, url = embedded.start(t.flaw_rate)
+    if t.url == "embedded":  # it answers in the wording of the run's constraint taxonomy
+        server, url = embedded.start(t.flaw_rate, constraint_expansion.taxonomy(options) if "taxonomy" in options
+                                     else None)
         logger.info("embedded teacher (rule-based stand-in for a teacher LLM) at %s", url)
     teacher = Endpoint(url, t.model, t.temperature, t.max_tokens, t.timeout, _key(t))
     critic = None

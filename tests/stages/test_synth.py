@@ -102,3 +102,16 @@ def test_every_recipe_writes_records_the_sft_and_dpo_stages_read(tmp_path):
         record = json.loads(line)
         (parsed,) = preference.record_to_pairs(record)
         assert parsed.chosen[0]["content"] == record["chosen"] and record["rejected_failures"]
+
+
+def test_the_embedded_teacher_speaks_the_runs_own_taxonomy(tmp_path):
+    """A taxonomy of a dozen types: the stand-in's reversal instructions list the same types the recipe's do."""
+    from alignment.synth import constraints, response_reversal
+
+    kept = set(response_reversal.MEASURED[:12])
+    types = [dict(t, conflicts=[c for c in t["conflicts"] if c in kept])
+             for t in json.load(open(constraints.TAXONOMY_PATH))["types"] if t["id"] in kept]
+    (tmp_path / "taxonomy.json").write_text(json.dumps({"types": types}))
+    c = config("reversal", num_items=16, taxonomy=str(tmp_path / "taxonomy.json"))
+    summary = stages.run("synth", c, str(tmp_path / "run"))
+    assert summary["records"] > 0 and "endpoint_error" not in summary["dropped"]
