@@ -103,6 +103,10 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"rl.is_low={rl.is_low} must be below rl.is_high={rl.is_high}")
     if rl.overlong == "penalty" and rl.overlong_buffer > rl.max_new_tokens:
         raise ValueError(f"rl.overlong_buffer={rl.overlong_buffer} exceeds rl.max_new_tokens={rl.max_new_tokens}")
+    if rl.max_staleness and jax.process_count() > 1:
+        # Two threads launching device programs could order them differently on different hosts (a hang).
+        raise ValueError("rl.max_staleness runs the producer in a thread of each process, which multi-host runs "
+                         "do not support yet: leave it 0 with several processes")
     if rl.rollout_devices:
         if jax.process_count() > 1:
             raise ValueError("rl.rollout_devices splits one host's devices; with several processes leave it 0")
@@ -150,12 +154,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
     rollouts = Rollouts(config, tokenizer, engine, from_config(config))
     sampler_rollouts, to_sampler = make_sampler(config, model_cfg, mesh, rules, rollouts, shardings.params)
-    make_rollout = producer.Producer(
-        sampler_rollouts, stream, rl, config.seed, max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else 1,
-        overlong=producer.Overlong(rl.overlong, rl.overlong_buffer, rl.overlong_penalty))
+    make_rollout = producer.Producer(sampler_rollouts, stream, rl, config.seed,
+                                     max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else 1,
+                                     overlong=producer.Overlong(rl.overlong, rl.overlong_buffer, rl.overlong_penalty))
     target = runtime.batch_sharding(mesh, rules)
-    # One on-policy pass (k3 in the loss): the update recomputes the policy's log-probs with the rollout's own
-    # parameters (first_pass), so scoring only runs the reference; the update reports the KL and entropy.
+    # One pass (k3 in the loss): the update recomputes the policy's log-probs with the step's starting parameters,
+    # pi_old (first_pass), so scoring only runs the reference; the update reports the KL and entropy.
     single_pass = rl.kl_mode == "k3" and rl.ppo_epochs == 1 and rl.minibatches == 1
     # Each prompt runs once for its samples (a KV cache they share) where rows keep their groups: always in
     # scoring; in the update with one minibatch and no micro-batches (which regroup rows). The cached path

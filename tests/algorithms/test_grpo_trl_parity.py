@@ -9,8 +9,8 @@ w.r.t. the per-token log-probs for each loss type. Here the same loss is built f
 TRL loss type -> our aggregation: grpo -> seq_mean_token_mean, bnpo and dapo -> token_mean (one process, no
 accumulation: the local and the global token count agree), dr_grpo -> constant with max_tokens =
 max_completion_length. kl is our `kl_penalty(logp, ref_logp, ratio)`: k3 as is when TRL's use_bias_correction_kl
-is off, times the importance ratio exp(logp - old_logp) when it is on (TRL's default; our `rl.kl_importance_ratio`). An absent old_logp is TRL's on-policy case: old_logp = stop_gradient(logp), as our
-first pass does.
+is off, times the importance ratio exp(logp - old_logp) when it is on (TRL's default; our `rl.kl_importance_ratio`).
+An absent old_logp is TRL's on-policy case: old_logp = stop_gradient(logp), as our first pass does.
 
 The fixture's `model_cases` also pin TRL's sampling temperature: TRL computes their log-probs itself from final
 hidden states and an output head at temperature 1.0 or 0.7, and they run here through `grpo_loss` itself (our
@@ -170,8 +170,8 @@ def off_policy_settings(case):
     """grpo_loss's policy, clip_high and ISCorrection for a TRL off-policy case: importance_sampling_level
     'sequence' is GSPO; CISPO's cap epsilon_high is our 1 + clip_high; vllm_importance_sampling_mode
     '<level>_<truncate|mask>' with clip_min / clip_max is our correction at that level (no clip_min: low 0)."""
-    policy = "cispo" if case["trl_loss_type"] == "cispo" else "gspo" if case["importance_sampling_level"] == "sequence" \
-        else "ppo_clip"
+    sequence = case["importance_sampling_level"] == "sequence"
+    policy = "cispo" if case["trl_loss_type"] == "cispo" else "gspo" if sequence else "ppo_clip"
     clip_high = case["epsilon_high"] - 1.0 if policy == "cispo" else case["epsilon_high"]
     correction = ISCorrection()
     if case.get("is_mode"):

@@ -113,7 +113,8 @@ def test_pipelined_run_resumes_exactly_and_the_split_mesh_samples_as_the_shared_
     space_share_reward.calls = 0
     stages.run("grpo", config(5, **pipelined), str(tmp_path / "resumed"))
     assert rewards(tmp_path / "resumed")[-(5 - stopped.value.step):] == rewards(tmp_path / "full")[stopped.value.step:]
-    for a, b in zip(jax.tree.leaves(params_at(tmp_path / "resumed", 5)), jax.tree.leaves(params_at(tmp_path / "full", 5))):
+    expected, actual = params_at(tmp_path / "full", 5), params_at(tmp_path / "resumed", 5)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
 
     # The first 4 of the 8 devices sample, the other 4 train; parameters are copied over after every update. The
