@@ -134,7 +134,8 @@ def main() -> None:
         "training_records": counts, "held_out_prompts": len(held_out), "steps": args.steps,
         "synth": {name: {k: s[k] for k in ("items", "records", "dropped")} for name, s in runs.items()},
         "held_out_loss": {name: t["final_eval"] for name, t in trained.items()},
-        "ifeval": results,
+        "ifeval": {name: {"metrics": r["ifeval"]["metrics"], "by_type_strict": r["ifeval"]["by_type_strict"]}
+                   for name, r in results.items()},
     }, indent=1))
 
 
