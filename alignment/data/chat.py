@@ -3,6 +3,11 @@
 Conversations are rendered as a list of segments (template scaffolding and message contents kept apart) and
 each segment is tokenized on its own, so role and loss-mask boundaries fall exactly between segments instead
 of being recovered from character offsets.
+
+Tool use (`alignment.data.tools`): given `tools` or assistant turns with `tool_calls`, chatml renders as Qwen2.5's
+template and llama3 as Llama-3.1's do with `tools=` (tool definitions in the system / first user turn, calls in
+the model's format, results as `<tool_response>` blocks in a user turn / JSON in an ipython turn). The model's
+calls are trained like any assistant content; tool results never are.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from alignment.data import tools as tool_format
 from alignment.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -25,6 +31,7 @@ _TEMPLATE_SPECIALS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
 }
 _LLAMA3_HEADERS = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
+LLAMA31_DATE = "26 Jul 2024"  # the "Today Date" Llama-3.1's template writes when not given one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +70,18 @@ def _validate_messages(messages: Sequence[Any], add_generation_prompt: bool) -> 
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise ValueError(f"message {i}: missing {key!r} (keys present: {sorted(m)})")
-        role, content = m["role"], m["content"]
+        calls = tool_format.message_tool_calls(m, f"message {i}")
+        if "role" not in m or ("content" not in m and not calls):
+            raise ValueError(f"message {i}: missing {'role' if 'role' not in m else 'content'!r} "
+                             f"(keys present: {sorted(m)})")
+        role, content = m["role"], m.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
-        if not isinstance(content, str):
+        if calls and role != "assistant":
+            raise ValueError(f"message {i} ({role}): only assistant messages may have tool_calls")
+        if not isinstance(content, str) and not (calls and content is None):
             raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+        if role == "assistant" and not calls and not content.strip():
             raise ValueError(f"message {i}: assistant content is empty or whitespace-only")
     if not add_generation_prompt and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant turn (pass add_generation_prompt=True to build a prompt)")
@@ -173,18 +183,133 @@ def _chatml_segments(messages: Sequence[dict], add_generation_prompt: bool) -> l
     return segments
 
 
+_QWEN_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_QWEN_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                     "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _chatml_tool_segments(messages: Sequence[dict], add_generation_prompt: bool,
+                          tools: list | None) -> list[_Segment]:
+    """Qwen2.5's tool layout (Qwen3's without a system message: no default system text is written).
+
+    The tool definitions follow the system message; an assistant turn writes its content, then one
+    `<tool_call>` block per call; consecutive tool messages share one user turn of `<tool_response>` blocks.
+    """
+    segments: list[_Segment] = []
+    start = 0
+    if tools is not None:
+        has_system = messages[0]["role"] == "system"
+        segments += [_special("<|im_start|>", "system", 0), _Segment("system\n", "system", 0)]
+        if has_system:
+            segments.append(_Segment(messages[0]["content"] + "\n\n", "system", 0))
+        definitions = "".join("\n" + tool_format.tojson(t) for t in tools)
+        segments += [_Segment(_QWEN_TOOLS_INTRO + definitions + _QWEN_TOOLS_OUTRO, "system", 0),
+                     _special("<|im_end|>", "system", 0), _Segment("\n", "system", 0)]
+        start = 1 if has_system else 0
+    for i in range(start, len(messages)):
+        m = messages[i]
+        role = m["role"]
+        calls = tool_format.message_tool_calls(m, f"message {i}")
+        if role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                segments += [_special("<|im_start|>", role, i), _Segment("user", role, i)]
+            segments += [_Segment(f"\n{tool_format.RESPONSE_OPEN}\n", role, i), _Segment(m["content"], role, i),
+                         _Segment(f"\n{tool_format.RESPONSE_CLOSE}", role, i)]
+            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                segments += [_special("<|im_end|>", role, i), _Segment("\n", role, i)]
+            continue
+        trained = role == "assistant"
+        segments += [_special("<|im_start|>", role, i), _Segment(f"{role}\n", role, i)]
+        content = m.get("content") or ""
+        segments.append(_Segment(content, role, i, loss=trained))
+        for j, call in enumerate(calls):
+            # The newline after the role header is the generation prompt's; later blocks start on a new line.
+            sep = "\n" if content or j else ""
+            segments.append(_Segment(sep + tool_format.format_call("chatml", call), role, i, loss=True))
+        segments += [_special("<|im_end|>", role, i, loss=trained), _Segment("\n", role, i)]
+    if add_generation_prompt:
+        turn = len(messages)
+        segments += [_special("<|im_start|>", "assistant", turn), _Segment("assistant\n", "assistant", turn)]
+    return segments
+
+
+_LLAMA31_TOOLS_INTRO = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                        "arguments that best answers the given prompt.\n\n"
+                        'Respond in the format {"name": function name, "parameters": dictionary of argument name and '
+                        'its value}.Do not use variables.\n\n')
+
+
+def _llama31_segments(messages: Sequence[dict], add_generation_prompt: bool, tools: list | None) -> list[_Segment]:
+    """Llama-3.1's layout: a system turn with the knowledge and today dates (and "Environment: ipython" when tools
+    are given), the tool definitions in the first user turn, one JSON call per assistant turn, tool results as
+    JSON in ipython turns. Contents are stripped, as the template trims them."""
+
+    def header(role: str, turn: int) -> list[_Segment]:
+        return [_special("<|start_header_id|>", role, turn), _Segment(_LLAMA3_HEADERS[role], role, turn),
+                _special("<|end_header_id|>", role, turn), _Segment("\n\n", role, turn)]
+
+    has_system = messages[0]["role"] == "system"
+    environment = "Environment: ipython\n" if tools is not None else ""
+    segments = [_special("<|begin_of_text|>", "system", 0), *header("system", 0),
+                _Segment(f"{environment}Cutting Knowledge Date: December 2023\nToday Date: {LLAMA31_DATE}\n\n",
+                         "system", 0)]
+    if has_system:
+        segments.append(_Segment(messages[0]["content"].strip(), "system", 0))
+    segments.append(_special("<|eot_id|>", "system", 0))
+    start = 1 if has_system else 0
+    if tools is not None:
+        if start >= len(messages) or messages[start]["role"] != "user":
+            raise ValueError(f"llama3 template with tools: message {start} must be a user turn (the tool definitions "
+                             "go into the first user message)")
+        definitions = "".join(tool_format.tojson(t, indent=4) + "\n\n" for t in tools)
+        segments += [*header("user", start), _Segment(_LLAMA31_TOOLS_INTRO + definitions, "user", start),
+                     _Segment(messages[start]["content"].strip(), "user", start), _special("<|eot_id|>", "user", start)]
+        start += 1
+    for i in range(start, len(messages)):
+        m = messages[i]
+        role = m["role"]
+        calls = tool_format.message_tool_calls(m, f"message {i}")
+        trained = role == "assistant"
+        segments += header(role, i)
+        if calls:
+            if len(calls) != 1:
+                raise ValueError(f"llama3 template: message {i} has {len(calls)} tool calls; Llama-3.1 makes one "
+                                 "call per assistant turn (split them into turns, or use chatml)")
+            segments.append(_Segment(tool_format.format_call("llama3", calls[0]), role, i, loss=True))
+        elif role == "tool":  # the template JSON-encodes tool results, strings included
+            segments.append(_Segment(tool_format.tojson(m["content"]), role, i))
+        else:
+            segments.append(_Segment(m["content"].strip(), role, i, loss=trained))
+        segments.append(_special("<|eot_id|>", role, i, loss=trained))
+    if add_generation_prompt:
+        segments += header("assistant", len(messages))
+    return segments
+
+
 _RENDERERS = {"llama2": _llama2_segments, "llama3": _llama3_segments, "chatml": _chatml_segments}
+_TOOL_RENDERERS = {"llama3": _llama31_segments, "chatml": _chatml_tool_segments}
 
 
-def _segments(messages: Sequence[dict], template: str, add_generation_prompt: bool) -> list[_Segment]:
+def _segments(messages: Sequence[dict], template: str, add_generation_prompt: bool,
+              tools: list | None = None) -> list[_Segment]:
     _check_template(template)
+    tools = tool_format.check_tools(tools)
     _validate_messages(messages, add_generation_prompt)
-    return [s for s in _RENDERERS[template](messages, add_generation_prompt) if s.text]
+    if tool_format.uses_tools(messages, tools):
+        if template not in _TOOL_RENDERERS:
+            raise ValueError(f"chat template {template!r} has no tool format; use {' or '.join(_TOOL_RENDERERS)}")
+        segments = _TOOL_RENDERERS[template](messages, add_generation_prompt, tools)
+    else:
+        segments = _RENDERERS[template](messages, add_generation_prompt)
+    return [s for s in segments if s.text]
 
 
-def render_chat_text(messages: Sequence[dict], template: str, add_generation_prompt: bool = False) -> str:
+def render_chat_text(messages: Sequence[dict], template: str, add_generation_prompt: bool = False,
+                     tools: list | None = None) -> str:
     """The conversation rendered as plain text, exactly as `encode_chat` tokenizes it (BOS/EOS as <s>/</s>)."""
-    return "".join(s.text for s in _segments(messages, template, add_generation_prompt))
+    return "".join(s.text for s in _segments(messages, template, add_generation_prompt, tools))
 
 
 def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
@@ -212,15 +337,17 @@ def encode_chat(
     *,
     train_on: str = "all_assistant",
     add_generation_prompt: bool = False,
+    tools: list | None = None,
 ) -> EncodedChat:
     """Tokenize a conversation with `template`; see EncodedChat for the [seq] arrays returned.
 
     train_on: "all_assistant" puts every assistant turn in the loss, "last_assistant" only the final one.
     add_generation_prompt: append the header that cues the assistant's next reply (never in the loss).
+    tools: tool definitions (`alignment.data.tools`), rendered as the template's model renders them.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"unknown train_on {train_on!r}; valid values: {', '.join(TRAIN_ON)}")
-    segments = _segments(messages, template, add_generation_prompt)
+    segments = _segments(messages, template, add_generation_prompt, tools)
     _check_tokenizer(tokenizer, template)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = set(assistant_turns[-1:] if train_on == "last_assistant" else assistant_turns)

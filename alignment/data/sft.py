@@ -39,9 +39,11 @@ class SourceReport:
     tokens: int = 0
 
 
-def chat_example(tokenizer, template: str, train_on: str, messages: list[dict]) -> dict[str, np.ndarray]:
-    """messages -> {inputs, targets, loss_mask} [n] for next-token prediction (n = tokens - 1)."""
-    encoded = encode_chat(tokenizer, messages, template, train_on=train_on)
+def chat_example(tokenizer, template: str, train_on: str, messages: list[dict], tools: list | None = None
+                 ) -> dict[str, np.ndarray]:
+    """messages (and the record's tool definitions) -> {inputs, targets, loss_mask} [n] for next-token
+    prediction (n = tokens - 1)."""
+    encoded = encode_chat(tokenizer, messages, template, train_on=train_on, tools=tools)
     return {"inputs": encoded.ids[:-1], "targets": encoded.ids[1:], "loss_mask": encoded.loss_mask[1:]}
 
 

@@ -162,8 +162,9 @@ def load_records(path: str, *, category: str, fmt: str = "auto", skip_bad_record
                  encode: Callable[[list[dict]], Any] | None = None) -> tuple[list[dict], SourceStats]:
     """All usable records of one source, in chat form, tagged with `category`.
 
-    `encode(messages)`, when given, is stored as `record["encoded"]`; a ValueError from it (e.g. an
-    unknown role or an empty assistant turn) makes the record a bad record like any other.
+    `encode(messages)`, or `encode(messages, tools=...)` for a record with `tools` definitions, is stored as
+    `record["encoded"]`; a ValueError from it (e.g. an unknown role or an empty assistant turn) makes the record a
+    bad record like any other.
     """
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
@@ -184,7 +185,8 @@ def load_records(path: str, *, category: str, fmt: str = "auto", skip_bad_record
             messages = to_messages(record, fmt)
             if encode is not None:
                 try:
-                    encoded = encode(messages)
+                    tools = record.get("tools")
+                    encoded = encode(messages, tools=tools) if tools else encode(messages)
                 except (ValueError, KeyError, TypeError) as e:
                     raise BadRecord(_reason(str(e)), str(e)) from None
         except BadRecord as e:
