@@ -111,7 +111,8 @@ class Engine:
         self.scheduler = Scheduler(shards, per_shard, pages, page_size, steps=steps_per_call,
                                    prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens,
                                    detokenize=detokenize)
-        self.pool = paged.init_pool(config, shards * pages, page_size, layout)
+        self.pool = paged.init_pool(config, shards * pages, page_size, layout,
+                                    paged.pool_dtype(config, paged.gathers_views(impl)))
         self._rows = NamedSharding(mesh, PartitionSpec(layout.rows))
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._prefill = jax.jit(functools.partial(paged.prefill_program, self.model, attention=attention,
@@ -174,8 +175,8 @@ class Engine:
         return bool(self._inbox) or self.scheduler.has_work()
 
     def step(self, params: Any | None = None) -> None:
-        """One round: admit waiting sequences, prefill a chunk of the admitted ones, run one decode call, then
-        tell the listeners. params: weights to use instead of the engine's (same shapes and shardings) for every
+        """One round: admit waiting sequences, prefill a chunk of the admitted ones (and of those the prefill let
+        in: a group's later samples), run one decode call, then tell the listeners. params: weights to use instead of the engine's (same shapes and shardings) for every
         sequence of this step; other weights than the last step's (an RL update) empty the prefix cache."""
         with self._step_lock:
             scheduler = self.scheduler
@@ -191,6 +192,9 @@ class Engine:
                 planned = scheduler.prefill_batch()
                 if planned is not None:
                     changed += self._run_prefill(self._weights(params), *planned)
+                    # Samples that waited for the prompt pages just written join now, not a decode call later.
+                    if scheduler.admit():
+                        changed += self._run_prefill(self._weights(params), *scheduler.prefill_batch())
                 batch = scheduler.decode_batch()
                 if batch is not None:
                     changed += self._run_decode(self._weights(params), batch)
@@ -214,9 +218,12 @@ class Engine:
 
     def _run_decode(self, params, batch) -> list[Request]:
         inputs = self._on_rows(self.scheduler.decode_inputs(batch))
-        waiting = bool(self.scheduler.waiting)  # stop at the first finished row to give its slot away
+        # With sequences waiting, stop once an eighth of the rows (at least one) finished, to hand their slots
+        # over: fewer idle rows, without paying a call's fixed cost (gathering every row's pages) per finish.
+        running = sum(s is not None for s in batch.sequences)
+        exit_after = max(1, running // 8) if self.scheduler.waiting else running + 1
         self.pool, out = self._decode(params, self.pool, **inputs, until=np.int32(self.steps_per_call),
-                                      exit_on_finish=np.bool_(waiting), steps=self.steps_per_call,
+                                      exit_after=np.int32(exit_after), steps=self.steps_per_call,
                                       pad_id=self.pad_id)
         return self.scheduler.finish_decode(batch, jax.device_get(out))
 
@@ -227,7 +234,7 @@ class Engine:
     def stats(self) -> dict:
         """peak_pages (most pages in use at once in a shard), preemptions, and the cache's bytes per page."""
         c = self.config
-        page_bytes = 2 * c.num_layers * c.num_kv_heads * self.page_size * c.head_dim * np.dtype(c.dtype).itemsize
+        page_bytes = 2 * c.num_layers * c.num_kv_heads * self.page_size * c.head_dim * self.pool["k"][0].dtype.itemsize
         return {**self.scheduler.stats(), "page_bytes": page_bytes}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],

@@ -81,12 +81,33 @@ class Layout:
         return run
 
 
-def init_pool(config: ModelConfig, pages: int, page_size: int, layout: Layout) -> Pool:
+def pool_dtype(config: ModelConfig, views: bool) -> jnp.dtype:
+    """The cache's dtype: the compute dtype, except float32 for a 16-bit one on the dense-copies path (CPU): XLA:CPU
+    computes a bf16 scatter in float32, converting and rewriting the whole cache at every write, and bf16 values
+    are exact in float32."""
+    dtype = jnp.dtype(config.dtype)
+    return jnp.dtype(jnp.float32) if views and dtype.itemsize == 2 else dtype
+
+
+def init_pool(config: ModelConfig, pages: int, page_size: int, layout: Layout, dtype) -> Pool:
     """An empty cache of `pages` pages in all (every data shard's together)."""
     shape = (config.num_kv_heads, pages, page_size, config.head_dim)
     placed = jax.sharding.NamedSharding(layout.mesh, layout.pages)
-    zeros = jax.jit(lambda: jnp.zeros(shape, config.dtype), out_shardings=placed)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placed)
     return {"k": tuple(zeros() for _ in range(config.num_layers)), "v": tuple(zeros() for _ in range(config.num_layers))}
+
+
+def _in_place(update: Callable) -> Callable:
+    """update(array, new, *args) run on raw 16-bit words when the array holds a 16-bit float: XLA:CPU computes a
+    bf16 dynamic_update_slice in float32, converting and rewriting the whole array each time; on words it writes
+    only the new values, in place (inside a loop, where the conversions to and from words fuse away)."""
+    def run(array, new, *args, **kwargs):
+        if array.dtype.itemsize != 2 or not jnp.issubdtype(array.dtype, jnp.floating):
+            return update(array, new.astype(array.dtype), *args, **kwargs)
+        words = lambda x: jax.lax.bitcast_convert_type(x.astype(array.dtype), jnp.uint16)
+        return jax.lax.bitcast_convert_type(update(words(array), words(new), *args, **kwargs), array.dtype)
+
+    return run
 
 
 def write_tokens(pages: jax.Array, new: jax.Array, page_table: jax.Array, positions: jax.Array) -> jax.Array:
@@ -166,29 +187,31 @@ def prefill_program(model: Transformer, weights, pool: Pool, tokens, positions, 
     return {"k": tuple(k_pages), "v": tuple(v_pages)}, drawn
 
 
-def _gather_views(k_pages, v_pages, page_table):
-    """Dense per-row copies of the rows' pages: K [rows, kv_heads, L, head_dim], V [rows, kv_heads, head_dim, L]
-    (L = P * page_size), the layouts XLA:CPU's two attention matmuls read without transposing."""
-    return (gather_rows(k_pages, page_table).transpose(0, 2, 1, 3),
-            gather_rows(v_pages, page_table).transpose(0, 2, 3, 1))
+def _gather_views(k_pages, v_pages, page_table, *, dtype):
+    """Dense per-row copies of the rows' pages in `dtype`: K [rows, kv_heads, L, head_dim], V [rows, kv_heads,
+    head_dim, L] (L = P * page_size), the layouts XLA:CPU's two attention matmuls read without transposing."""
+    return (gather_rows(k_pages, page_table).transpose(0, 2, 1, 3).astype(dtype),
+            gather_rows(v_pages, page_table).transpose(0, 2, 3, 1).astype(dtype))
 
 
+@_in_place
 def _put_column(views: jax.Array, new: jax.Array, at: jax.Array, axis: int) -> jax.Array:
     """views [rows, ...] with each row's new [rows, ...] (size 1 on `axis`, an axis of one row) at index at[row]."""
-    put = lambda view, value, index: jax.lax.dynamic_update_slice_in_dim(view, value.astype(view.dtype), index, axis)
+    put = lambda view, value, index: jax.lax.dynamic_update_slice_in_dim(view, value, index, axis)
     return jax.vmap(put)(views, new, at)
 
 
 def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, page_table, active, seeds, samples,
-                   drawn, max_new, stop_ids, settings, until, exit_on_finish, *, steps: int, pad_id: int,
+                   drawn, max_new, stop_ids, settings, until, exit_after, *, steps: int, pad_id: int,
                    attention: Callable, views: bool, layout: Layout) -> tuple[Pool, dict]:
     """Up to `until` (<= steps) decode steps of rows [rows] (see the module docstring).
 
     tokens: each row's last drawn token, not yet in the cache, at position kv_lens; page_table [rows, P] covers
     positions < kv_lens + until, past a row's own pages with the scratch page (a finished row goes on writing
     at its next positions until the loop ends); active: rows with a sequence; drawn: tokens each row has generated (its last one
-    included); max_new: each row's limit on them; stop_ids [rows, S] (-1 = unused). Stops early after a step
-    in which a row finished when `exit_on_finish`, and once every row is done. attention: a
+    included); max_new: each row's limit on them; stop_ids [rows, S] (-1 = unused). Stops early once
+    `exit_after` rows have finished in this call (the host has sequences waiting for their slots), and once every
+    row is done. attention: a
     `kernels/paged_attention` implementation, used at every step unless `views` (see the module docstring).
 
     Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows, steps] (step i's token in column i,
@@ -199,12 +222,13 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
     keys = _keys(seeds, samples)
     rows = tokens.shape[0]
     state = dict(
-        i=jnp.int32(0), last=tokens, done=~active, finished=jnp.bool_(False),
+        i=jnp.int32(0), last=tokens, done=~active, ended=jnp.int32(0),
         counts=jnp.zeros((rows,), jnp.int32), stopped=jnp.zeros((rows,), bool),
         tokens=jnp.full((rows, steps), pad_id, jnp.int32), logprobs=jnp.zeros((rows, steps), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, steps), jnp.float32))
     if views:
-        gather = layout.per_shard(_gather_views, ("pages", "pages", "rows"), ("views", "views"))
+        gather = layout.per_shard(functools.partial(_gather_views, dtype=model.config.dtype),
+                                  ("pages", "pages", "rows"), ("views", "views"))
         state["cache"] = tuple(zip(*[gather(k, v, page_table) for k, v in zip(pool["k"], pool["v"])]))
     else:
         state["cache"] = (pool["k"], pool["v"])
@@ -212,8 +236,7 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
         write = layout.per_shard(write_tokens, ("pages", "new", "rows", "rows"), "pages")
 
     def keep_going(state):
-        stop_now = exit_on_finish & state["finished"]
-        return (state["i"] < jnp.minimum(until, steps)) & ~jnp.all(state["done"]) & ~stop_now
+        return (state["i"] < jnp.minimum(until, steps)) & ~jnp.all(state["done"]) & (state["ended"] < exit_after)
 
     def step(state):
         i, live = state["i"], ~state["done"]
@@ -240,7 +263,7 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
             buf, jnp.where(live, value, fill)[:, None].astype(buf.dtype), i, axis=1)
         ended = stop | (live & (drawn + counts >= max_new))
         return dict(
-            state, i=i + 1, last=out["tokens"], done=state["done"] | ended, finished=jnp.any(ended),
+            state, i=i + 1, last=out["tokens"], done=state["done"] | ended, ended=state["ended"] + jnp.sum(ended),
             counts=counts, stopped=state["stopped"] | stop, cache=(tuple(k_cache), tuple(v_cache)),
             tokens=put(state["tokens"], out["tokens"], pad_id), logprobs=put(state["logprobs"], out["logprobs"], 0.0),
             sampling_logprobs=put(state["sampling_logprobs"], out["sampling_logprobs"], 0.0))

@@ -144,18 +144,20 @@ class Scheduler:
             pool.forget_prefixes()
 
     # ---- admission
-    def admit(self) -> None:
-        """Gives free slots to waiting sequences, in order (see the module docstring)."""
-        reserved, kept = [0] * self.shards, collections.deque()
+    def admit(self) -> int:
+        """Gives free slots to waiting sequences, in order (see the module docstring); returns how many."""
+        reserved, kept, admitted = [0] * self.shards, collections.deque(), 0
         while self.waiting:
             s = self.waiting.popleft()
             outcome = self._place(s, reserved)
+            admitted += outcome == "admitted"
             if outcome != "admitted":
                 kept.append(s)
             if outcome == "blocked":
                 break
         kept.extend(self.waiting)
         self.waiting = kept
+        return admitted
 
     def _place(self, s: Request, reserved: list[int]) -> str:
         """'admitted', 'deferred' (a prefix it would share is being written: its slot is reserved) or 'blocked'."""

@@ -15,7 +15,8 @@ from alignment_kernels.paged_attention.reference import gather_rows, mask
 
 def dense_attention(q, k, v, kv_lens, q_positions) -> jax.Array:
     """q [rows, q_len, heads, head_dim] over dense keys and values k, v [rows, kv_len, kv_heads, head_dim] at
-    positions 0 .. kv_len - 1, masked as `reference.mask`; float32 scores and softmax, output in q.dtype."""
+    positions 0 .. kv_len - 1, masked as `reference.mask`; both matmuls on q.dtype operands (a cache kept in a
+    wider dtype is read as the queries' one), float32 scores and softmax, output in q.dtype."""
     rows, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(rows, q_len, kv_heads, heads // kv_heads, head_dim)
@@ -23,7 +24,7 @@ def dense_attention(q, k, v, kv_lens, q_positions) -> jax.Array:
     allowed = mask(kv_lens, q_positions, k.shape[1])[:, None, None]
     scores = jnp.where(allowed, scores * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
     probs = jnp.where(allowed, jax.nn.softmax(scores, axis=-1), 0.0)  # padding queries: 0, not a uniform mean
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
     return out.reshape(rows, q_len, heads, head_dim).astype(q.dtype)
 
 

@@ -156,6 +156,6 @@ def test_generation_programs_lower(platform):
     args = rows_of(mesh, dict(tokens=((rows,), jnp.int32), kv_lens=((rows,), jnp.int32),
                               page_table=((rows, per_row), jnp.int32), active=((rows,), jnp.bool_)))
     limits = rows_of(mesh, dict(max_new=((rows,), jnp.int32), stop_ids=((rows, 8), jnp.int32)))
-    scalars = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_))
+    scalars = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
     check_program(decode, (abstract.params, pool, *args.values(), *draws.values(), *limits.values(), settings,
                            *scalars), platform, mesh, "generation decode loop (paged)", steps=16, pad_id=0)
