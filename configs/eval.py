@@ -48,6 +48,7 @@ def get_config():
         num_ops=1,  # operations per problem (grpo: data.eval.math.embedded.num_ops)
         ops="+-",  # operations drawn from
         answer_format="The answer is {}.",  # how worked solutions end (the reward reads the number after it)
+        by_operation=False,  # per-operation categories (addition, subtraction, mixed) instead of one 'math' category
         max_tokens=32,  # new tokens per response (grpo: rl.max_new_tokens)
     ))
     c.num_samples = 1  # responses per HumanEval problem; pass@k needs num_samples >= k

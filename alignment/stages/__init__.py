@@ -37,6 +37,7 @@ STAGES = {
     "eval": "alignment.stages.eval",
     "generate": "alignment.stages.generate",
     "pas": "alignment.stages.pas",
+    "pipeline": "alignment.stages.pipeline",  # the Baichuan order as one job: every step above, wired together
     "synth": "alignment.stages.synth",  # capability data synthesis (config.recipe): SFT and preference data
 }
 TRAINING = ("sft", "rm", "dpo", "grpo", "ppo")  # stages that write checkpoints to workdir/checkpoints

@@ -19,6 +19,7 @@ from alignment.train.state import init_state
 # top of an imported checkpoint's own config.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "logprob_impl", "remat_policy", "remat_group_size",
                   "scan_layers", "value_head")
+VALUE_HEAD = ("value_kernel", "value_bias")  # the parameters a value head adds to the trunk
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,22 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig, ab
         return jax.device_put(params, param_shardings)
     from alignment.checkpoint import load_params
 
+    head = [k for k in VALUE_HEAD if k in abstract_params]
+    if head and not _has_value_head(config.init_from):
+        # A policy checkpoint (SFT, merge) under a value head starting at zero, as from HF weights: a reward model
+        # starts from the policy whose answers it learns to score.
+        trunk = {k: v for k, v in abstract_params.items() if k not in head}
+        params = load_params(config.init_from, trunk, {k: param_shardings[k] for k in trunk})
+        logger.info("%s has no value head: it starts at zero", config.init_from)
+        return {**params, **{k: jax.device_put(np.zeros(abstract_params[k].shape, abstract_params[k].dtype),
+                                               param_shardings[k]) for k in head}}
     return load_params(config.init_from, abstract_params, param_shardings)
+
+
+def _has_value_head(path: str) -> bool:
+    """Whether the checkpoint's model.json says it holds a value head (one without model.json is taken as is)."""
+    found = read_model_info(checkpoint_directory(path))
+    return found is None or bool(found[0]["model"].get("value_head", False))
 
 
 def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model, model_cfg: ModelConfig, optimizer,
