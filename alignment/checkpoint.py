@@ -156,6 +156,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None = None, force: bool = False) -> bool:
         """Save `state` (and `data_state`) at `step`; False when the save interval skipped it."""
+        if getattr(state, "frozen", None) is not None:
+            state = state.replace(frozen=None)  # a LoRA run's base is its init_from; only the adapters are saved
         # None is stored as JSON null so every checkpoint has both items and restores need no probing.
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state)})
         saved = self._manager.save(step, args=args, force=force)

@@ -46,6 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
         keep=3,  # keep the newest N checkpoints
         async_save=True,  # write in the background while training continues
     ))
+    c.lora = ml_collections.ConfigDict(dict(
+        enabled=False,  # train low-rank adapters on a frozen base instead of every weight (models/lora.py)
+        targets=r"layers/(q|k|v|o|gate|up|down)_proj",  # regex searched in kernel paths: which projections adapt
+        rank=8,  # adapter rank r
+        alpha=16.0,  # the adapter's output is scaled by alpha / r (alpha / sqrt(r) with rslora)
+        dropout=0.0,  # dropout on the adapters' input, in [0, 0.9]
+        rslora=False,  # rank-stabilised scaling alpha / sqrt(r)
+        quantize="none",  # QLoRA: the frozen projection kernels stored as none | int8 | nf4
+        block_size=64,  # nf4: elements per absmax block (even)
+    ))
     c.peak_tflops_per_device = 0.0  # for MFU; 0 = a known figure for the accelerator, measured on CPU
     c.profile = ml_collections.ConfigDict(dict(
         enabled=False,  # write an XLA profiler trace to workdir/profile

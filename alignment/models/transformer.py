@@ -17,7 +17,7 @@ import numpy as np
 
 from alignment.models.attention import get_attention
 from alignment.models.config import ModelConfig
-from alignment.models.precision import project
+from alignment.models.lora import project
 from alignment.models.sequence_parallel import with_sequence_parallelism
 from alignment.sharding import constrain
 
@@ -264,11 +264,15 @@ class StackedLayers(nn.Module):
     def __call__(self) -> dict[str, jax.Array]:
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        return {
-            name: _declare(self, name, (c.num_layers, *shape), ("layers", *axes),
-                           nn.initializers.ones if name.endswith("norm") else init, c.param_dtype)
-            for name, (shape, axes) in _layer_param_specs(c).items()
-        }
+
+        def declare(name, shape, axes):
+            if not self.is_initializing() and self.has_variable("params", name):
+                # As given: a kernel may be a LoRA or quantised one (models/lora.py), which `param` cannot check.
+                return nn.meta.unbox(self.get_variable("params", name))
+            return _declare(self, name, (c.num_layers, *shape), ("layers", *axes),
+                            nn.initializers.ones if name.endswith("norm") else init, c.param_dtype)
+
+        return {name: declare(name, shape, axes) for name, (shape, axes) in _layer_param_specs(c).items()}
 
 
 class Transformer(nn.Module):

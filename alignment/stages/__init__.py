@@ -22,6 +22,7 @@ from alignment import config as config_lib
 from alignment.config import Field, at_least, in_range, one_of, positive
 from alignment.data import model_info
 from alignment.data.chat import TEMPLATES
+from alignment.models.lora import QUANTIZERS, LoraSpec
 from alignment.train import runtime
 from alignment.train.optimizer import SCHEDULES
 
@@ -71,7 +72,15 @@ COMMON_FIELDS: dict[str, Field] = {
     "data.num_embedded": at_least(0),
     "data.num_embedded_eval": at_least(0),
     "data.eval_fraction": Field(low=0, high=1),
+    "lora.enabled": one_of(True, False),
+    "lora.rank": positive(),
+    "lora.alpha": Field(low=0, open_low=True),
+    "lora.dropout": Field(low=0, high=0.9),
+    "lora.rslora": one_of(True, False),
+    "lora.quantize": one_of(*QUANTIZERS),
+    "lora.block_size": positive(),
 }
+LORA_STAGES = ("sft",)  # stages that train adapters when config.lora.enabled
 
 
 def stage_module(name: str):
@@ -90,6 +99,11 @@ def check(config: ml_collections.ConfigDict) -> None:
                          f"{config.batch_size}")
     if "model" in config and "init_from" in config:
         runtime.model_config(config)  # the architecture, checked field by field (an HF init_from's own)
+    if "lora" in config and config.lora.enabled:
+        if config.stage not in LORA_STAGES:
+            raise ValueError(f"config.lora.enabled: stage {config.stage!r} does not train adapters; "
+                             f"LoRA stages: {list(LORA_STAGES)}")
+        LoraSpec.from_config(config.lora)  # the targets regex and nf4 block size
     if hasattr(module, "check"):
         module.check(config)
     warm = config.get("warm_start")

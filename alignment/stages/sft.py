@@ -15,7 +15,7 @@ from alignment.data.chat import TRAIN_ON
 from alignment.data import sft as sft_data
 from alignment.data.tokenizer import checked_tokenizer
 from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.loop import train_loop
 from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
@@ -51,7 +51,7 @@ def make_evaluator(loss_fn, eval_sets: dict[str, list[dict]], target) -> callabl
         for name, batches in placed.items():
             s = n = 0.0
             for batch in batches:
-                _, (_, m) = loss(state.params, batch, jax.random.key(0))
+                _, (_, m) = loss(state.model_params(), batch, jax.random.key(0))
                 s, n = s + float(m["token_nll_sum"]), n + float(m["loss_tokens"])
             metrics[f"loss/{name}"] = s / max(n, 1.0)
             total, count = total + s, count + n
@@ -73,9 +73,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_sets = {name: process_eval_batches(ex, d, config.batch_size) for name, ex in eval_examples.items()}
 
     optimizer, schedule = make_optimizer(config.optimizer, config.steps)
-    abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
-    checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer, abstract,
-                                                             shardings, dummy_inputs())
+    if adapters.spec_of(config):
+        checkpointer, state, data_state, shardings = adapters.resume_or_init(
+            config, workdir, model, model_cfg, optimizer, mesh, rules, dummy_inputs())
+    else:
+        abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
+        checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer,
+                                                                 abstract, shardings, dummy_inputs())
     if data_state is not None:
         batches.set_state(data_state)
 

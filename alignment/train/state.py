@@ -11,15 +11,32 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignment import sharding
+from alignment.models import lora as lora_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a step updates. `rng` holds raw key data (uint32 [2]) so it checkpoints like any array."""
+    """Everything a step updates. `rng` holds raw key data (uint32 [2]) so it checkpoints like any array.
+
+    With LoRA (`lora` set), `params` are the trainable adapters (and fully trained entries such as a value head)
+    and `frozen` the base model: never differentiated, no optimizer state, not checkpointed (train/adapters.py).
+    """
 
     step: jax.Array  # [] int32
     params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None
+    lora: Any = flax.struct.field(pytree_node=False, default=None)  # a models.lora.LoraSpec
+
+    def model_params(self, rng: jax.Array | None = None) -> Any:
+        """The params the model reads: `params`, or the frozen base bound to the adapters (rng: LoRA dropout)."""
+        if self.lora is None:
+            return self.params
+        return lora_lib.bind(self.frozen, self.params, self.lora, rng)
+
+    def bind(self, trainable: Any, rng: jax.Array | None = None) -> Any:
+        """`model_params` for other trainable values (what the step differentiates)."""
+        return trainable if self.lora is None else lora_lib.bind(self.frozen, trainable, self.lora, rng)
 
 
 def abstract_params(model: nn.Module, init_inputs: tuple) -> Any:

@@ -71,8 +71,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
 
     def step(state: TrainState, batch: dict):
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        # With LoRA only the adapters are differentiated; the loss reads them bound to the frozen base.
+        bound = loss_fn if state.lora is None else (
+            lambda p, b, r: loss_fn(state.bind(p, jax.random.fold_in(r, 1)), b, r))
         grads, loss_sum, count, metrics = accumulate_gradients(
-            loss_fn, state.params, batch, step_key, num_micro_batches)
+            bound, state.params, batch, step_key, num_micro_batches)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
