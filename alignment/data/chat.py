@@ -362,3 +362,16 @@ def encode_chat(
     return EncodedChat(
         ids=np.asarray(ids, np.int32), roles=np.asarray(roles, np.int8), loss_mask=np.asarray(mask, bool)
     )
+
+
+def encode_tool_results(tokenizer: Tokenizer, template: str, results: Sequence[str]) -> list[int]:
+    """Token ids that follow a tool-calling turn's end-of-turn token: the tool `results` (one per call, in
+    order) in the template's layout, then the header of the model's next turn; exactly the tokens `encode_chat`
+    writes there, so a multi-turn rollout's sequence is the rendering of its conversation."""
+    placeholder = {"type": "function", "function": {"name": "tool", "arguments": {}}}
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [placeholder]}]
+    messages += [{"role": "tool", "content": r} for r in results]
+    _check_tokenizer(tokenizer, template)
+    segments = _segments(messages, template, add_generation_prompt=True)
+    end = max(k for k, s in enumerate(segments) if s.turn == 1 and s.loss)  # the calling turn's end-of-turn token
+    return [i for seg in segments[end + 1:] for i in _segment_ids(tokenizer, seg)]

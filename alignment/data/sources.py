@@ -12,8 +12,10 @@ import json
 from typing import Any, Callable, Iterator, Mapping
 
 from alignment.data.synthetic import arithmetic_dataset
+from alignment.data.tool_task import tool_arithmetic_dataset
 
 EMBEDDED = "embedded"
+EMBEDDED_TOOLS = "embedded_tools"  # the generated calculator task (`alignment.data.tool_task`)
 TFDS_PREFIX = "tfds:"
 FORMATS = ("auto", "chat", "instruction", "prompt_completion")
 
@@ -169,8 +171,9 @@ def load_records(path: str, *, category: str, fmt: str = "auto", skip_bad_record
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
     stats = SourceStats()
-    if path == EMBEDDED:
-        generated = arithmetic_dataset(num_embedded, seed, **dict(embedded or {}))
+    if path in (EMBEDDED, EMBEDDED_TOOLS):
+        generate = arithmetic_dataset if path == EMBEDDED else tool_arithmetic_dataset
+        generated = generate(num_embedded, seed, **dict(embedded or {}))
         raw_records = ((f"embedded[{i}]", r) for i, r in enumerate(generated))
     elif path.startswith(TFDS_PREFIX):
         raw_records = _tfds_records(path, tfds_data_dir)

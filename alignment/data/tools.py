@@ -131,7 +131,7 @@ def parse_tool_calls(template: str, text: str) -> ParsedTurn:
     calls, errors = [], []
     if template == "chatml":
         start = text.find(CALL_OPEN)
-        content = text if start < 0 else text[:start].strip()
+        content = text if start < 0 else text[:start].rstrip()  # the template writes content, "\n", the calls
         for match in list(_CHATML_CALL.finditer(text))[:MAX_CALLS]:
             if not match.group(0).endswith(CALL_CLOSE):
                 errors.append(f"{CALL_OPEN} block is not closed")

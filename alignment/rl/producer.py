@@ -23,6 +23,7 @@ from alignment.data.prompts import PromptStream
 from alignment.generation.engine import Completions
 from alignment.generation.sampling import SamplingParams
 from alignment.rewards.registry import RewardResult
+from alignment.rl.multiturn import TurnCompletions
 from alignment.rl.rollouts import Rollouts
 
 OVERLONG = ("none", "mask", "penalty")
@@ -177,6 +178,6 @@ def rollout_state(rollout: Rollout) -> dict:
 def rollout_from_state(state: dict) -> Rollout:
     """The rollout `rollout_state` wrote."""
     fields = _decode(state)
-    fields["out"] = Completions(**fields["out"])
+    fields["out"] = (TurnCompletions if "model_mask" in fields["out"] else Completions)(**fields["out"])
     fields["rewards"] = RewardResult(**fields["rewards"])
     return Rollout(**fields)

@@ -53,6 +53,9 @@ def evaluate(rollouts: Rollouts, held_out: dict[str, list[dict]], step: int, par
         _, _, result = rollouts.sample(records, 1, SamplingParams(temperature=0.0), seed=step, params=params)
         metrics[f"reward/{category}"] = float(np.nanmean(result.total))
         metrics[f"accuracy/{category}"] = float(np.nanmean(result.total >= rollouts.config.rl.correct_threshold))
+        # What multi-turn episodes did (rl.multiturn), e.g. episode_called: the share that made a well-formed call.
+        metrics.update({f"{name}/{category}": float(np.nanmean(values)) for name, values in result.components.items()
+                        if name.startswith("episode_")})
     metrics["accuracy"] = float(np.mean([v for k, v in metrics.items() if k.startswith("accuracy/")]))
     return metrics
 

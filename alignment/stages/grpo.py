@@ -45,7 +45,7 @@ from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
 from alignment.models.transformer import dummy_inputs
 from alignment.rewards.registry import from_config
-from alignment.rl import loop, producer
+from alignment.rl import loop, multiturn, producer
 from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
 from alignment.rl.scoring import make_scorer
 from alignment.train import runtime
@@ -74,6 +74,7 @@ def make_ptx_batches(config, tokenizer, model, ref_params):
 
 FIELDS = {
     **loop.FIELDS,
+    **multiturn.FIELDS,
     "rl.kl_mode": one_of(*grpo.KL_MODES),
     "rl.scale_rewards": one_of(*grpo.ADVANTAGE_SCALES),
     "rl.advantage_estimator": one_of(*grpo.ESTIMATORS),
@@ -132,7 +133,7 @@ def make_sampler(config, model_cfg, mesh, rules, rollouts: Rollouts, param_shard
         to_sampler = lambda params: jax.device_put(params, target)  # noqa: E731
     engine = rollouts.engine
     engine = Engine(sampler_cfg, None, sampler_mesh, rules, pad_id=engine.pad_id, stop_ids=engine.stop_ids)
-    return Rollouts(config, rollouts.tokenizer, engine, rollouts.rewards), to_sampler
+    return type(rollouts)(config, rollouts.tokenizer, engine, rollouts.rewards), to_sampler
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -152,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     engine = Engine(model_cfg, state.params, mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
-    rollouts = Rollouts(config, tokenizer, engine, from_config(config))
+    rollouts = multiturn.make_rollouts(config, tokenizer, engine, from_config(config))  # tool episodes with env.name
     sampler_rollouts, to_sampler = make_sampler(config, model_cfg, mesh, rules, rollouts, shardings.params)
     make_rollout = producer.Producer(sampler_rollouts, stream, rl, config.seed,
                                      max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else 1,
@@ -192,7 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seq_adv = (seq_adv * valid[:, None]).reshape(-1)  # groups with a skipped sample are left out
         rows = completion_rows(rollout.prompt_ids, rollout.out.tokens, rollout.out.lengths, rl.num_samples,
                                rl.max_prompt_length, rl.max_new_tokens)
-        rows["loss_mask"] &= rollout.in_loss[:, None]
+        # Only the policy's own tokens are trained (a multi-turn episode's tool results are context).
+        rows["loss_mask"] &= rollout.in_loss[:, None] & multiturn.model_mask(rollout.out, rows["loss_mask"].shape[1])
         # The sampler's log-probs of its tokens (of the truncated distribution it drew from, if any).
         rows["sampler_logp"] = np.zeros(rows["loss_mask"].shape, np.float32)
         width = min(rows["loss_mask"].shape[1], rollout.out.sampling_logprobs.shape[1])
