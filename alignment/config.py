@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         quantize="none",  # QLoRA: the frozen projection kernels stored as none | int8 | nf4
         block_size=64,  # nf4: elements per absmax block (even)
     ))
-    c.peak_tflops_per_device = 0.0  # for MFU; 0 = a known figure for the accelerator, measured on CPU
+    c.peak_tflops_per_device = 0.0  # for MFU; 0 = the accelerator's known bf16 figure, else measured in model.dtype
     c.profile = ml_collections.ConfigDict(dict(
         enabled=False,  # write an XLA profiler trace to workdir/profile
         start_step=3,  # first traced step (after compilation)

@@ -5,6 +5,9 @@ import signal
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# model.dtype 'auto' (the shipped configs') computes in float32 in tests on every machine, so a test's numerics do
+# not depend on whether the CPU has bf16 instructions; tests/models/test_compute_dtype.py covers the detection.
+os.environ.setdefault("ALIGNMENT_AUTO_DTYPE", "float32")
 
 import pytest  # noqa: E402
 

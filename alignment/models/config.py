@@ -3,12 +3,71 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import logging
 import os
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", *DTYPES)  # model.dtype in a config; 'auto' is resolved by resolve_compute_dtype
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 /proc/cpuinfo flags of native bf16 dot-product instructions
+AUTO_DTYPE_VARIABLE = "ALIGNMENT_AUTO_DTYPE"  # overrides the detection of what 'auto' resolves to
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    """The first processor's flags in `path`; empty where there is no such file (not Linux) or no flags line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(platform: str, flags: frozenset = frozenset(), gpu_capability: str = "") -> tuple[bool, str]:
+    """(whether bf16 matmuls run natively, why): every TPU; a GPU of compute capability 8.0 or newer (Ampere on:
+    bf16 tensor cores); a CPU with AMX-BF16 or AVX512-BF16. Anything else (older GPUs, other CPUs) is emulated."""
+    if platform == "tpu":
+        return True, "TPU"
+    if platform in ("gpu", "cuda", "rocm"):
+        ok = platform == "rocm" or (gpu_capability != "" and float(gpu_capability) >= 8.0)
+        return ok, f"{platform} compute capability {gpu_capability or 'unknown'}"
+    found = sorted(f for f in BF16_CPU_FLAGS if f in flags)
+    return bool(found), f"{platform} with {', '.join(found)}" if found else f"{platform} without {BF16_CPU_FLAGS}"
+
+
+@functools.lru_cache(maxsize=None)
+def auto_compute_dtype() -> str:
+    """'bfloat16' where this process's default backend has native bf16 matmul, else 'float32'; logged once. The
+    environment variable ALIGNMENT_AUTO_DTYPE (float32 | bfloat16), when set, is taken instead of the detection
+    (the test suite sets float32, so its numerics are the same on every machine)."""
+    import jax  # here: parsing and checking model configs needs no backend
+
+    pinned = os.environ.get(AUTO_DTYPE_VARIABLE, "")
+    if pinned:
+        if pinned not in ("float32", "bfloat16"):
+            raise ValueError(f"{AUTO_DTYPE_VARIABLE}={pinned!r} must be float32 or bfloat16 (or unset: detected)")
+        logger.info("model.dtype 'auto' -> %s (%s is set)", pinned, AUTO_DTYPE_VARIABLE)
+        return pinned
+    device = jax.devices()[0]
+    native, why = native_bf16(jax.default_backend(), cpu_flags(), str(getattr(device, "compute_capability", "")))
+    dtype = "bfloat16" if native else "float32"
+    logger.info("model.dtype 'auto' -> %s (%s): %s", dtype, why,
+                "bf16 compute over float32 parameters" if native else "no native bf16 matmul")
+    return dtype
+
+
+def resolve_compute_dtype(value: str) -> str:
+    """model.dtype as the model runs it: 'auto' becomes auto_compute_dtype(); a dtype name stays as it is."""
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(COMPUTE_DTYPES)}, got {value!r}")
+    return auto_compute_dtype() if value == "auto" else value
 
 
 @dataclasses.dataclass(frozen=True)

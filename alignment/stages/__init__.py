@@ -22,6 +22,7 @@ from alignment import config as config_lib
 from alignment.config import Field, at_least, in_range, one_of, positive
 from alignment.data import model_info
 from alignment.data.chat import TEMPLATES
+from alignment.models.config import COMPUTE_DTYPES
 from alignment.models.lora import QUANTIZERS, LoraSpec
 from alignment.train import runtime
 from alignment.train.optimizer import SCHEDULES
@@ -65,6 +66,7 @@ COMMON_FIELDS: dict[str, Field] = {
     "checkpoint.every": at_least(0),
     "checkpoint.keep": positive(),  # 0 would keep no checkpoint: the trained model would be lost
     "peak_tflops_per_device": Field(low=0),
+    "model.dtype": one_of(*COMPUTE_DTYPES),  # 'auto': bf16 compute where the hardware has native bf16 matmul
     "profile.start_step": at_least(0),
     "profile.num_steps": positive(),
     "data.max_length": positive(),

@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out = rm.finalize_metrics(sums)
         return {k: float(v) for k, v in dict(out, loss=loss_sum / len(eval_rows)).items()}
 
-    peak = peak_tflops_per_device(config.peak_tflops_per_device) * 1e12 * jax.device_count()
+    peak = peak_tflops_per_device(config.peak_tflops_per_device, model_cfg.dtype) * 1e12 * jax.device_count()
     state, final_eval = train_loop(
         state=state, train_step=step, batches=placed, num_steps=config.steps, workdir=workdir, config=config,
         flops_per_token=model_cfg.flops_per_token(2 * config.data.max_length), peak_flops=peak,

@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     target = runtime.batch_sharding(mesh, rules)
     loss_fn = functools.partial(sft_loss, model, normalization=config.loss_normalization)
     step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, config.micro_batches), shardings, target)
-    peak = peak_tflops_per_device(config.peak_tflops_per_device) * 1e12 * jax.device_count()
+    peak = peak_tflops_per_device(config.peak_tflops_per_device, model_cfg.dtype) * 1e12 * jax.device_count()
     with runtime.activation_context(mesh, rules):
         state, final_eval = train_loop(
             state=state, train_step=step, batches=(runtime.place_batch(b, target) for b in batches),

@@ -23,10 +23,12 @@ KNOWN_PEAK_TFLOPS = {
 }
 
 
-def measure_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
-    """The device's achieved float32 matmul TFLOP/s (median), the MFU ceiling on CPU."""
-    x = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
+def measure_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """The device's achieved matmul TFLOP/s (median) in the compute dtype `dtype`, the MFU ceiling on CPU. A
+    low-precision matmul accumulates in float32, as the model's projections do (alignment.models.precision)."""
+    x = jnp.ones((size, size), jnp.dtype(dtype))
+    accumulate = None if dtype == "float32" else jnp.float32
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=accumulate))
     f(x).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -36,14 +38,16 @@ def measure_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size ** 3 / float(np.median(times)) / 1e12
 
 
-def peak_tflops_per_device(configured: float = 0.0) -> float:
+def peak_tflops_per_device(configured: float = 0.0, dtype: str = "float32") -> float:
+    """The MFU denominator for compute dtype `dtype`: `configured` if set, else the table's bf16 figure for a known
+    accelerator computing in bf16/fp16, else measured (CPUs, and float32 compute anywhere)."""
     if configured > 0:
         return configured
     kind = jax.devices()[0].device_kind
     for name, tflops in KNOWN_PEAK_TFLOPS.items():
-        if kind.startswith(name):
+        if kind.startswith(name) and dtype != "float32":
             return tflops
-    return measure_matmul_tflops()
+    return measure_matmul_tflops(dtype=dtype)
 
 
 class MetricsWriter:

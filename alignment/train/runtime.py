@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from alignment import sharding
 from alignment.checkpoint import Checkpointer, checkpoint_directory, read_model_info
 from alignment.models import ModelConfig, Transformer, from_hf_config
+from alignment.models.config import resolve_compute_dtype
 from alignment.train.state import init_state
 
 # Fields of config.model that describe how to run a model rather than its architecture; they apply on
@@ -32,8 +33,11 @@ def is_hf_checkpoint(path: str) -> bool:
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The architecture of the checkpoint `config.init_from` names (an HF config.json, or the model.json of this
-    project's checkpoints), else `config.model`; config.model's RUNTIME_FIELDS apply on top either way."""
+    project's checkpoints), else `config.model`; config.model's RUNTIME_FIELDS apply on top either way. A dtype of
+    'auto' is resolved here, for the hardware this process runs on, before any model is built."""
     fields = config.model.to_dict()
+    if "dtype" in fields:
+        fields["dtype"] = resolve_compute_dtype(fields["dtype"])
     runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
     if config.init_from and is_hf_checkpoint(config.init_from):
         return from_hf_config(config.init_from, **runtime)
@@ -124,7 +128,8 @@ def place_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str
 
 
 def log_run_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> str:
-    text = (f"stage={config.get('stage', '')} params={model_cfg.num_params():,} mesh={dict(mesh.shape)} "
+    text = (f"stage={config.get('stage', '')} params={model_cfg.num_params():,} dtype={model_cfg.dtype} "
+            f"(parameters {model_cfg.param_dtype}) mesh={dict(mesh.shape)} "
             f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) processes={jax.process_count()}")
     logger.info(text)
     return text

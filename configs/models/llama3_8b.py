@@ -16,7 +16,7 @@ def get_config():
         rms_norm_eps=1e-5,
         max_position_embeddings=131072,
         param_dtype="float32",
-        dtype="bfloat16",
+        dtype="auto",  # bf16 compute on TPU, GPU and AMX / AVX512-BF16 CPUs; float32 elsewhere
         remat_policy="dots_no_batch",
         remat_group_size=1,
     ))

@@ -15,7 +15,7 @@ def get_config():
         tie_embeddings=False,
         max_position_embeddings=512,
         param_dtype="float32",
-        dtype="float32",
+        dtype="auto",  # bf16 compute where the hardware multiplies bf16 natively (TPU, GPU, AMX / AVX512-BF16 CPUs)
         attention_impl="xla",
         remat_policy="none",
         remat_group_size=1,
