@@ -14,8 +14,17 @@ running. `stream: true` answers with server-sent events in the OpenAI format (ch
 `data: [DONE]`; `stream_options.include_usage` adds a usage chunk). At most `max_waiting` sequences may wait for
 a decode slot; a request that would queue more gets 429 (code queue_full) with Retry-After. Supported request
 fields: model, messages / prompt, max_tokens (or max_completion_tokens), temperature (default 1), top_p, n,
-stop (up to 4 strings, found in the text as it is generated), seed, stream, stream_options, and the common
-extensions top_k and min_p; message content is a string or a list of text parts. A `model` other than the
+stop (up to 4 strings, found in the text as it is generated), seed, stream, stream_options, tools, tool_choice,
+parallel_tool_calls, and the common extensions top_k and min_p; message content is a string or a list of text
+parts, and assistant messages may carry tool_calls (tool results come back as role "tool" messages).
+
+Tools (chatml and llama3 templates, see `alignment.data.tools`): the definitions are rendered into the prompt as
+the model's template does; calls the model writes come back as `message.tool_calls` (arguments as a JSON string)
+with finish_reason "tool_calls", and what it wrote before them as `content`. tool_choice "auto" (the default with
+tools) lets the model choose, "none" leaves the tools out of the prompt and answers in text, and "required" or
+{"type": "function", "function": {"name": ...}} starts the answer with the template's call opening (the named
+function's name written in), so the model completes a call. A call that does not parse is returned as text.
+Streamed, text is sent as it comes until a call may begin; the calls follow in one chunk each. A `model` other than the
 served names gets 404 model_not_found; an absent one means the served model. A prompt that leaves no room for
 max_tokens is refused with 400 (code context_length_exceeded), never truncated. Errors are JSON:
 {"error": {"message", "type", "param", "code"}}.
@@ -36,12 +45,13 @@ import os
 import secrets
 import time
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 
 from alignment import config as config_lib
 from alignment.config import Field, at_least, model_preset, one_of, positive
+from alignment.data import tools as tool_format
 from alignment.data.chat import TEMPLATES, encode_chat
 from alignment.generation.engine import Cancelled, Engine
 from alignment.generation.http_server import RequestError, client_gone, make_server
@@ -107,6 +117,60 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
+# How a forced call begins in each template: tool_choice "required" writes the opening, a named function also
+# its name and what follows it.
+_CALL_OPENING = {"chatml": tool_format.CALL_OPEN + '\n{"name": "', "llama3": '{"name": "'}
+_AFTER_NAME = {"chatml": '", "arguments": ', "llama3": '", "parameters": '}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tools:
+    """How a chat request uses tools: the definitions rendered into the prompt, the forced opening of the answer
+    (a call's start), whether calls are read from the answer, and whether more than one is returned."""
+
+    definitions: list | None = None
+    opening: str = ""
+    parse: bool = False
+    parallel: bool = True
+
+
+def _tools(body: dict, template: str) -> _Tools:
+    """The request's `tools`, `tool_choice` and `parallel_tool_calls`, checked."""
+    try:
+        definitions = tool_format.check_tools(body.get("tools"))
+    except ValueError as e:
+        raise RequestError(str(e), param="tools") from None
+    choice, parallel = body.get("tool_choice"), body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise RequestError(f"'parallel_tool_calls' must be true or false, got {json.dumps(parallel)}",
+                           param="parallel_tool_calls")
+    if definitions is None or choice == "none":
+        if choice not in (None, "none", "auto"):
+            raise RequestError("'tool_choice' needs a non-empty 'tools' list", param="tool_choice")
+        return _Tools()
+    if template not in _CALL_OPENING:
+        raise RequestError(f"this model's chat template {template!r} has no tool-call format", param="tools")
+    if choice in (None, "auto"):
+        return _Tools(definitions, "", True, parallel)
+    if choice == "required":
+        return _Tools(definitions, _CALL_OPENING[template], True, parallel)
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise RequestError("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}", param="tool_choice")
+    names = [t["function"]["name"] for t in definitions]
+    if name not in names:
+        raise RequestError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                           param="tool_choice")
+    return _Tools(definitions, _CALL_OPENING[template] + name + _AFTER_NAME[template], True, parallel)
+
+
+def _call_entry(call: tool_format.ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+
+
 class Service:
     """Turns request bodies into engine requests and OpenAI response bodies; thread-safe.
 
@@ -155,21 +219,56 @@ class Service:
         messages = _text_messages(messages)
         if self.pas is not None:
             messages = self._with_pas(messages, body.get("pas_keywords") or [])
+        tools = _tools(body, self.chat_template)
         try:
-            ids = encode_chat(self.tokenizer, messages, self.chat_template, add_generation_prompt=True).ids.tolist()
+            ids = encode_chat(self.tokenizer, messages, self.chat_template, add_generation_prompt=True,
+                              tools=tools.definitions).ids.tolist()
         except ValueError as e:
             raise RequestError(f"messages: {e}", param="messages") from None
+        if tools.opening:
+            ids += self.tokenizer.encode_continuation(tools.opening)
         run = self._start(body, ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if run.stream:
             return self._events(run, {**head, "object": "chat.completion.chunk"},
                                 lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None},
                                 first=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None})
+                                                 "logprobs": None}, tools=tools)
         choices, usage = self._collect(run)
+        answers = [self._message(c, tools) for c in choices]
         return {**head, "object": "chat.completion", "usage": usage,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                             "finish_reason": c["finish_reason"], "logprobs": None} for i, c in enumerate(choices)]}
+                "choices": [{"index": i, "message": message, "finish_reason": reason, "logprobs": None}
+                            for i, (message, reason) in enumerate(answers)]}
+
+    def _message(self, choice: dict, tools: _Tools) -> tuple[dict, str]:
+        """(the assistant message, finish_reason) of a finished choice: its tool calls when it made any."""
+        text = choice["text"]
+        if tools.parse:
+            parsed = tool_format.parse_tool_calls(self.chat_template, tools.opening + text)
+            if parsed.calls and not parsed.errors:
+                calls = parsed.calls if tools.parallel else parsed.calls[:1]
+                return {"role": "assistant", "content": parsed.content or None,
+                        "tool_calls": [_call_entry(c) for c in calls]}, "tool_calls"
+            text = tools.opening + text  # a forced call that does not parse comes back as the text written
+        return {"role": "assistant", "content": text}, choice["finish_reason"]
+
+    def _content_so_far(self, tools: _Tools) -> Callable[[str], str]:
+        """text -> the part of a streamed answer that is surely content, not (the start of) a tool call."""
+        if not tools.parse:
+            return lambda text: text
+        if tools.opening:
+            return lambda text: ""
+        if self.chat_template == "llama3":  # a call is the whole turn, a JSON object
+            return lambda text: "" if not text.strip() or text.lstrip().startswith("{") else text.rstrip()
+
+        def before_call(text: str) -> str:
+            at = text.find(tool_format.CALL_OPEN)
+            if at < 0:  # hold back an ending that may grow into the opening tag
+                at = next((len(text) - k for k in range(len(tool_format.CALL_OPEN) - 1, 0, -1)
+                           if text.endswith(tool_format.CALL_OPEN[:k])), len(text))
+            return text[:at].rstrip()
+
+        return before_call
 
     def _with_pas(self, messages: list, keywords) -> list:
         """The last user turn with the PAS complement appended; `pas_keywords` (search keywords of a
@@ -254,13 +353,14 @@ class Service:
         choices = [finish(self.tokenizer, r.generated, r.stopped, run.stop) for r in run.job.requests]
         return choices, _usage(run.prompt_tokens, choices)
 
-    def _events(self, run: "_Run", head: dict, choice, first=None) -> Iterator[dict]:
+    def _events(self, run: "_Run", head: dict, choice, first=None, tools: _Tools = _Tools()) -> Iterator[dict]:
         """Chunk bodies of a streamed answer: `first(i)` for each choice (if given), then each choice's new text
-        as it is generated (`choice(i, text)`), its last piece with the finish reason, and the usage when asked."""
+        as it is generated (`choice(i, text)`), its last piece with the finish reason, and the usage when asked.
+        With tools, text is held back from where a call may begin; a choice's calls come in its last chunk."""
         if first is not None:
             yield {**head, "choices": [first(i) for i in range(len(run.job.requests))]}
         index = {r: i for i, r in enumerate(run.job.requests)}
-        texts = [_TextStream(self.tokenizer, run.stop) for _ in run.job.requests]
+        texts = [_TextStream(self.tokenizer, run.stop, self._content_so_far(tools)) for _ in run.job.requests]
         finished = [None] * len(texts)
         for request in self._wait(run):
             i = index[request]
@@ -268,8 +368,16 @@ class Service:
                 continue
             if request.finished:
                 finished[i] = finish(self.tokenizer, request.generated, request.stopped, run.stop)
-                piece = texts[i].rest(finished[i]["text"])
-                yield {**head, "choices": [{**choice(i, piece), "finish_reason": finished[i]["finish_reason"]}]}
+                message, reason = self._message(finished[i], tools)
+                piece = texts[i].rest(message["content"] or "")
+                if "tool_calls" in message:
+                    if piece:
+                        yield {**head, "choices": [{**choice(i, piece), "finish_reason": None}]}
+                    calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                                "finish_reason": reason}]}
+                    continue
+                yield {**head, "choices": [{**choice(i, piece), "finish_reason": reason}]}
             elif piece := texts[i].more(request.generated):
                 yield {**head, "choices": [{**choice(i, piece), "finish_reason": None}]}
         if run.include_usage:
@@ -296,16 +404,17 @@ class _TextStream:
     start of the final text (`text.finish`'s). While generating, text that may be the start of a stop string,
     and an incomplete multi-byte character at the end, are held back."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, stop: tuple[str, ...], visible: Callable[[str], str] = lambda text: text):
+        """visible: text -> the part of it that may be sent now (with tools: the part before any call)."""
         self.tokenizer, self.hold = tokenizer, max((len(s) for s in stop), default=1) - 1
-        self.sent = ""
+        self.visible, self.sent = visible, ""
 
     def more(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special=True)
         end = len(text) - self.hold
         while end > 0 and text[end - 1] == "\ufffd":  # bytes of a character still to come
             end -= 1
-        return self._extend(text[:max(end, 0)])
+        return self._extend(self.visible(text[:max(end, 0)]))
 
     def rest(self, final: str) -> str:
         return self._extend(final)

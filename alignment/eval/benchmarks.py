@@ -30,7 +30,7 @@ import numpy as np
 
 from alignment.data.sources import read_jsonl
 from alignment.data.synthetic import arithmetic_dataset
-from alignment.eval import checklist
+from alignment.eval import checklist, function_calling
 from alignment.rewards import code_solutions, ifeval, math_answers, registry, sandbox, verdict
 
 GSM8K_SUFFIX = "\nSolve the problem step by step, then give the final number as 'The answer is N.'"
@@ -416,4 +416,6 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sysbench": Benchmark(load_sysbench, score_sysbench, aggregate_sysbench, judged=True, source=SYSBENCH_SOURCE),
     "fbbench": Benchmark(load_fbbench, score_fbbench, aggregate_weighted, judged=True, source=FBBENCH_SOURCE),
     "ux": Benchmark(load_ux, score_ux, aggregate_ux, judged=True, source=UX_SOURCE),
+    "function_calling": Benchmark(function_calling.load, function_calling.score, function_calling.aggregate,
+                                  source=function_calling.SOURCE, shipped="function_calling/items.jsonl"),
 }

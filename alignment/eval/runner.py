@@ -17,19 +17,28 @@ def expand(samples: list[dict], num_samples: int) -> list[dict]:
     return [{**s, "copy": c} for s in samples for c in range(num_samples)]
 
 
+def _prompt(sample: dict):
+    """What a response depends on: the messages, and the tool definitions of a function-calling sample."""
+    return sample["messages"] if "tools" not in sample else {"messages": sample["messages"], "tools": sample["tools"]}
+
+
 def generate_cached(samples: list[dict], generate_fn: GenerateFn, cache: JsonlCache, generator_id: str,
                     max_tokens: int, chunk: int = 64) -> list[str]:
     """Responses of at most `max_tokens` new tokens for every sample, generating only those missing from `cache`,
     `chunk` at a time (each chunk is on disk before the next starts). `generator_id` names the model and sampling
     settings."""
     generator_id = f"{generator_id}|{max_tokens}"
-    keys = [f"{s['id']}#{s.get('copy', 0)}:{input_hash(generator_id, s['messages'])}" for s in samples]
+    keys = [f"{s['id']}#{s.get('copy', 0)}:{input_hash(generator_id, _prompt(s))}" for s in samples]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if len(todo) < len(samples):
         logging.info("%d of %d responses cached; generating %d", len(samples) - len(todo), len(samples), len(todo))
     for start in range(0, len(todo), max(1, chunk)):
         batch = todo[start:start + chunk]
-        responses = generate_fn([samples[i]["messages"] for i in batch], max_tokens)
+        prompts = [samples[i]["messages"] for i in batch]
+        if any("tools" in samples[i] for i in batch):
+            responses = generate_fn(prompts, max_tokens, tools=[samples[i].get("tools") for i in batch])
+        else:
+            responses = generate_fn(prompts, max_tokens)
         if len(responses) != len(batch):
             raise RuntimeError(f"generate_fn returned {len(responses)} responses for {len(batch)} prompts")
         for i, response in zip(batch, responses):

@@ -22,8 +22,8 @@ def with_prompt_augmentation(generate_fn: GenerateFn, pas) -> GenerateFn:
     """PAS in front of the model: each prompt's last user turn gets the PAS complement appended (the original
     prompt is kept whole and the complement follows it)."""
 
-    def generate(prompts: list[list[dict]], max_tokens: int) -> list[str]:
-        return generate_fn(pas.augment_chats(prompts), max_tokens)
+    def generate(prompts: list[list[dict]], max_tokens: int, **options) -> list[str]:
+        return generate_fn(pas.augment_chats(prompts), max_tokens, **options)
 
     return generate
 
@@ -44,9 +44,9 @@ def local_generate_fn(config: ml_collections.ConfigDict, checkpoint: str) -> Gen
     g = config.generation
     sampling = SamplingParams(temperature=g.temperature)
 
-    def generate(prompts: list[list[dict]], max_tokens: int) -> list[str]:
-        ids = [encode_chat(tokenizer, m, config.chat_template, add_generation_prompt=True).ids.tolist()
-               for m in prompts]
+    def generate(prompts: list[list[dict]], max_tokens: int, tools: list | None = None) -> list[str]:
+        ids = [encode_chat(tokenizer, m, config.chat_template, add_generation_prompt=True, tools=t).ids.tolist()
+               for m, t in zip(prompts, tools or [None] * len(prompts))]
         out = engine.generate(ids, max_tokens, sampling, seeds=config.seed)
         return [finish(tokenizer, out.row(i), bool(out.stopped[i]))["text"] for i in range(len(prompts))]
 

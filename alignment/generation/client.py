@@ -10,9 +10,14 @@ import urllib.error
 import urllib.request
 
 
-def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, retries: int = 2, api_key: str = "",
-         **params) -> str:
-    """The first choice's message content of POST {base_url}/v1/chat/completions.
+def chat(base_url: str, messages: list[dict], **options) -> str:
+    """The first choice's message content of POST {base_url}/v1/chat/completions (see `chat_message`)."""
+    return chat_message(base_url, messages, **options)["content"]
+
+
+def chat_message(base_url: str, messages: list[dict], *, timeout: float = 600.0, retries: int = 2, api_key: str = "",
+                 **params) -> dict:
+    """The first choice's message of POST {base_url}/v1/chat/completions (content, and tool_calls if any).
 
     base_url may end with or without /v1. params go into the request body as they are (model, max_tokens,
     temperature, top_p, stop, seed, ...). Transport errors and 5xx answers are retried `retries` times with a
@@ -49,6 +54,7 @@ def chat(base_url: str, messages: list[dict], *, timeout: float = 600.0, retries
             raise RuntimeError(f"{url}: the answer is not JSON ({e})") from None
         time.sleep(0.5 * 2 ** attempt)
     try:
-        return body["choices"][0]["message"]["content"]
+        message = body["choices"][0]["message"]
+        return {**message, "content": message["content"]}  # content is null when the model only called tools
     except (KeyError, IndexError, TypeError):
         raise RuntimeError(f"{url}: unexpected response {json.dumps(body)[:500]}") from None

@@ -186,3 +186,17 @@ def test_sft_source_records_carry_their_tools(tmp_path):
     expected = encode_chat(tok, CONVERSATION, "chatml", tools=TOOLS)
     assert record["encoded"]["inputs"].tolist() == expected.ids[:-1].tolist()
     assert record["encoded"]["loss_mask"].tolist() == expected.loss_mask[1:].tolist()
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_tool_results_continue_a_rollout_exactly_as_the_conversation_encodes(tokenizer_pair, template):
+    from alignment.data.chat import encode_tool_results
+
+    name, (ours, _) = tokenizer_pair
+    if name != template:
+        pytest.skip("one tokenizer per template")
+    prefix = encode_chat(ours, CONVERSATION[:2], template, tools=TOOLS)
+    full = encode_chat(ours, CONVERSATION[:3], template, tools=TOOLS, add_generation_prompt=True)
+    results = encode_tool_results(ours, template, [CONVERSATION[2]["content"]])
+    generated_end = int(np.flatnonzero(prefix.loss_mask)[-1]) + 1  # what the model wrote ends at its end token
+    assert full.ids.tolist() == prefix.ids[:generated_end].tolist() + results
