@@ -19,7 +19,7 @@ from alignment.checkpoint import Checkpointer
 from alignment.config import Field, at_least, one_of, positive
 from alignment.data import preference
 from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.loop import train_loop
 from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
@@ -74,9 +74,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("data: %s", data_summary)
     optimizer, schedule = make_optimizer(config.optimizer, config.steps)
     init_inputs = dummy_inputs()
-    abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
-    params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
-    state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
+    checkpointer = data_state = None
+    if adapters.spec_of(config):  # resumed here: the reference is the base (adapters off) however far training got
+        checkpointer, state, data_state, shardings = adapters.resume_or_init(
+            config, workdir, model, model_cfg, optimizer, mesh, rules, init_inputs)
+    else:
+        abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
+        params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
+        state = init_state(model, optimizer, shardings, config.seed, init_inputs, params)
 
     target = runtime.batch_sharding(mesh, rules)
     preference.check_rows_split(config, target)
@@ -85,18 +90,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score = functools.partial(score_rows, logps_fn, batch_size=config.batch_size, layout=layout,
                               pairs_per_row=config.data.pairs_per_row, trim_multiple=config.data.trim_multiple)
     reference = None
+    # With LoRA the initial policy is the frozen base itself: no copy of the weights.
+    initial = state.frozen if state.lora is not None else state.params
     if config.reference == "precomputed":  # the initial policy scores every row once; nothing stays in memory
         for rows in (train_rows, eval_rows):
-            for row, ref in zip(rows, score(state.params, rows)[0]):
+            for row, ref in zip(rows, score(initial, rows)[0]):
                 row["ref_logps"] = ref
     else:
-        reference = jax.tree.map(lambda x: x.copy(), state.params)
+        reference = initial if state.lora is not None else jax.tree.map(lambda x: x.copy(), initial)
         eval_ref = score(reference, eval_rows)[0]
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
     batches = iter(preference.shuffled_batches(train_rows, config.batch_size, config.seed).to_iter_dataset())
-    if checkpointer.latest_step() is not None:
+    if data_state is not None:
+        batches.set_state(data_state)
+    elif checkpointer is None:
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save)
+    if state.lora is None and checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(abstract, shardings)
         batches.set_state(data_state)
         logging.info("resumed from step %d", int(state.step))
@@ -118,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             yield b
 
     def evaluate(state) -> dict:
-        logps, lengths = score(state.params, eval_rows)
+        logps, lengths = score(state.model_params(), eval_rows)
         fields = {k: np.stack([r[k] for r in eval_rows]) for k in ("ref_logps", "desirable") if k in eval_rows[0]}
         if reference is not None:
             fields["ref_logps"] = eval_ref

@@ -12,7 +12,7 @@ from alignment.algorithms import rm
 from alignment.config import Field, at_least, one_of, positive
 from alignment.data import preference
 from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.loop import train_loop
 from alignment.train.metrics import peak_tflops_per_device
 from alignment.train.optimizer import make_optimizer
@@ -40,11 +40,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("data: %s", data_summary)
     optimizer, schedule = make_optimizer(config.optimizer, config.steps, rm.unused_params(model_cfg))
     init_inputs = dummy_inputs()
-    abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
-
     batches = iter(preference.shuffled_batches(train_rows, config.batch_size, config.seed).to_iter_dataset())
-    checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer, abstract,
-                                                             shardings, init_inputs)
+    if adapters.spec_of(config):  # adapters on the trunk, the value head trained whole
+        checkpointer, state, data_state, shardings = adapters.resume_or_init(
+            config, workdir, model, model_cfg, optimizer, mesh, rules, init_inputs, full=runtime.VALUE_HEAD)
+    else:
+        abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs)
+        checkpointer, state, data_state = runtime.resume_or_init(config, workdir, model, model_cfg, optimizer,
+                                                                 abstract, shardings, init_inputs)
     if data_state is not None:
         batches.set_state(data_state)
 
@@ -67,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score = jax.jit(functools.partial(rm.pair_rewards, model))
 
     def evaluate(state) -> dict:
-        rewards = np.concatenate([np.asarray(score(state.params, b)) for b in eval_batches])[:len(eval_rows)]
+        rewards = np.concatenate([np.asarray(score(state.model_params(), b)) for b in eval_batches])[:len(eval_rows)]
         fields = {k: np.asarray([r[k] for r in eval_rows]) for k in
                   ("chosen_score", "rejected_score", "has_score", "margin")}
         loss_sum, sums = rm.score_pairs(rewards, fields, config.rm.alpha, config.rm.use_margin)

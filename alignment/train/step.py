@@ -104,5 +104,22 @@ def jit_train_step(step: Callable, state_shardings: TrainState, batch_shardings:
 
     `batch_shardings` None keeps each batch array's own layout (as `runtime.place_batch` made it)."""
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    if state_shardings.frozen is None:
+        return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    # A LoRA base is not donated: it is the same before and after, and the reference model of DPO / GRPO reads it.
+    trainable = state_shardings.replace(frozen=None)
+    inner = jax.jit(lambda s, frozen, b: _without_frozen(step(s.replace(frozen=frozen), b)),
+                    in_shardings=(trainable, state_shardings.frozen, batch_shardings),
+                    out_shardings=(trainable, replicated), donate_argnums=(0,))
+
+    def run(state: TrainState, batch):
+        new_state, metrics = inner(state.replace(frozen=None), state.frozen, batch)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    return run
+
+
+def _without_frozen(out):
+    state, metrics = out
+    return state.replace(frozen=None), metrics
