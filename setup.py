@@ -55,7 +55,7 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0"],
         # Parity tests against the peer implementation run on CPU torch.
-        "hf": ["torch>=2.4", "transformers>=4.45"],
+        "hf": ["torch>=2.4", "transformers>=4.45", "peft>=0.13"],  # peft: the LoRA adapter format parity
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -131,3 +131,36 @@ def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
 
     state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(config.seed), frozen)
     return checkpointer, state, None, shardings
+
+
+def merge_lora(run: str, output: str, overwrite: bool = False) -> None:
+    """A LoRA run's newest adapters folded into its base (W + scale A B), written as an HF checkpoint
+    (safetensors + config.json) at `output`; `run`: the run's workdir or its checkpoints directory."""
+    from alignment.checkpoint import checkpoint_directory, load_params, read_model_info
+    from alignment.models import ModelConfig, Transformer
+    from alignment.models.hf import save_hf_checkpoint
+    from alignment.models.transformer import dummy_inputs
+
+    directory = checkpoint_directory(run)
+    info_path = os.path.join(directory, LORA_INFO)
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(f"{info_path} not found: {run} is not a LoRA run")
+    with open(info_path) as f:
+        info = json.load(f)
+    found = read_model_info(directory)
+    if found is None:
+        raise FileNotFoundError(f"{directory} has no model.json")
+    spec, model_cfg = LoraSpec(**info["spec"]), ModelConfig.from_dict(found[0]["model"])
+    model = Transformer(model_cfg)
+    boxed = abstract_params(model, dummy_inputs())
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    config = ml_collections.ConfigDict({"init_from": info["base"]})
+    base = runtime.initial_params(config, model_cfg, nn.meta.unbox(boxed), jax.tree.map(lambda _: one_device,
+                                                                                       nn.meta.unbox(boxed)))
+    if base is None:
+        base = nn.meta.unbox(model.init(jax.random.split(jax.random.key(info["seed"]))[0], *dummy_inputs())["params"])
+    full = [k for k in runtime.VALUE_HEAD if model_cfg.value_head]
+    abstract = nn.meta.unbox({**lora.adapter_shapes(boxed, spec), "full": {k: boxed[k] for k in full}})
+    trainable = load_params(directory, abstract, jax.tree.map(lambda _: one_device, abstract))
+    merged = lora.merge(lora.quantize_frozen(base, spec), trainable, spec)
+    save_hf_checkpoint(output, model_cfg, jax.device_get(merged), overwrite=overwrite)

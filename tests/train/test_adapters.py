@@ -3,6 +3,7 @@ the base is FSDP-sharded and the adapters sharded by the same rules, QLoRA train
 import json
 import os
 
+import flax.linen
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -10,6 +11,7 @@ import pytest
 
 from alignment import stages
 from alignment.config import load_config_file
+from alignment.models.transformer import dummy_inputs
 from tests import persistent_compilation_cache
 
 
@@ -52,6 +54,24 @@ def test_lora_sft_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compil
     assert q["a"].shape == (2, 64, 8) and q["b"].shape[:2] == (2, 8) and np.abs(q["b"]).max() > 0
     info = json.load(open(tmp_path / "full" / "checkpoints" / "lora.json"))
     assert info["spec"]["rank"] == 8 and info["base"] == ""
+
+    # merge_lora: the newest adapters folded into the base, as an HF checkpoint with the adapted model's logits.
+    from alignment.models import Transformer, lora
+    from alignment.models.hf import load_hf_checkpoint
+    from alignment.train.adapters import merge_lora
+    merge_lora(str(tmp_path / "full"), str(tmp_path / "merged"))
+    model_cfg, merged = load_hf_checkpoint(str(tmp_path / "merged"))
+    model = Transformer(model_cfg)
+    base = flax.linen.meta.unbox(model.init(jax.random.split(jax.random.key(0))[0], *dummy_inputs())["params"])
+    spec = lora.LoraSpec(**info["spec"])
+    tokens, positions, segments = dummy_inputs(2, 9)
+    tokens = tokens + 7
+
+    def logits(params):
+        return np.asarray(model.apply({"params": params}, model.apply({"params": params}, tokens, positions, segments),
+                                      method="logits"))
+
+    np.testing.assert_allclose(logits(merged), logits(lora.bind(base, saved["params"], spec)), atol=2e-5)
 
     stages.run("sft", config(3, dropout=0.1), str(tmp_path / "resumed"))
     stages.run("sft", config(6, dropout=0.1), str(tmp_path / "resumed"))
