@@ -4,9 +4,10 @@
 
 The same work as the TRL peer (`shared/peers/bench_grpo_trl.py`): bench-small with random weights, the llama2
 tokenizer, the first 200 GSM8K train questions, 2 prompts x 8 samples per step, 128 new tokens at temperature 1,
-beta 0.04, one policy update per step, fp32 on CPU (`--dtype bfloat16` computes in bf16 with fp32 parameters,
-closer to the peer's default bf16 autocast). It runs the GRPO stage itself (alignment/stages/grpo.py) and
-reads its per-step timings from metrics.jsonl; the first step (compilation) is left out of the median.
+beta 0.04, one policy update per step; `--dtype` is the compute dtype over float32 parameters (float32 by default;
+bfloat16 is the class of TRL's default bf16 autocast). It runs the GRPO stage itself (alignment/stages/grpo.py)
+and reads its per-step timings from metrics.jsonl; the first step (compilation) is left out of the median.
+`benchmarks/side_by_side.py` runs it beside the peer.
 """
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ from alignment.config import config_path, load_config_file
 from alignment.stages import grpo
 from benchmarks import common
 
-PEER = {"median_step_s": [19.4, 22.2, 23.7], "setup": "TRL 1.16 GRPOTrainer, transformers generate, fp32 CPU"}
-
 
 def bench_small_fields() -> dict:
     return dataclasses.asdict(common.bench_small_config())
@@ -37,7 +36,8 @@ def main() -> None:
     parser.add_argument("--kl_mode", default="k3", choices=("k3", "token_reward"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--attention_impl", default="xla", choices=("xla", "xla_flash"))
-    parser.add_argument("--logprob_impl", default="", help="'' (fused blockwise head) or 'reference' (materialised logits)")
+    parser.add_argument("--logprob_impl", default="",
+                        help="'' (fused blockwise head) or 'reference' (materialised logits)")
     args = parser.parse_args()
     shared = common.require_shared()
 
@@ -77,13 +77,13 @@ def main() -> None:
     median = {p: statistics.median(r[p] for r in timed) for p in parts}
     step_s = statistics.median(sum(r[p] for p in parts) for r in timed)
     print(json.dumps({
-        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype, "attention_impl": args.attention_impl,
+        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype,
+        "attention_impl": args.attention_impl,
         "logprob_impl": args.logprob_impl or "default", "steps_timed": len(timed),
         "median_step_s": round(step_s, 3), **{f"median_{p}": round(v, 3) for p, v in median.items()},
         "step_s": [round(sum(r[p] for p in parts), 2) for r in timed],
         "mean_completion_length": round(statistics.mean(r["completion_length"] for r in steps), 1),
-        "speedup_vs_trl_median": round(statistics.median(PEER["median_step_s"]) / step_s, 2),
-        "peer": PEER, "wall_s": round(wall, 1), "peak_rss_mb": round(common.peak_rss_mb()),
+        "wall_s": round(wall, 1), "peak_rss_mb": round(common.peak_rss_mb()),
         "machine": common.machine()}))
 
 

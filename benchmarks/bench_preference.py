@@ -32,8 +32,6 @@ from alignment.train.step import make_train_step
 from alignment import sharding
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-PEER = {"dpo": {"pairs_per_s": 0.65, "step_s": 6.2, "setup": "TRL DPOTrainer, bf16 autocast"},
-        "rm": {"pairs_per_s": 2.28, "step_s": 1.755, "setup": "TRL RewardTrainer, bf16 autocast"}}
 
 
 def hh_rows(num_pairs: int, max_length: int, template: str, share_prefix: bool) -> tuple[list[dict], dict]:
@@ -105,13 +103,12 @@ def run(which: str, rows: list[dict], steps: int, batch_pairs: int, trim_multipl
         times.append(time.perf_counter() - t0)
         tokens.append(int(b["segment_ids"].astype(bool).sum()))
     median = statistics.median(times)
-    kind = "rm" if which == "rm" else "dpo"
     result = {
-        "bench": f"preference_{which}", "precision": "fp32" if dtype == "float32" else "bf16 compute, fp32 weights", "steps_timed": steps, "pairs_per_step": batch_pairs,
+        "bench": f"preference_{which}", "dtype": dtype, "param_dtype": model_cfg.param_dtype, "steps_timed": steps,
+        "pairs_per_step": batch_pairs,
         "median_step_s": round(median, 3), "pairs_per_s": round(batch_pairs / median, 3),
         "real_tokens_per_s": round(float(np.sum(tokens)) / float(np.sum(times)), 1),
-        "shapes_compiled": sorted(seen), "peer": PEER[kind],
-        "speedup_vs_peer": round(batch_pairs / median / PEER[kind]["pairs_per_s"], 2),
+        "shapes_compiled": sorted(seen),
     }
     if which == "dpo_precomputed":
         result["reference_pass_s_per_pair"] = round(precompute_s / len(rows), 4)

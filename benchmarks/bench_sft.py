@@ -1,6 +1,6 @@
-"""SFT throughput of bench-small on GSM8K train as chat, max length 1024, ~4096 tokens per step, fp32 CPU.
+"""SFT throughput of bench-small on GSM8K train as chat, max length 1024, ~4096 tokens per step.
 
-    python -m benchmarks.bench_sft packed 12 [logprob_impl] [attention_impl]
+    python -m benchmarks.bench_sft packed 12 [logprob_impl] [attention_impl] [--dtype bfloat16]
     python -m benchmarks.bench_sft unpacked 12 [logprob_impl] [attention_impl]
 
 logprob_impl: '' (the backend default: the fused blockwise kernel) or 'reference' (materialised logits).
@@ -8,14 +8,14 @@ attention_impl: 'xla_flash' (default, as configs/sft.py: skips the tiles between
 (dense scores).
 
 Same work as `../shared/peers/bench_sft_trl.py` (3000 GSM8K rows, assistant-only loss, 4 packed rows
-or 16 unpacked rows per step). Prints real tokens/s, token utilisation and MFU against the measured
-fp32 matmul peak.
+or 16 unpacked rows per step). --dtype is the compute dtype (parameters stay float32; default float32).
+Prints real tokens/s, token utilisation and MFU against the matmul peak measured in that dtype.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
-import sys
 import time
 
 import jax
@@ -34,7 +34,8 @@ from alignment.train.step import jit_train_step, make_train_step
 from benchmarks import common
 
 
-def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "", attention_impl: str = "xla_flash") -> None:
+def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "", attention_impl: str = "xla_flash",
+         dtype: str = "float32") -> None:
     packed = mode == "packed"
     tokenizer = common.llama2_tokenizer()
     rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
@@ -49,7 +50,7 @@ def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "", attentio
     sources = ml_collections.ConfigDict(dict(gsm8k=dict(weight=1.0)))
     batches = iter(sft_data.train_batches({"gsm8k": examples}, sources, data, batch_size, seed=0))
 
-    config = common.bench_small_config(logprob_impl=logprob_impl, attention_impl=attention_impl)
+    config = common.bench_small_config(logprob_impl=logprob_impl, attention_impl=attention_impl, dtype=dtype)
     model = Transformer(config)
     mesh = sharding.make_mesh({"data": 1})
     opt_cfg = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", end_lr_factor=1.0,
@@ -70,17 +71,23 @@ def main(mode: str = "packed", steps: int = 12, logprob_impl: str = "", attentio
         tokens.append(real)
     median = statistics.median(times[2:])
     per_step = float(np.mean(tokens[2:]))
-    peak = measure_matmul_tflops(2048) * 1e12
+    peak = measure_matmul_tflops(2048, dtype=dtype) * 1e12
     common.emit(f"sft_{mode}", steps=steps, rows_per_step=batch_size, max_length=max_length,
                 median_step_s=round(median, 3), real_tokens_per_step=round(per_step),
                 real_tokens_per_s=round(per_step / median, 1),
                 utilisation=round(per_step / (batch_size * max_length), 3),
                 mfu=round(per_step * config.flops_per_token(max_length) / median / peak, 3),
                 matmul_peak_gflops=round(peak / 1e9, 1), peak_rss_mb=round(common.peak_rss_mb()),
-                compile_and_first_step_s=round(times[0], 1), precision="fp32",
+                compile_and_first_step_s=round(times[0], 1), dtype=dtype, param_dtype=config.param_dtype,
                 logprob_impl=logprob_impl or "default", attention_impl=attention_impl)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "packed", int(sys.argv[2]) if len(sys.argv) > 2 else 12,
-         sys.argv[3] if len(sys.argv) > 3 else "", sys.argv[4] if len(sys.argv) > 4 else "xla_flash")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", nargs="?", default="packed", choices=("packed", "unpacked"))
+    parser.add_argument("steps", nargs="?", type=int, default=12)
+    parser.add_argument("logprob_impl", nargs="?", default="")
+    parser.add_argument("attention_impl", nargs="?", default="xla_flash")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    args = parser.parse_args()
+    main(args.mode, args.steps, args.logprob_impl, args.attention_impl, args.dtype)
