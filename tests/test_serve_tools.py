@@ -116,8 +116,9 @@ def test_streamed_calls_equal_the_plain_answer(server):
     assert "".join(pieces) == plain.choices[0].message.content
     assert not any("<tool" in p for p in pieces)  # text is held back where a call may begin
     calls = [call for d in deltas for call in (d.tool_calls or [])]
+    expected = plain.choices[0].message.tool_calls
     assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        (k, t.function.name, json.loads(t.function.arguments)) for k, t in enumerate(plain.choices[0].message.tool_calls)]
+        (k, t.function.name, json.loads(t.function.arguments)) for k, t in enumerate(expected)]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 

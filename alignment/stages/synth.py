@@ -18,7 +18,7 @@ from alignment import stages
 from alignment.config import Field, in_range, one_of, positive
 from alignment.pas.complement import Endpoint
 from alignment.synth import (coding, constraint_expansion, driver, embedded, math_solutions, preferences, reasoning,
-                             response_reversal, system_messages, teacher_style)
+                             response_reversal, system_messages, teacher_style, tool_use)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ RECIPES = {
     "reasoning": reasoning,
     "code": coding,
     "preferences": preferences,
+    "tool_use": tool_use,
 }
 
 FIELDS = {

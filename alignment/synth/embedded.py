@@ -18,7 +18,7 @@ import re
 from alignment.pas.teacher import start_teacher, topic
 from alignment.rewards import ifeval
 from alignment.synth import (coding, constraint_expansion, embedded_text, math_solutions, pools, reasoning,
-                             response_reversal, system_messages, teacher_style)
+                             response_reversal, system_messages, teacher_style, tool_use)
 from alignment.synth import constraints as constraints_lib
 
 with open(os.path.join(pools.DATA, "embedded_code.json"), encoding="utf-8") as _file:
@@ -373,6 +373,11 @@ class Answers:
         follow = entry["follow_up"]
         return json.dumps({"request": follow["request"], "function": follow["function"], "tests": follow["tests"]})
 
+    def tool_agent(self, messages: list[dict], body: dict) -> str:
+        """The assistant's next step in a tool-use dialogue (`tool_use.stand_in`)."""
+        request = messages[-1]["content"]
+        return tool_use.stand_in(request, self._flawed(request, body), draw(request, body.get("seed", 0), "how"))
+
     def table(self) -> dict:
         """{system message: (kind, answer)} for `alignment.pas.teacher.TeacherService`."""
         return {
@@ -395,6 +400,7 @@ class Answers:
             coding.LABEL_SYSTEM: ("synth_label", self.label),
             coding.ANSWER_SYSTEM: ("synth_program", self.program),
             coding.FOLLOW_UP_SYSTEM: ("synth_follow_up", self.follow_up),
+            tool_use.AGENT_SYSTEM: ("synth_tool_agent", self.tool_agent),
         }
 
 

@@ -15,8 +15,9 @@ ITEMS = fc.load(data_path("function_calling", ""), 0, 0)
 
 
 def first_accepted(expected: dict) -> ToolCall:
-    return ToolCall(expected["name"], {k: next(v for v in values if v != "") for k, values in expected["arguments"].items()
-                                       if values[0] != ""})
+    """The call with each argument's first accepted value (optional arguments, listed with "" first, left out)."""
+    arguments = expected["arguments"].items()
+    return ToolCall(expected["name"], {k: values[0] for k, values in arguments if values[0] != ""})
 
 
 def right_answer(sample: dict, template: str = "chatml", reverse: bool = False) -> str:
