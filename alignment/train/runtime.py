@@ -120,11 +120,23 @@ def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
 
 def place_batch(batch: dict[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
     """Host rows of this process -> global arrays (every process passes its own slice of the batch)."""
+    shards = int(np.prod([target.mesh.shape[axis] for axis in _axes(target.spec[0])]))
+    rows = next(iter(jax.tree.leaves(batch))).shape[0] * jax.process_count()
+    if rows % shards:
+        raise ValueError(f"a batch of {rows} rows cannot be split evenly over the mesh's {shards} data-parallel "
+                         f"shards ({' x '.join(_axes(target.spec[0]))}): make the batch size (config.batch_size, "
+                         f"for RL rl.prompts_per_step x rl.num_samples) a multiple of {shards}, or change config.mesh")
+
     def one(x):
         spec = jax.sharding.PartitionSpec(*target.spec[: x.ndim])
         return jax.make_array_from_process_local_data(NamedSharding(target.mesh, spec), x)
 
     return jax.tree.map(one, batch)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def log_run_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> str:

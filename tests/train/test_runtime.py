@@ -65,3 +65,18 @@ def test_a_checkpoint_without_model_json_must_hold_the_head(tmp_path):
     _, _, abstract, shardings = setup(rm_cfg)
     with pytest.raises(ValueError, match="value_kernel: expected .* missing from checkpoint"):
         runtime.initial_params(config_for(str(tmp_path)), rm_cfg, abstract.params, shardings.params)
+
+
+def test_a_batch_the_mesh_cannot_split_is_named_with_its_fix():
+    """12 rows over 8 data shards: one line naming the batch size, the shards and the keys to change, not XLA's."""
+    mesh = make_mesh({"data": -1})
+    target = runtime.batch_sharding(mesh, dict(DEFAULT_RULES))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = shards + shards // 2 if shards > 1 else None
+    if rows is None:
+        pytest.skip("one device: every batch splits")
+    with pytest.raises(ValueError, match=rf"a batch of {rows} rows .* {shards} data-parallel shards .*"
+                                         r"config\.batch_size"):
+        runtime.place_batch({"inputs": np.zeros((rows, 4), np.int32)}, target)
+    placed = runtime.place_batch({"inputs": np.zeros((2 * shards, 4), np.int32)}, target)
+    assert placed["inputs"].shape == (2 * shards, 4)
