@@ -7,7 +7,8 @@ Items (bench-small, random weights, the data of `../shared/peers/`): `sft` packe
 bench_sft_trl.py, 8 steps each), `grpo` step time for 2 prompts x 8 samples x 128 tokens (bench_grpo vs
 bench_grpo_trl.py), `rm` reward-model pairs/s (bench_preference rm vs bench_rm_trl.py), `dpo` pairs/s with the
 reference online (bench_preference dpo_online vs bench_dpo_trl.py), `generate` tokens/s at batch 16 and 1, greedy and
-top-p 0.9 (bench_generate vs bench_generate_hf.py). Precision classes: `fp32` (ours float32; TRL bf16=False,
+top-p 0.9 (bench_generate vs bench_generate_hf.py), each set against the decode step's hardware bound
+(bench_decode_bound: bytes read vs measured DRAM bandwidth, FLOPs vs measured matmul peak). Precision classes: `fp32` (ours float32; TRL bf16=False,
 transformers on the fp32 model) and `bf16` (ours bf16 compute over fp32 parameters, generation with bf16 weights;
 TRL bf16 autocast over fp32 parameters, transformers on the model cast to bf16), via `benchmarks/peer_shim.py`.
 
@@ -46,8 +47,10 @@ def ours_command(item: str, precision: str) -> list[str]:
     return {
         "sft": [py, "-m", "benchmarks.bench_sft", "packed", "8", *dtype],
         "grpo": [py, "-m", "benchmarks.bench_grpo", "--steps", "5", *dtype],
-        "rm": [py, "-m", "benchmarks.bench_preference", "--which", "rm", "--steps", "8", *dtype],
-        "dpo": [py, "-m", "benchmarks.bench_preference", "--which", "dpo_online", "--steps", "8", *dtype],
+        # 8 steps of 4 pairs time the first 32 pairs either way; --pairs 32 spares compiling the other 32's shapes.
+        "rm": [py, "-m", "benchmarks.bench_preference", "--which", "rm", "--steps", "8", "--pairs", "32", *dtype],
+        "dpo": [py, "-m", "benchmarks.bench_preference", "--which", "dpo_online", "--steps", "8", "--pairs", "32",
+                *dtype],
         "generate": [py, "-m", "benchmarks.bench_generate", "--batches", "16,1", "--repeats", "3", *dtype],
     }[item]
 
@@ -85,11 +88,14 @@ def result_lines(stdout: str) -> list[dict]:
     return lines
 
 
-def run(command: list[str], timeout: float) -> dict:
-    """One side's run: its JSON result lines, wall time, load average before it, and its error if it failed."""
+def run(command: list[str], timeout: float, jax_cache: str = "") -> dict:
+    """One side's run: its JSON result lines, wall time, load average before it, and its error if it failed.
+    `jax_cache`: JAX's persistent compilation cache for our side (compilation is never inside a timing)."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if jax_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         error = "" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()[-800:]}"
@@ -126,6 +132,16 @@ def compare(item: str, precision: str, ours: list[dict], peer: list[dict]) -> li
     return rows
 
 
+def add_bound(rows: list[dict], bound: dict) -> None:
+    """Each generation row gains the decode bound of its dtype and batch (bench_decode_bound) and ours' fraction."""
+    for row in rows:
+        if row["item"] == "generate" and "ours_median" in row:
+            batch = row["metric"].split("_")[0]  # b16 | b1
+            limit = bound.get(f"{DTYPE[row['precision']]}_{batch}", {}).get("bound_tokens_per_s")
+            if limit:
+                row.update(bound_tokens_per_s=limit, ours_fraction_of_bound=round(row["ours_median"] / limit, 2))
+
+
 def versions(runs: list[dict]) -> dict:
     import jax
     import jaxlib
@@ -157,6 +173,8 @@ def main() -> None:
     parser.add_argument("--venv", default=str(VENV), help="the peers' venv (shared/peers/setup.sh makes it)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     parser.add_argument("--out", default="", help="also write the JSON here")
+    parser.add_argument("--jax_cache", default=str(pathlib.Path.home() / ".cache" / "alignment-side-by-side"),
+                        help="persistent compilation cache of our runs ('' for none): repeats skip compiling")
     args = parser.parse_args()
     items, precisions = args.items.split(","), args.precisions.split(",")
     for name, chosen, valid in (("--items", items, METRICS), ("--precisions", precisions, DTYPE)):
@@ -181,12 +199,17 @@ def main() -> None:
                 for side in (("ours", "peer") if repeat % 2 == 0 else ("peer", "ours")):
                     print(f"[{time.strftime('%H:%M:%S')}] {item} {precision} {side} (repeat {repeat + 1})",
                           file=sys.stderr, flush=True)
-                    result = run(sides[side], args.timeout)
+                    result = run(sides[side], args.timeout, args.jax_cache if side == "ours" else "")
                     if result["error"]:
                         print(f"  failed: {result['error']}", file=sys.stderr, flush=True)
                     done[side].append(result)
                     report["runs"].append({"item": item, "precision": precision, "side": side, **result})
             report["ratios"] += compare(item, precision, done["ours"], done["peer"])
+    if "generate" in items:  # the decode step's hardware bound, to set the generation rows against
+        print(f"[{time.strftime('%H:%M:%S')}] decode bound", file=sys.stderr, flush=True)
+        bound = run([sys.executable, "-m", "benchmarks.bench_decode_bound"], args.timeout)
+        report["decode_bound"] = bound
+        add_bound(report["ratios"], bound["results"][0] if bound["results"] else {})
     report.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   load_avg_end=os.getloadavg(), versions=versions(report["runs"]))
     print(table(report["ratios"]), file=sys.stderr)

@@ -39,6 +39,15 @@ def test_generate_reads_the_engine_prefixed_keys_too():
     assert [r["metric"] for r in rows] == side_by_side.GENERATE and all(r["ratio"] == 2.0 for r in rows)
 
 
+def test_generation_rows_are_set_against_the_decode_bound_of_their_dtype_and_batch():
+    rows = [{"item": "generate", "precision": "bf16", "metric": "b16_greedy_tokens_per_s", "ours_median": 500.0},
+            {"item": "generate", "precision": "fp32", "metric": "b1_top_p_tokens_per_s", "ours_median": 40.0},
+            {"item": "rm", "precision": "bf16", "metric": "pairs_per_s", "ours_median": 5.0}]
+    side_by_side.add_bound(rows, {"bfloat16_b16": {"bound_tokens_per_s": 1000.0},
+                                  "float32_b1": {"bound_tokens_per_s": 50.0}})
+    assert [r.get("ours_fraction_of_bound") for r in rows] == [0.5, 0.8, None]
+
+
 def test_result_lines_skip_logs_and_broken_json():
     text = 'INFO something\n{"bench": "x", "a": 1}\n{not json\n  {"indented": 1}\n'
     assert side_by_side.result_lines(text) == [{"bench": "x", "a": 1}]
