@@ -5,8 +5,8 @@ bandwidth, and matmul FLOPs vs the measured matmul peak, per dtype and batch.
 
 A decode step reads every weight matrix the step multiplies by (the layers and the output head; the embedding
 only as the batch's rows) and each row's keys and values so far (on average prompt_len + new_tokens / 2 of them),
-and does 2 FLOPs per weight per row. Bandwidth: the median of 5 reads of a 1 GiB float32 array (sum, with one
-and with every core's thread; the faster counts), so it is the read rate from DRAM, not from cache. The bound
+and does 2 FLOPs per weight per row. Bandwidth: the fastest of sums and copies of a 1 GiB float32 array (median
+of 5; far larger than any cache, so DRAM's rate; on a shared machine, what the others leave). The bound
 tokens/s is batch / max(bytes / bandwidth, FLOPs / matmul peak); a measured tokens/s divided by it says how close
 the engine is. Prints one JSON line.
 """
@@ -26,31 +26,36 @@ from benchmarks import common
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> dict:
-    """DRAM read GB/s: numpy sums over a `gib` GiB array, single-threaded and split over os.cpu_count() threads."""
+    """DRAM GB/s over a `gib` GiB float32 array, single-threaded and split over os.cpu_count() threads: numpy sums
+    (bytes read) and copies (bytes read + written); the fastest is the bandwidth a decode step can hope for."""
     data = np.ones(int(gib * 2 ** 30) // 4, np.float32)
+    out = np.empty_like(data)
     threads = os.cpu_count() or 1
-    parts = np.array_split(data, threads)
+    parts, out_parts = np.array_split(data, threads), np.array_split(out, threads)
     result = {}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for name, read in (("1_thread", lambda: data.sum()),
-                           (f"{threads}_threads", lambda: list(pool.map(np.sum, parts)))):
-            read()
+        for name, moved, work in (
+                ("sum_1_thread", data.nbytes, lambda: data.sum()),
+                (f"sum_{threads}_threads", data.nbytes, lambda: list(pool.map(np.sum, parts))),
+                (f"copy_{threads}_threads", 2 * data.nbytes, lambda: list(pool.map(np.copyto, out_parts, parts)))):
+            work()
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                read()
+                work()
                 times.append(time.perf_counter() - start)
-            result[name] = round(data.nbytes / statistics.median(times) / 1e9, 2)
+            result[name] = round(moved / statistics.median(times) / 1e9, 2)
     return result
 
 
 def step_traffic(config, batch: int, context: float, weight_bytes: int, cache_bytes: int) -> tuple[float, float]:
     """(bytes read, FLOPs) of one decode step of `batch` rows with `context` cached tokens each."""
-    matmul_weights = config.num_params() - config.vocab_size * config.hidden_size * (2 - config.tie_embeddings)
-    matmul_weights += config.vocab_size * config.hidden_size  # the output head
+    norms = (2 * config.num_layers + 1) * config.hidden_size  # read, but no matmul
+    head = config.vocab_size * config.hidden_size
+    matmul_weights = config.num_params() - head * (2 - config.tie_embeddings) - norms + head
     embedding_rows = batch * config.hidden_size
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    read = (matmul_weights + embedding_rows) * weight_bytes + batch * context * kv_per_token * cache_bytes
+    read = (matmul_weights + norms + embedding_rows) * weight_bytes + batch * context * kv_per_token * cache_bytes
     return read, 2.0 * matmul_weights * batch
 
 
