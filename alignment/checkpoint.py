@@ -141,6 +141,15 @@ def _targets(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _has_frozen(node: Any) -> bool:
+    """A LoRA train state (or its shardings): its `frozen` base is not checkpointed."""
+    return getattr(node, "frozen", None) is not None
+
+
+def _without_frozen(tree: Any) -> Any:
+    return jax.tree.map(lambda n: n.replace(frozen=None) if _has_frozen(n) else n, tree, is_leaf=_has_frozen)
+
+
 class Checkpointer:
     """Saves and restores TrainState + data-iterator state under one directory, keeping the last `max_to_keep`."""
 
@@ -156,8 +165,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None = None, force: bool = False) -> bool:
         """Save `state` (and `data_state`) at `step`; False when the save interval skipped it."""
-        if getattr(state, "frozen", None) is not None:
-            state = state.replace(frozen=None)  # a LoRA run's base is its init_from; only the adapters are saved
+        state = _without_frozen(state)  # a LoRA run's base is its init_from; only the adapters are saved
         # None is stored as JSON null so every checkpoint has both items and restores need no probing.
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state)})
         saved = self._manager.save(step, args=args, force=force)
@@ -174,6 +182,11 @@ class Checkpointer:
         Without `step`, the newest complete checkpoint: a newer one left half-written (e.g. by a crash during
         a save) or otherwise corrupt is skipped with a warning and moved aside, so the run writes it anew.
         """
+        if any(map(_has_frozen, jax.tree.leaves(abstract_state, is_leaf=_has_frozen))):
+            # LoRA: the adapters are read; the base (loaded) is the one the abstract state carries.
+            state, data_state = self.restore(_without_frozen(abstract_state), _without_frozen(shardings), step)
+            attach = lambda given, restored: restored.replace(frozen=given.frozen) if _has_frozen(given) else restored
+            return jax.tree.map(attach, abstract_state, state, is_leaf=lambda n: hasattr(n, "frozen")), data_state
         _drop_restore_leftovers()
         if step is not None:
             restored = self._restore_step(self._resolve_step(step), abstract_state, shardings)

@@ -82,7 +82,7 @@ COMMON_FIELDS: dict[str, Field] = {
     "lora.quantize": one_of(*QUANTIZERS),
     "lora.block_size": positive(),
 }
-LORA_STAGES = ("sft", "rm", "dpo")  # stages that train adapters when config.lora.enabled
+LORA_STAGES = ("sft", "rm", "dpo", "grpo", "ppo")  # stages that train adapters when config.lora.enabled
 
 
 def stage_module(name: str):

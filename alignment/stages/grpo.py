@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -48,7 +49,7 @@ from alignment.rewards.registry import from_config
 from alignment.rl import loop, multiturn, producer
 from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
 from alignment.rl.scoring import make_scorer
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
@@ -108,6 +109,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         # Two threads launching device programs could order them differently on different hosts (a hang).
         raise ValueError("rl.max_staleness runs the producer in a thread of each process, which multi-host runs "
                          "do not support yet: leave it 0 with several processes")
+    if config.get("lora") and config.lora.enabled and (rl.rollout_devices or rl.rollout_dtype):
+        raise ValueError("config.lora.enabled: rl.rollout_devices and rl.rollout_dtype copy or cast full parameters; "
+                         "with LoRA leave them 0 and ''")
     if rl.rollout_devices:
         if jax.process_count() > 1:
             raise ValueError("rl.rollout_devices splits one host's devices; with several processes leave it 0")
@@ -146,12 +150,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     updates_per_step = rl.ppo_epochs * rl.minibatches + (1 if rl.ptx_gamma else 0)
     optimizer, schedule = make_optimizer(config.optimizer, config.steps * updates_per_step)
-    abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
-    init_params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
-    state = init_state(model, optimizer, shardings, config.seed, dummy_inputs(), init_params)
-    ref_params = jax.tree.map(jnp.copy, state.params)  # frozen: the policy's starting point
+    if adapters.spec_of(config):  # the reference is the frozen base (adapters off): no copy of the weights
+        adapters.write_lora_info(os.path.join(workdir, "checkpoints"), config, adapters.spec_of(config))
+        abstract, shardings, state = adapters.init_state(config, model, model_cfg, optimizer, mesh, rules,
+                                                         dummy_inputs())
+        ref_params = state.frozen
+    else:
+        abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
+        init_params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
+        state = init_state(model, optimizer, shardings, config.seed, dummy_inputs(), init_params)
+        ref_params = jax.tree.map(jnp.copy, state.params)  # frozen: the policy's starting point
 
-    engine = Engine(model_cfg, state.params, mesh, rules, pad_id=tokenizer.pad_id,
+    engine = Engine(model_cfg, adapters.sampling_params(state), mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
     rollouts = multiturn.make_rollouts(config, tokenizer, engine, from_config(config))  # tool episodes with env.name
     sampler_rollouts, to_sampler = make_sampler(config, model_cfg, mesh, rules, rollouts, shardings.params)
@@ -199,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows["sampler_logp"] = np.zeros(rows["loss_mask"].shape, np.float32)
         width = min(rows["loss_mask"].shape[1], rollout.out.sampling_logprobs.shape[1])
         rows["sampler_logp"][:, :width] = rollout.out.sampling_logprobs[:, :width]
-        scored = jax.device_get(score(state.params, ref_params, runtime.place_batch(rows, target)))
+        scored = jax.device_get(score(state.model_params(), ref_params, runtime.place_batch(rows, target)))
         mask = rows["loss_mask"]
         if single_pass:  # never read (first_pass), but kept meaningful: the sampler's own log-probs
             scored["old_logp"] = rows["sampler_logp"]
@@ -250,5 +260,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     with runtime.activation_context(mesh, rules):
         return loop.run(config, workdir, state=state, abstract=abstract, shardings=shardings, rollouts=rollouts,
-                        stream=stream, held_out=held_out, policy_params=lambda s: s.params, update=rl_step,
+                        stream=stream, held_out=held_out, policy_params=adapters.sampling_params, update=rl_step,
                         producer=make_rollout, max_staleness=rl.max_staleness, to_sampler=to_sampler)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 import flax.linen as nn
@@ -30,14 +31,14 @@ from alignment.data.rl_rows import rollout_rows
 from alignment.data.tokenizer import checked_tokenizer
 from alignment.generation.engine import Engine
 from alignment.generation.text import stop_token_ids
-from alignment.models import Transformer
+from alignment.models import Transformer, lora
 from alignment.models.transformer import dummy_inputs
 from alignment.rewards.registry import from_config
 from alignment.rl import loop
 from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
 from alignment.rl.scoring import KL_ESTIMATORS, make_scorer
 from alignment.stages import COMMON_FIELDS
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.optimizer import make_optimizer
 from alignment.train.state import TrainState, init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
@@ -79,15 +80,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     updates = config.steps * rl.ppo_epochs * rl.minibatches
     optimizer, schedule = make_optimizer(config.optimizer, updates)
     critic_optimizer, critic_schedule = make_optimizer(config.critic.optimizer, updates)
-    policy_abstract, policy_shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
     critic_abstract, critic_shardings = state_shardings(critic, critic_optimizer, mesh, rules, dummy_inputs())
-    init_params = runtime.initial_params(config, model_cfg, policy_abstract.params, policy_shardings.params)
-    policy = init_state(model, optimizer, policy_shardings, config.seed, dummy_inputs(), init_params)
-    ref_params = jax.tree.map(jnp.copy, policy.params)  # frozen: the policy's starting point
-    state = {"policy": policy,
-             "critic": init_critic(config, critic, critic_optimizer, critic_abstract, critic_shardings, ref_params)}
+    if adapters.spec_of(config):  # LoRA policy; the reference is its frozen base (adapters off), the critic full
+        adapters.write_lora_info(os.path.join(workdir, "checkpoints"), config, adapters.spec_of(config))
+        policy_abstract, policy_shardings, policy = adapters.init_state(config, model, model_cfg, optimizer, mesh,
+                                                                        rules, dummy_inputs())
+        ref_params = policy.frozen
+    else:
+        policy_abstract, policy_shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
+        init_params = runtime.initial_params(config, model_cfg, policy_abstract.params, policy_shardings.params)
+        policy = init_state(model, optimizer, policy_shardings, config.seed, dummy_inputs(), init_params)
+        ref_params = jax.tree.map(jnp.copy, policy.params)  # frozen: the policy's starting point
+    state = {"policy": policy, "critic": init_critic(config, critic, critic_optimizer, critic_abstract,
+                                                     critic_shardings, lora.dequantize_tree(ref_params))}
 
-    engine = Engine(model_cfg, policy.params, mesh, rules, pad_id=tokenizer.pad_id,
+    engine = Engine(model_cfg, adapters.sampling_params(policy), mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))
     rollouts = Rollouts(config, tokenizer, engine, from_config(config))
     target = runtime.batch_sharding(mesh, rules)
@@ -109,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             rl.max_prompt_length, rl.max_new_tokens)
         rows["loss_mask"] &= rollout.rewards.valid[:, None]  # a skipped sample trains neither model
         batch = runtime.place_batch(rows, target)
-        scored = jax.device_get(score(state["policy"].params, ref_params, batch))
+        scored = jax.device_get(score(state["policy"].model_params(), ref_params, batch))
         old_values = np.asarray(values(state["critic"].params, batch))
         mask = rows["loss_mask"]
         rewards = ppo.token_rewards(jnp.asarray(np.nan_to_num(rollout.rewards.total)), scored["kl"], mask, rl.beta)
@@ -148,4 +155,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shardings = {"policy": policy_shardings, "critic": critic_shardings}
     with runtime.activation_context(mesh, rules):
         return loop.run(config, workdir, state=state, abstract=abstract, shardings=shardings, rollouts=rollouts,
-                        stream=stream, held_out=held_out, policy_params=lambda s: s["policy"].params, update=rl_step)
+                        stream=stream, held_out=held_out, update=rl_step,
+                        policy_params=lambda s: adapters.sampling_params(s["policy"]))

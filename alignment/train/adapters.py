@@ -107,21 +107,15 @@ def write_lora_info(directory: str, config: ml_collections.ConfigDict, spec: Lor
     os.replace(path + ".tmp", path)
 
 
-def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, model_cfg,
-                   optimizer: optax.GradientTransformation, mesh: Mesh, rules: dict, init_inputs: tuple,
-                   full: Sequence[str] = ()) -> tuple[Checkpointer, TrainState, dict | None, TrainState]:
-    """(checkpointer, state, data_state, shardings) of a LoRA run: the newest checkpoint's adapters and optimizer
-    state on the base from `config.init_from`, else fresh adapters."""
+def init_state(config: ml_collections.ConfigDict, model: nn.Module, model_cfg, optimizer: optax.GradientTransformation,
+               mesh: Mesh, rules: dict, init_inputs: tuple, full: Sequence[str] = ()
+               ) -> tuple[TrainState, TrainState, TrainState]:
+    """(abstract, shardings, fresh state) of a LoRA run: the base from `config.init_from` (or the seed), fresh
+    adapters. The abstract state carries the loaded base as its `frozen`, so `Checkpointer.restore(abstract, ...)`
+    reads only the adapters and their optimizer state and keeps that base."""
     spec = spec_of(config)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, init_inputs, spec, full)
-    directory = os.path.join(workdir, "checkpoints")
-    checkpointer = Checkpointer(directory, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    write_lora_info(directory, config, spec)
     frozen = frozen_base(config, model, model_cfg, mesh, rules, spec, shardings.frozen, init_inputs)
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(abstract.replace(frozen=None), shardings.replace(frozen=None))
-        logger.info("resumed LoRA adapters from step %d", int(state.step))
-        return checkpointer, state.replace(frozen=frozen), data_state, shardings
 
     def fresh(key, frozen):
         init_key, state_key = jax.random.split(key)
@@ -130,7 +124,31 @@ def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
                           rng=jax.random.key_data(state_key), frozen=frozen, lora=spec)
 
     state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(config.seed), frozen)
-    return checkpointer, state, None, shardings
+    return abstract.replace(frozen=frozen), shardings, state
+
+
+def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, model_cfg,
+                   optimizer: optax.GradientTransformation, mesh: Mesh, rules: dict, init_inputs: tuple,
+                   full: Sequence[str] = ()) -> tuple[Checkpointer, TrainState, dict | None, TrainState]:
+    """(checkpointer, state, data_state, shardings) of a LoRA run: the newest checkpoint's adapters and optimizer
+    state on the base from `config.init_from`, else fresh adapters."""
+    directory = os.path.join(workdir, "checkpoints")
+    checkpointer = Checkpointer(directory, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    write_lora_info(directory, config, spec_of(config))
+    abstract, shardings, state = init_state(config, model, model_cfg, optimizer, mesh, rules, init_inputs, full)
+    if checkpointer.latest_step() is None:
+        return checkpointer, state, None, shardings
+    state, data_state = checkpointer.restore(abstract, shardings)
+    logger.info("resumed LoRA adapters from step %d", int(state.step))
+    return checkpointer, state, data_state, shardings
+
+
+def sampling_params(state: TrainState) -> Any:
+    """The policy as the rollout engine takes it: the base bound to the adapters, never merged (a quantised base
+    dequantised first: the engine casts its matrices to the compute dtype once per set of weights)."""
+    if state.lora is None or state.lora.quantize == "none":
+        return state.model_params()
+    return lora.bind(lora.dequantize_tree(state.frozen), state.params, state.lora)
 
 
 def merge_lora(run: str, output: str, overwrite: bool = False) -> None:

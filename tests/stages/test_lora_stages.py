@@ -56,3 +56,41 @@ def test_reward_model_with_lora_trains_the_value_head(tmp_path):
     saved = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / "4" / "state"))
     assert sorted(saved["params"]["full"]) == ["value_bias", "value_kernel"]
     assert np.abs(saved["params"]["full"]["value_kernel"]).max() > 0
+
+
+def test_grpo_with_lora_samples_base_plus_adapters_against_the_base(tmp_path, space_share_reward):
+    """Step 0: the policy is the reference (B = 0), so the KL is 0; the adapters then move it (KL > 0) while the
+    reference stays the base; checkpoints hold the adapters only, and a restart resumes from them."""
+    from tests.stages.test_grpo import config as grpo_config, train_records as grpo_records
+    import orbax.checkpoint as ocp
+
+    c = grpo_config(4)
+    c.lora.enabled, c.lora.rank, c.optimizer.lr = True, 4, 3e-2
+    c.checkpoint.every = 2
+    stages.run("grpo", c, str(tmp_path))
+    records = grpo_records(tmp_path)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6) and records[-1]["kl"] > 1e-6, records
+    saved = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / "4" / "state"))
+    assert sorted(saved["params"]) == ["full", "lora"] and saved.get("frozen") is None
+    c.steps = 5  # resumes from step 4's adapters on the same base
+    stages.run("grpo", c, str(tmp_path))
+    assert len(grpo_records(tmp_path)) == 5
+
+
+def test_ppo_with_lora_policy_resumes_from_adapters_and_critic(tmp_path, space_share_reward):
+    """PPO: LoRA policy (reference = its base, adapters off) beside a fully trained critic; the checkpoint
+    holds the policy's adapters and the critic, and a restart resumes from them."""
+    from tests.stages.test_ppo import config as ppo_config, train_records as ppo_records
+    import orbax.checkpoint as ocp
+
+    c = ppo_config(3)
+    c.lora.enabled, c.lora.rank, c.lora.quantize = True, 4, "int8"
+    stages.run("ppo", c, str(tmp_path))
+    records = ppo_records(tmp_path)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6) and records[-1]["kl"] > 1e-6, records
+    saved = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / "3" / "state"))
+    assert sorted(saved["policy"]["params"]) == ["full", "lora"] and saved["policy"].get("frozen") is None
+    assert "embed" in saved["critic"]["params"]
+    c.steps = 4
+    stages.run("ppo", c, str(tmp_path))
+    assert len(ppo_records(tmp_path)) == 4
