@@ -205,6 +205,8 @@ def main() -> None:
                     done[side].append(result)
                     report["runs"].append({"item": item, "precision": precision, "side": side, **result})
             report["ratios"] += compare(item, precision, done["ours"], done["peer"])
+            if args.out:  # what is done so far survives a run stopped early
+                pathlib.Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if "generate" in items:  # the decode step's hardware bound, to set the generation rows against
         print(f"[{time.strftime('%H:%M:%S')}] decode bound", file=sys.stderr, flush=True)
         bound = run([sys.executable, "-m", "benchmarks.bench_decode_bound"], args.timeout)
