@@ -20,7 +20,7 @@ def config():
     c.warm_start = None
     c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 2, 64, 128
     c.steps = 1
-    c.rl.prompts_per_step, c.rl.num_samples, c.rl.max_new_tokens = 2, 2, 48
+    c.rl.prompts_per_step, c.rl.num_samples, c.rl.max_new_tokens = 4, 2, 48  # 8 rows: one per simulated device
     c.rl.eval_every = 0
     c.data.num_embedded_eval = 4
     c.checkpoint.async_save = False
