@@ -3,6 +3,8 @@ per mode (so each peak RSS is that mode's own). Prints one JSON line per mode.
 
     python -m benchmarks.bench_lora --model=tiny            # the embedded tiny model (no shared data needed)
     python -m benchmarks.bench_lora --model=bench-small     # ../shared/data/peers/bench-small/config.json
+    python -m benchmarks.bench_lora --model=1b --dtype=bfloat16 --batch=1 --seq=128 --steps=2
+    ~/.cache/alignment-peers/trl/bin/python benchmarks/peer_lora_trl.py   # the TRL + PEFT peer, same rows and rank
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def measure(model_name: str, mode: str, batch: int, seq: int, steps: int, dtype:
 
     from alignment.algorithms.sft import sft_loss
     from alignment.config import load_config_file
-    from alignment.models import Transformer
+    from alignment.models import ModelConfig, Transformer
     from alignment.models.transformer import dummy_inputs
     from alignment.train import adapters, runtime
     from alignment.train.optimizer import make_optimizer
@@ -36,6 +38,9 @@ def measure(model_name: str, mode: str, batch: int, seq: int, steps: int, dtype:
     config.model.dtype = config.model.param_dtype = dtype
     if model_name == "bench-small":
         model_cfg = bench_small_config(dtype=dtype, param_dtype=dtype)
+    elif model_name == "1b":  # Llama-shaped, 1.1B parameters (TinyLlama's shape)
+        model_cfg = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                                num_heads=32, num_kv_heads=4, dtype=dtype, param_dtype=dtype, remat_policy="full")
     else:
         model_cfg = runtime.model_config(config)
     model_cfg = dataclasses.replace(model_cfg, attention_impl="xla_flash")
@@ -78,7 +83,7 @@ def measure(model_name: str, mode: str, batch: int, seq: int, steps: int, dtype:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny", choices=("tiny", "bench-small"))
+    parser.add_argument("--model", default="tiny", choices=("tiny", "bench-small", "1b"))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
