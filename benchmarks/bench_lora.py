@@ -100,7 +100,8 @@ def main() -> None:
         out = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if out.returncode == 0 and lines else json.dumps(
-            {"bench": "lora_sft", "mode": mode, "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+            {"bench": "lora_sft", "mode": mode, "returncode": out.returncode,
+             "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
 
 
 if __name__ == "__main__":

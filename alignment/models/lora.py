@@ -128,7 +128,9 @@ def quantize(kernel: jax.Array, kind: str, input_axes: int, block_size: int = 64
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     absmax = jnp.where(absmax == 0, 1.0, absmax)
     normed = blocks / absmax[..., None]
-    index = jnp.argmin(jnp.abs(normed[..., None] - jnp.asarray(NF4_LEVELS)), axis=-1).astype(jnp.uint8)
+    # The nearest level: how many midpoints between neighbouring levels lie below (a search, not a [..., 16] table).
+    midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+    index = jnp.searchsorted(midpoints, normed, side="left").astype(jnp.uint8)
     pairs = index.reshape(*index.shape[:-1], block_size // 2, 2)
     codes = pairs[..., 0] | (pairs[..., 1] << 4)
     return Quantized(codes, absmax, kind, shape, str(kernel.dtype))
