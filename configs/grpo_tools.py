@@ -1,6 +1,6 @@
 """Multi-turn GRPO with a tool on the embedded default: 5-digit addition and subtraction, which the tiny model cannot
-do in its head but can do by calling a calculator (`alignment.rl.env`). A short SFT warm start on demonstrations
-that call the calculator only 30% of the time (the rest state the right answer directly, which the model can only
+do in its head but can do by calling a calculator (`alignment.rl.env`). An SFT warm start on demonstrations
+that call the calculator only 40% of the time (the rest state the right answer directly, which the model can only
 guess), then GRPO over whole episodes: the policy writes a call, the environment answers, the policy answers; only
 the policy's tokens are trained. Prints held-out accuracy before and after RL; curve.jsonl also holds the share
 of held-out episodes with a well-formed call (episode_called/tools).
@@ -14,7 +14,8 @@ from alignment_configs import grpo, sft
 
 def get_config():
     c = grpo.get_config()
-    c.steps = 30
+    c.steps = 40
+    c.optimizer.lr = 1e-3  # one token (the call's opening) decides an episode; at 1e-4, 30 steps left it unmoved
     c.checkpoint.every = 10
     c.env = ml_collections.ConfigDict(dict(
         name="calculator",  # calculator | python: the environment answering the policy's tool calls
@@ -31,10 +32,10 @@ def get_config():
     task = dict(digits=5, ops="+-")
     c.data.train = ml_collections.ConfigDict(dict(tools=sft.source("embedded_tools", tool_share=0.0, **task)))
     c.data.eval = ml_collections.ConfigDict(dict(tools=sft.source("embedded_tools", tool_share=0.0, **task)))
-    c.warm_start.steps = 300
+    c.warm_start.steps = 2000  # copying numbers into a call and out of its result takes the tiny model ~1000 steps
     c.warm_start.data.max_length = 160
     c.warm_start.data.train = ml_collections.ConfigDict(dict(
-        tools=sft.source("embedded_tools", tool_share=0.3, **task)))
+        tools=sft.source("embedded_tools", tool_share=0.4, **task)))
     c.warm_start.data.eval = ml_collections.ConfigDict(dict(
-        tools=sft.source("embedded_tools", tool_share=0.3, **task)))
+        tools=sft.source("embedded_tools", tool_share=0.4, **task)))
     return c
