@@ -35,7 +35,6 @@ from alignment.rl.rollouts import Rollouts
 FIELDS = {
     "env.name": one_of("", *ENVIRONMENTS),
     "env.max_turns": positive(),
-    "env.definitions_in_prompt": one_of(True, False),
 }
 TURN_SEED_STRIDE = 1_000_003  # turn t of an episode samples with seed + t * stride
 
