@@ -136,9 +136,11 @@ class ToolRollouts(Rollouts):
     def run(self, episodes: list[Episode], sampling: SamplingParams, params) -> None:
         """Steps the engine until every episode has ended, answering tool calls as turns finish."""
         budget = self.config.rl.max_new_tokens
-        submit = lambda e: setattr(e, "request", self.engine.submit(  # noqa: E731
-            e.prompt + e.tokens, budget - len(e.tokens), sampling, seed=e.seed + TURN_SEED_STRIDE * e.turns,
-            sample=e.sample))
+
+        def submit(e: Episode) -> None:  # the episode so far is the prompt of its next turn
+            e.request = self.engine.submit(e.prompt + e.tokens, budget - len(e.tokens), sampling,
+                                           seed=e.seed + TURN_SEED_STRIDE * e.turns, sample=e.sample)
+
         for episode in episodes:
             submit(episode)
         active = list(episodes)
