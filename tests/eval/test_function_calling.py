@@ -115,3 +115,24 @@ def test_bad_items_name_their_line(tmp_path, line, words):
     path.write_text(json.dumps(line) + "\n")
     with pytest.raises(ValueError, match=f"{path}:1: .*{words}"):
         fc.load(str(path), 0, 0)
+
+
+def test_eval_stage_reports_function_calling_from_an_endpoint(tmp_path):
+    """The eval stage against a real local server (the scripted engine of tests/test_serve_tools.py: it answers every
+    prompt with tools by calling get_weather for Oslo and Rome): tools are sent, tool_calls read back and scored."""
+    from alignment import stages
+    from alignment.config import load_config_file
+    from alignment.serve import Service
+    from tests.test_serve import serving
+    from tests.test_serve_tools import TOKENIZER, ScriptedEngine
+
+    engine = ScriptedEngine()
+    with serving(Service(engine, TOKENIZER, "chatml", "tiny")) as base:
+        c = load_config_file("configs/eval.py")
+        c.checkpoints, c.benchmarks = f"tiny={base}/v1", "function_calling"
+        summary = stages.run("eval", c, str(tmp_path))
+    assert len(engine.prompts) == len(ITEMS)  # each item's tools reached the template: the scripted model called
+    scored = fc.score(ITEMS, [call("get_weather", city="Oslo") + "\n" + call("get_weather", city="Rome")] * len(ITEMS),
+                      Context())
+    assert summary["tiny"]["function_calling"] == fc.aggregate(scored, Context())["metrics"]
+    assert "function_calling" in (tmp_path / "summary.md").read_text()
