@@ -292,6 +292,9 @@ def load_params(path: str | os.PathLike, abstract_params: Any, shardings: Any) -
     Used to start a policy from an SFT checkpoint and by the merge stage; optimizer state is never read.
     """
     root, step = _locate(epath.Path(path))
+    if (root / "lora.json").exists() and "lora" not in abstract_params:
+        raise ValueError(f"{root} holds LoRA adapters, not a whole model (lora.json names their base): write the "
+                         "merged model with alignment.train.adapters.merge_lora(run, output) and use that")
     # PyTree (not Standard) handler: the on-disk format is the same, and it supports partial restore.
     handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
     stored = _state_metadata(ocp.step.find_step_path(root, STEP_NAMES, step=step))

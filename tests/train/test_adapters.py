@@ -72,6 +72,9 @@ def test_lora_sft_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compil
                                       method="logits"))
 
     np.testing.assert_allclose(logits(merged), logits(lora.bind(base, saved["params"], spec)), atol=2e-5)
+    from alignment.checkpoint import load_params
+    with pytest.raises(ValueError, match="holds LoRA adapters, not a whole model.*merge_lora"):
+        load_params(str(tmp_path / "full" / "checkpoints"), base, jax.tree.map(lambda _: None, base))
 
     stages.run("sft", config(3, dropout=0.1), str(tmp_path / "resumed"))
     stages.run("sft", config(6, dropout=0.1), str(tmp_path / "resumed"))
