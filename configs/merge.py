@@ -22,7 +22,8 @@ def get_config():
     c.mergekit_yaml = ""  # a mergekit YAML merge config: its method, models, base and parameters replace merge.*'s
     c.merge = ml_collections.ConfigDict(dict(
         method="model_stock",  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | model_stock
-        models=(),  # checkpoints to merge: Orbax (root or step directory) or HF safetensors directories; () (and no
+        models=(),  # checkpoints to merge: Orbax (root or step directory), HF safetensors directories or LoRA runs
+        # (read as their base + adapters; the base must be merge.base, which defaults to it); () (and no
         # mergekit_yaml) merges an offline demo: a random tiny base + three perturbed copies built in workdir/demo
         base="",  # the model task vectors are taken from; required by all but linear and slerp
         output="",  # Orbax checkpoint written (step 0, loadable as init_from); '' = workdir/merged

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import flax.linen as nn
 import ml_collections
 from absl import logging
 
 from alignment import sharding
-from alignment.checkpoint import load_params
+from alignment.checkpoint import checkpoint_directory, load_params
 from alignment.config import Field, at_least, one_of
 from alignment.data import model_info
 from alignment.merge import METHODS, merge_checkpoints
@@ -17,7 +18,7 @@ from alignment.merge.demo import make_demo_checkpoints
 from alignment.merge.mergekit_yaml import load_mergekit_yaml
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
-from alignment.train import runtime
+from alignment.train import adapters, runtime
 from alignment.train.state import abstract_params
 
 
@@ -48,6 +49,51 @@ def input_settings(config: ml_collections.ConfigDict, path: str) -> ml_collectio
     return settings
 
 
+def lora_base(path: str) -> str | None:
+    """The base checkpoint a LoRA run's adapters belong to (its checkpoints/lora.json); None for a whole model."""
+    info_path = os.path.join(checkpoint_directory(path), adapters.LORA_INFO)
+    if not os.path.isfile(info_path):
+        return None
+    with open(info_path) as f:
+        base = json.load(f).get("base", "")
+    if not base:
+        raise ValueError(f"{info_path} names no base (the run started from the seed's random init): merging needs "
+                         "adapters trained from a base checkpoint (config.init_from)")
+    return base
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two paths name the same checkpoint (a run's workdir and its checkpoints directory are one)."""
+    return os.path.realpath(checkpoint_directory(a)) == os.path.realpath(checkpoint_directory(b))
+
+
+def whole_models(models: list[str], base: str, method: str, scratch: str) -> tuple[list[str], str]:
+    """(models, base) with every LoRA run among `models` written whole (its base + scale * A B per adapted kernel,
+    `adapters.merge_lora`) under `scratch`, so it merges as the task vector of its adapters. All LoRA runs must
+    share one base, which `base` must be when set; '' becomes that base for methods on task vectors."""
+    bases = {path: found for path in models if (found := lora_base(path)) is not None}
+    if not bases:
+        return models, base
+    (first, lora_of_first), *rest = bases.items()
+    for path, other in rest:
+        if not same_checkpoint(other, lora_of_first):
+            raise ValueError(f"LoRA runs in config.merge.models have different bases: {first} was trained on "
+                             f"{lora_of_first}, {path} on {other}")
+    if base and not same_checkpoint(base, lora_of_first):
+        raise ValueError(f"config.merge.base={base} is not the base of the LoRA runs in config.merge.models "
+                         f"({lora_of_first}, named by {first}'s lora.json)")
+    if not base and METHODS[method].needs_base:
+        base = lora_of_first
+    whole = []
+    for i, path in enumerate(models):
+        if path in bases:
+            logging.info("merge: %s is a LoRA run: folding its adapters into %s", path, bases[path])
+            adapters.merge_lora(path, os.path.join(scratch, str(i)))
+            path = os.path.join(scratch, str(i))
+        whole.append(path)
+    return whole, base
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     m = config.merge
     models, base = list(m.models), m.base
@@ -68,8 +114,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          "copies in %s)", os.path.join(workdir, "demo"))
             base, models = make_demo_checkpoints(os.path.join(workdir, "demo"), model_cfg, seed=config.seed)
         params = {k: v for k, v in m.params.to_dict().items() if v is not None}
-        summary = merge_checkpoints(models, m.method, base=base, params=params, overrides=tuple(m.overrides),
-                                    **common)
+        with tempfile.TemporaryDirectory(prefix=".lora-whole-", dir=workdir) as scratch:  # LoRA runs written whole
+            models, base = whole_models(models, base, m.method, scratch)
+            summary = merge_checkpoints(models, m.method, base=base, params=params, overrides=tuple(m.overrides),
+                                        **common)
     model_info.describe(output, model=model_cfg, tokenizer=settings.tokenizer, chat_template=settings.chat_template,
                         stage="merge")
     if demo:  # show that later stages can start from the result (init_from), laid out on the mesh
