@@ -1,7 +1,7 @@
 """Synchronous vs pipelined GRPO on the embedded main job, and the rollout/training split's overlap.
 
-    python -m benchmarks.bench_grpo_async curves [--seeds 0 1 2] [--out DIR]
-    python -m benchmarks.bench_grpo_async split [--rollout_devices 4] [--steps 20] [--out DIR]
+    python -m benchmarks.bench_grpo_async curves [--seeds 0 1 2] [--out DIR] [--set KEY=VALUE ...]
+    python -m benchmarks.bench_grpo_async split [--rollout_devices 4] [--steps 20] [--out DIR] [--set KEY=VALUE ...]
 
 curves: `configs/grpo.py` (synchronous) and `configs/grpo_async.py` (max_staleness 1, TIS) for each seed, one
 after the other, each as the main job runs (`python -m alignment.launch`, SFT warm start included); writes
@@ -12,6 +12,9 @@ split: configs/grpo_async.py on 8 simulated CPU devices, the first --rollout_dev
 training, against the same run on the shared mesh; prints the per-step phase medians (generation, scoring,
 update, the trainer's wait for a rollout) and the overlap (fraction of wall time both sides were busy). On a CPU
 the simulated devices share the same cores, so this shows the schedule, not a speed-up.
+
+--set KEY=VALUE adds `--config.KEY=VALUE` to every run (e.g. `--set model.dtype=float32
+--set warm_start.model.dtype=float32` to pin the precision).
 """
 from __future__ import annotations
 
@@ -46,12 +49,12 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def curves(seeds: list[int], out: pathlib.Path) -> dict:
+def curves(seeds: list[int], out: pathlib.Path, overrides: list[str]) -> dict:
     runs = {}
     for name, config in CONFIGS.items():
         for seed in seeds:
             workdir = pathlib.Path(tempfile.mkdtemp(prefix="grpo-async-"))
-            wall = launch(config, str(workdir), f"--config.seed={seed}")
+            wall = launch(config, str(workdir), f"--config.seed={seed}", *overrides)
             history = read_jsonl(workdir / "curve.jsonl")
             summary = json.loads((workdir / "summary.json").read_text())
             runs.setdefault(name, []).append({"seed": seed, "wall_s": wall, "history": history, "summary": summary})
@@ -60,7 +63,8 @@ def curves(seeds: list[int], out: pathlib.Path) -> dict:
                               "accuracy_after": summary["accuracy_after"]}), flush=True)
     plot(runs, out / "grpo_async_curves.png")
     final = {name: [r["summary"]["accuracy_after"] for r in rs] for name, rs in runs.items()}
-    result = {"bench": "grpo_async_curves", "seeds": seeds, "cpu": platform.processor() or platform.machine(),
+    result = {"bench": "grpo_async_curves", "seeds": seeds, "overrides": overrides,
+              "cpu": platform.processor() or platform.machine(),
               "final_accuracy": final,
               "final_accuracy_mean": {name: statistics.mean(v) for name, v in final.items()},
               "final_accuracy_stdev": {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in final.items()},
@@ -95,13 +99,14 @@ def plot(runs: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def split(rollout_devices: int, steps: int, out: pathlib.Path) -> dict:
+def split(rollout_devices: int, steps: int, out: pathlib.Path, overrides: list[str]) -> dict:
     result = {"bench": "grpo_async_split", "devices": 8, "rollout_devices": rollout_devices, "steps": steps,
+              "overrides": overrides,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     for name, devices in (("shared mesh", 0), ("split mesh", rollout_devices)):
         workdir = pathlib.Path(tempfile.mkdtemp(prefix="grpo-split-"))
         wall = launch("configs/grpo_async.py", str(workdir), f"--config.steps={steps}", "--config.rl.eval_every=0",
-                      f"--config.rl.rollout_devices={devices}", "--config.checkpoint.every=0", devices=8)
+                      f"--config.rl.rollout_devices={devices}", "--config.checkpoint.every=0", *overrides, devices=8)
         records = [r for r in read_jsonl(workdir / "metrics.jsonl") if r.get("split") == "train"][1:]
         summary = json.loads((workdir / "summary.json").read_text())
         phases = ("generation_s", "scoring_s", "update_s", "rollout_wait_s")
@@ -120,10 +125,14 @@ def main() -> None:
     parser.add_argument("--rollout_devices", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = curves(args.seeds, out) if args.what == "curves" else split(args.rollout_devices, args.steps, out)
+    overrides = [f"--config.{item}" for item in args.set]
+    result = (curves(args.seeds, out, overrides) if args.what == "curves"
+              else split(args.rollout_devices, args.steps, out, overrides))
     result.pop("runs", None)
     print(json.dumps(result, indent=1))
 
