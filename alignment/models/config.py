@@ -145,14 +145,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a plain mapping (e.g. `config.model`), naming unknown keys with the nearest valid one."""
+        """Build from a plain mapping (e.g. `config.model`), naming unknown keys with the nearest valid one; a dtype
+        of 'auto' is resolved for this machine (`resolve_compute_dtype`)."""
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in valid:
                 near = difflib.get_close_matches(key, valid, n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ValueError(f"unknown model config key {key!r}{hint}")
-        return cls(**dict(values))
+        values = dict(values)
+        if "dtype" in values:
+            values["dtype"] = resolve_compute_dtype(values["dtype"])
+        return cls(**values)
 
     def num_params(self) -> int:
         d, f, dh = self.hidden_size, self.intermediate_size, self.head_dim
