@@ -74,11 +74,9 @@ COMMON_FIELDS: dict[str, Field] = {
     "data.num_embedded": at_least(0),
     "data.num_embedded_eval": at_least(0),
     "data.eval_fraction": Field(low=0, high=1),
-    "lora.enabled": one_of(True, False),
     "lora.rank": positive(),
     "lora.alpha": Field(low=0, open_low=True),
     "lora.dropout": Field(low=0, high=0.9),
-    "lora.rslora": one_of(True, False),
     "lora.quantize": one_of(*QUANTIZERS),
     "lora.block_size": positive(),
 }
