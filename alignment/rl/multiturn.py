@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from alignment.config import one_of, positive
-from alignment.data.chat import encode_chat, encode_tool_results
+from alignment.data.chat import encode_tool_results
 from alignment.data.prompts import prompt_messages
 from alignment.data.tools import parse_tool_calls
 from alignment.generation.engine import Completions
@@ -96,17 +96,6 @@ class ToolRollouts(Rollouts):
         self.tools = make_env(self.env_name).tools if config.env.definitions_in_prompt else None
         self.template = config.chat_template
         parse_tool_calls(self.template, "")  # a template without a tool format fails here, before any rollout
-
-    def prompt_ids(self, records: list[dict]) -> list[list[int]]:
-        ids = []
-        for record in records:
-            encoded = encode_chat(self.tokenizer, prompt_messages(record), self.template, add_generation_prompt=True,
-                                  tools=self.tools)
-            if len(encoded.ids) > self.config.rl.max_prompt_length:
-                raise ValueError(f"prompt {record.get('prompt_id')} has {len(encoded.ids)} tokens, more than "
-                                 f"rl.max_prompt_length={self.config.rl.max_prompt_length}")
-            ids.append(encoded.ids.tolist())
-        return ids
 
     def sample(self, records: list[dict], num_samples: int, sampling: SamplingParams, seed: int, params=None):
         """(prompt ids, TurnCompletions, rewards) of `num_samples` episodes per record."""

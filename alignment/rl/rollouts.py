@@ -20,11 +20,13 @@ class Rollouts:
         self.config, self.tokenizer, self.engine, self.rewards = config, tokenizer, engine, rewards
         self.stop = stop_token_ids(tokenizer, config.chat_template)
 
+    tools = None  # tool definitions rendered into every prompt (multi-turn rollouts set them)
+
     def prompt_ids(self, records: list[dict]) -> list[list[int]]:
         ids = []
         for record in records:
             encoded = encode_chat(self.tokenizer, prompt_messages(record), self.config.chat_template,
-                                  add_generation_prompt=True)
+                                  add_generation_prompt=True, tools=self.tools)
             if len(encoded.ids) > self.config.rl.max_prompt_length:
                 raise ValueError(f"prompt {record.get('prompt_id')} has {len(encoded.ids)} tokens, more than "
                                  f"rl.max_prompt_length={self.config.rl.max_prompt_length}")
