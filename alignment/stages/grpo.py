@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 
 import jax
@@ -51,7 +50,6 @@ from alignment.rl.rollouts import Rollouts, minibatches, rollout_metrics
 from alignment.rl.scoring import make_scorer
 from alignment.train import adapters, runtime
 from alignment.train.optimizer import make_optimizer
-from alignment.train.state import init_state, state_shardings
 from alignment.train.step import jit_train_step, make_train_step
 
 
@@ -150,16 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     updates_per_step = rl.ppo_epochs * rl.minibatches + (1 if rl.ptx_gamma else 0)
     optimizer, schedule = make_optimizer(config.optimizer, config.steps * updates_per_step)
-    if adapters.spec_of(config):  # the reference is the frozen base (adapters off): no copy of the weights
-        adapters.write_lora_info(os.path.join(workdir, "checkpoints"), config, adapters.spec_of(config))
-        abstract, shardings, state = adapters.init_state(config, model, model_cfg, optimizer, mesh, rules,
-                                                         dummy_inputs())
-        ref_params = state.frozen
-    else:
-        abstract, shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
-        init_params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
-        state = init_state(model, optimizer, shardings, config.seed, dummy_inputs(), init_params)
-        ref_params = jax.tree.map(jnp.copy, state.params)  # frozen: the policy's starting point
+    # With LoRA the reference is the frozen base (adapters off): no copy of the weights.
+    abstract, shardings, state, ref_params = adapters.init_policy(config, model, model_cfg, optimizer, mesh, rules,
+                                                                  workdir, dummy_inputs())
 
     engine = Engine(model_cfg, adapters.sampling_params(state), mesh, rules, pad_id=tokenizer.pad_id,
                     stop_ids=stop_token_ids(tokenizer, config.chat_template))

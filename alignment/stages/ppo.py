@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 
 import flax.linen as nn
@@ -81,16 +80,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer, schedule = make_optimizer(config.optimizer, updates)
     critic_optimizer, critic_schedule = make_optimizer(config.critic.optimizer, updates)
     critic_abstract, critic_shardings = state_shardings(critic, critic_optimizer, mesh, rules, dummy_inputs())
-    if adapters.spec_of(config):  # LoRA policy; the reference is its frozen base (adapters off), the critic full
-        adapters.write_lora_info(os.path.join(workdir, "checkpoints"), config, adapters.spec_of(config))
-        policy_abstract, policy_shardings, policy = adapters.init_state(config, model, model_cfg, optimizer, mesh,
-                                                                        rules, dummy_inputs())
-        ref_params = policy.frozen
-    else:
-        policy_abstract, policy_shardings = state_shardings(model, optimizer, mesh, rules, dummy_inputs())
-        init_params = runtime.initial_params(config, model_cfg, policy_abstract.params, policy_shardings.params)
-        policy = init_state(model, optimizer, policy_shardings, config.seed, dummy_inputs(), init_params)
-        ref_params = jax.tree.map(jnp.copy, policy.params)  # frozen: the policy's starting point
+    # A LoRA policy's reference is its frozen base (adapters off); the critic is trained whole.
+    policy_abstract, policy_shardings, policy, ref_params = adapters.init_policy(
+        config, model, model_cfg, optimizer, mesh, rules, workdir, dummy_inputs())
     state = {"policy": policy, "critic": init_critic(config, critic, critic_optimizer, critic_abstract,
                                                      critic_shardings, lora.dequantize_tree(ref_params))}
 

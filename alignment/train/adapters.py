@@ -21,6 +21,7 @@ from alignment.checkpoint import Checkpointer
 from alignment.models import lora
 from alignment.models.lora import LoraSpec
 from alignment.train import runtime
+from alignment.train import state as train_state
 from alignment.train.state import TrainState, _opt_state_shardings, abstract_params
 
 LORA_INFO = "lora.json"  # beside model.json in a LoRA run's checkpoints directory
@@ -141,6 +142,21 @@ def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
     state, data_state = checkpointer.restore(abstract, shardings)
     logger.info("resumed LoRA adapters from step %d", int(state.step))
     return checkpointer, state, data_state, shardings
+
+
+def init_policy(config: ml_collections.ConfigDict, model: nn.Module, model_cfg, optimizer: optax.GradientTransformation,
+                mesh: Mesh, rules: dict, workdir: str, init_inputs: tuple) -> tuple[TrainState, Any, TrainState, Any]:
+    """(abstract, shardings, state, reference params) of an RL policy. With LoRA the reference is the frozen base
+    (adapters off: no copy of the weights) and the run's lora.json is written; else a copy of the initial weights."""
+    spec = spec_of(config)
+    if spec:
+        write_lora_info(os.path.join(workdir, "checkpoints"), config, spec)
+        abstract, shardings, state = init_state(config, model, model_cfg, optimizer, mesh, rules, init_inputs)
+        return abstract, shardings, state, state.frozen
+    abstract, shardings = train_state.state_shardings(model, optimizer, mesh, rules, init_inputs)
+    init_params = runtime.initial_params(config, model_cfg, abstract.params, shardings.params)
+    state = train_state.init_state(model, optimizer, shardings, config.seed, init_inputs, init_params)
+    return abstract, shardings, state, jax.tree.map(jnp.copy, state.params)  # frozen: the policy's starting point
 
 
 def sampling_params(state: TrainState) -> Any:
