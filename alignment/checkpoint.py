@@ -101,9 +101,33 @@ def _is_restore_leftover(unraisable) -> bool:
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
+class _DropUnretrievedReads(logging.Filter):
+    """Drops asyncio's 'Future exception was never retrieved' reports for reads of a step that failed to restore.
+
+    The third form of the leftovers above: a failed read whose future nobody awaited any more, reported by
+    asyncio (at error level) when the garbage collector frees it. Only reports naming a failed step pass here.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.failed_steps: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Future exception was never retrieved"):
+            return True
+        return not any(step_dir in message for step_dir in self.failed_steps)
+
+
+_UNRETRIEVED_READS = _DropUnretrievedReads()
+
+
 def _drop_restore_leftovers() -> None:
     """Route unraisable exceptions through `_is_restore_leftover` for the rest of the process (the leftovers
     come at any time); every other one still reaches the previous hook."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if _UNRETRIEVED_READS not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_UNRETRIEVED_READS)
     previous = sys.unraisablehook
     if getattr(previous, "drops_restore_leftovers", False):
         return
@@ -221,6 +245,7 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
             restored, problem = None, _first_line(e)
+            _UNRETRIEVED_READS.failed_steps.add(f"{ocp.step.find_step_path(self.directory, STEP_NAMES, step=step)}{os.sep}")
         if jax.process_count() > 1 and not multihost_utils.process_allgather(np.array(problem is None)).all():
             restored, problem = None, problem or "unreadable on another process"
         return restored, problem

@@ -264,6 +264,22 @@ def test_restore_leftovers_are_not_printed(monkeypatch):
     other.close()
 
 
+def test_unretrieved_reads_of_a_failed_step_are_not_logged(caplog, monkeypatch):
+    """asyncio's 'Future exception was never retrieved' for a read under a step whose restore failed is
+    dropped; the same report for any other path (including a step with a longer number) still reaches the log."""
+    monkeypatch.setattr(checkpoint._UNRETRIEVED_READS, "failed_steps", {os.path.join(os.sep, "run", "ckpt", "4") + os.sep})
+    checkpoint._drop_restore_leftovers()
+    loop = asyncio.new_event_loop()
+    for path in ("/run/ckpt/4/state/d/0f", "/run/ckpt/40/state/d/0f", "/elsewhere/file"):
+        future = loop.create_future()
+        future.set_exception(ValueError(f'NOT_FOUND: Error reading "{path}"'))
+        del future
+        gc.collect()
+    loop.close()
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Future exception was never")]
+    assert len(reports) == 2 and "/run/ckpt/40/" in reports[0] and "/elsewhere/file" in reports[1], reports
+
+
 # --- a real run: every file of a saved step deleted or truncated, then a restart --------------------------------
 
 # A tiny SFT run, 4 steps, a checkpoint after each; shared by the in-process runs and the command line.
