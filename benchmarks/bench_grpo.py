@@ -1,12 +1,15 @@
 """GRPO step time on bench-small with GSM8K prompts, with the generation / scoring / update breakdown.
 
     python -m benchmarks.bench_grpo [--steps 5] [--kl_mode k3] [--dtype float32]
+    python -m benchmarks.bench_grpo --lora=nf4      # rank-16 adapters on the frozen (here nf4) base; one mode a run
 
 The same work as the TRL peer (`shared/peers/bench_grpo_trl.py`): bench-small with random weights, the llama2
 tokenizer, the first 200 GSM8K train questions, 2 prompts x 8 samples per step, 128 new tokens at temperature 1,
 beta 0.04, one policy update per step; `--dtype` is the compute dtype over float32 parameters (float32 by default;
 bfloat16 is the class of TRL's default bf16 autocast). It runs the GRPO stage itself (alignment/stages/grpo.py)
 and reads its per-step timings from metrics.jsonl; the first step (compilation) is left out of the median.
+`--lora` trains rank-16 adapters (alpha 32) instead of every weight, on a base kept in the compute dtype or
+quantised (int8, nf4); run each mode in its own process so its peak RSS is its own.
 `benchmarks/side_by_side.py` runs it beside the peer.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--attention_impl", default="xla", choices=("xla", "xla_flash"))
     parser.add_argument("--logprob_impl", default="",
                         help="'' (fused blockwise head) or 'reference' (materialised logits)")
+    parser.add_argument("--lora", default="off", choices=("off", "lora", "int8", "nf4"))
     args = parser.parse_args()
     shared = common.require_shared()
 
@@ -66,6 +70,9 @@ def main() -> None:
     config.data.eval = ml_collections.ConfigDict({"gsm8k": source(held_out)})
     config.data.num_embedded_eval = 0
     config.optimizer.lr = 1e-6
+    config.lora.enabled = args.lora != "off"
+    config.lora.quantize = args.lora if args.lora in ("int8", "nf4") else "none"
+    config.lora.rank, config.lora.alpha = 16, 32.0
 
     start = time.perf_counter()
     grpo.run(config, workdir)
@@ -79,7 +86,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype,
         "attention_impl": args.attention_impl,
-        "logprob_impl": args.logprob_impl or "default", "steps_timed": len(timed),
+        "logprob_impl": args.logprob_impl or "default", "lora": args.lora, "steps_timed": len(timed),
         "median_step_s": round(step_s, 3), **{f"median_{p}": round(v, 3) for p, v in median.items()},
         "step_s": [round(sum(r[p] for p in parts), 2) for r in timed],
         "mean_completion_length": round(statistics.mean(r["completion_length"] for r in steps), 1),
