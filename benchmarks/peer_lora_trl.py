@@ -1,8 +1,12 @@
-"""The peer of bench_lora: TRL's SFTTrainer with a PEFT LoRA adapter on bench-small (float32 CPU torch), the same
-rows (seeded random token ids, every token in the loss), batch, length and rank as `bench_lora`'s LoRA mode.
+"""The peer of bench_lora: TRL's SFTTrainer with a PEFT LoRA adapter on bench-small (CPU torch), the same rows
+(seeded random token ids, every token in the loss), batch, length and rank as `bench_lora`'s LoRA mode.
 Runs in the peer venv (../shared/peers/setup.sh, plus `pip install peft`); prints one JSON line.
 
-    ~/.cache/alignment-peers/trl/bin/python benchmarks/peer_lora_trl.py --batch=8 --seq=256 --steps=5
+`--dtype` picks the precision class, matched to `bench_lora --dtype`: float32 turns off the bf16 autocast that
+SFTConfig enables by default; bfloat16 loads the frozen base in bfloat16 and keeps that autocast (PEFT keeps the
+adapters in float32), the usual LoRA recipe.
+
+    ~/.cache/alignment-peers/trl/bin/python benchmarks/peer_lora_trl.py --batch=8 --seq=256 --steps=5 --dtype=float32
 """
 import argparse
 import json
@@ -40,11 +44,13 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     config = LlamaConfig(**json.load(open(CONFIG)))
-    model = LlamaForCausalLM(config).float()
+    bf16 = args.dtype == "bfloat16"
+    model = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
     rng = np.random.default_rng(0)
     rows = [{"input_ids": rng.integers(3, config.vocab_size, args.seq + 1).tolist()}
             for _ in range(args.batch * (args.steps + 2))]
@@ -52,7 +58,7 @@ def main():
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     cfg = SFTConfig(output_dir="/tmp/peer-lora-trl", max_length=args.seq + 1, packing=False,
                     per_device_train_batch_size=args.batch, learning_rate=1e-4, max_steps=args.steps + 2,
-                    logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0)
+                    logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=bf16)
     tokenizer = transformers.LlamaTokenizer.from_pretrained(os.path.join(DATA, "tokenizers", "llama2"))
     tokenizer.pad_token = tokenizer.unk_token
     timer = StepTimer()
@@ -62,7 +68,7 @@ def main():
     trainer.train()
     median = statistics.median(timer.times[2:])
     print(json.dumps({"bench": "lora_sft_peer", "peer": "trl+peft", "batch": args.batch, "seq": args.seq,
-                      "rank": args.rank, "trainable_params": trainable, "step_s": median,
+                      "rank": args.rank, "dtype": args.dtype, "bf16_autocast": cfg.bf16, "trainable_params": trainable, "step_s": median,
                       "tokens_per_s": args.batch * args.seq / median,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "torch": torch.__version__, "transformers": transformers.__version__,

@@ -208,16 +208,19 @@ def target_paths(params: Any, spec: LoraSpec) -> list[tuple[str, ...]]:
     return found
 
 
-def adapter_shapes(boxed_params: Any, spec: LoraSpec, dtype=None) -> dict:
+def adapter_shapes(boxed_params: Any, spec: LoraSpec, dtype=jnp.float32) -> dict:
     """Boxed (logically partitioned) abstract adapters {"lora": {"layers": {name: {"a", "b"}}}} for the boxed
     abstract model params: A [layers, *in, rank] and B [layers, rank, *out] take the kernel's axis names (the rank
-    axis is replicated), so adapters shard by the same rules as the kernels they adapt."""
+    axis is replicated), so adapters shard by the same rules as the kernels they adapt.
+
+    Adapters are float32 whatever the base's dtype (as PEFT keeps them): they are the weights being trained, and a
+    bfloat16 base is there to save memory, which adapters barely use. The forward casts them to the compute dtype."""
     out: dict = {}
     for keys in target_paths(boxed_params, spec):
         boxed = _get(boxed_params, keys)
         n_in = PROJECTIONS[keys[-1]]
         shape, names = boxed.value.shape, boxed.names
-        dt = jnp.dtype(dtype or boxed.value.dtype)
+        dt = jnp.dtype(dtype)
         a = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((*shape[: 1 + n_in], spec.rank), dt),
                                     (*names[: 1 + n_in], None))
         b = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((shape[0], spec.rank, *shape[1 + n_in:]), dt),

@@ -66,6 +66,20 @@ def test_adapted_model_equals_merged_weights(rslora):
     np.testing.assert_allclose(np.asarray(adapted), np.asarray(merged), atol=2e-5)
 
 
+def test_adapters_train_in_float32_on_a_bfloat16_base():
+    """A bfloat16 base (param and compute dtype) gets float32 adapters, as PEFT keeps them; the adapted model
+    runs and the adapters' gradients come back float32."""
+    config = dataclasses.replace(CONFIG, dtype="bfloat16", param_dtype="bfloat16")
+    model, params, adapters = setup(config=config)
+    assert {x.dtype for x in jax.tree.leaves(params["layers"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+    inputs = batch()
+    adapted = logits(model, lora.bind(params, randomize_b(adapters), SPEC), inputs)
+    grads = jax.grad(lambda a: logits(model, lora.bind(params, a, SPEC), inputs).astype(jnp.float32).sum())(adapters)
+    assert bool(jnp.isfinite(adapted).all()) and {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    assert all(float(jnp.abs(g).max()) > 0 for _, ab in lora.adapter_items(grads) for g in [ab["b"]])
+
+
 def test_targets_select_kernels_and_bad_targets_fail():
     model, params, _ = setup()
     spec = dataclasses.replace(SPEC, targets=r"layers/(q|v)_proj")
