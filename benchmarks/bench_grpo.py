@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_grpo [--steps 5] [--kl_mode k3] [--dtype float32]
     python -m benchmarks.bench_grpo --lora=nf4      # rank-16 adapters on the frozen (here nf4) base; one mode a run
+    python -m benchmarks.bench_grpo --model=1b --dtype=bfloat16 --param_dtype=bfloat16 --steps=2 --lora=lora
 
 The same work as the TRL peer (`shared/peers/bench_grpo_trl.py`): bench-small with random weights, the llama2
 tokenizer, the first 200 GSM8K train questions, 2 prompts x 8 samples per step, 128 new tokens at temperature 1,
@@ -29,8 +30,9 @@ from alignment.stages import grpo
 from benchmarks import common
 
 
-def bench_small_fields() -> dict:
-    return dataclasses.asdict(common.bench_small_config())
+def model_fields(name: str, param_dtype: str) -> dict:
+    config = common.one_b_config() if name == "1b" else common.bench_small_config()
+    return {**dataclasses.asdict(config), "param_dtype": param_dtype}
 
 
 def main() -> None:
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--logprob_impl", default="",
                         help="'' (fused blockwise head) or 'reference' (materialised logits)")
     parser.add_argument("--lora", default="off", choices=("off", "lora", "int8", "nf4"))
+    parser.add_argument("--model", default="bench-small", choices=("bench-small", "1b"))
+    parser.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     shared = common.require_shared()
 
@@ -54,7 +58,7 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in subset)
 
     config = load_config_file(config_path("grpo"))
-    config.model.update(bench_small_fields())
+    config.model.update(model_fields(args.model, args.param_dtype))
     config.model.dtype = args.dtype
     config.model.attention_impl = args.attention_impl
     config.model.logprob_impl = args.logprob_impl
@@ -84,7 +88,7 @@ def main() -> None:
     median = {p: statistics.median(r[p] for r in timed) for p in parts}
     step_s = statistics.median(sum(r[p] for p in parts) for r in timed)
     print(json.dumps({
-        "bench": "grpo", "model": "bench-small", "kl_mode": args.kl_mode, "dtype": args.dtype,
+        "bench": "grpo", "model": args.model, "param_dtype": args.param_dtype, "kl_mode": args.kl_mode, "dtype": args.dtype,
         "attention_impl": args.attention_impl,
         "logprob_impl": args.logprob_impl or "default", "lora": args.lora, "steps_timed": len(timed),
         "median_step_s": round(step_s, 3), **{f"median_{p}": round(v, 3) for p, v in median.items()},

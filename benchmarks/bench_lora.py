@@ -27,21 +27,20 @@ def measure(model_name: str, mode: str, batch: int, seq: int, steps: int, dtype:
 
     from alignment.algorithms.sft import sft_loss
     from alignment.config import load_config_file
-    from alignment.models import ModelConfig, Transformer
+    from alignment.models import Transformer
     from alignment.models.transformer import dummy_inputs
     from alignment.train import adapters, runtime
     from alignment.train.optimizer import make_optimizer
     from alignment.train.state import init_state, state_shardings
     from alignment.train.step import jit_train_step, make_train_step
-    from benchmarks.common import bench_small_config, peak_rss_mb, timed
+    from benchmarks.common import bench_small_config, one_b_config, peak_rss_mb, timed
 
     config = load_config_file("configs/sft.py")
     config.model.dtype = config.model.param_dtype = dtype
     if model_name == "bench-small":
         model_cfg = bench_small_config(dtype=dtype, param_dtype=dtype)
-    elif model_name == "1b":  # Llama-shaped, 1.1B parameters (TinyLlama's shape)
-        model_cfg = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
-                                num_heads=32, num_kv_heads=4, dtype=dtype, param_dtype=dtype, remat_policy="full")
+    elif model_name == "1b":
+        model_cfg = one_b_config(dtype=dtype, param_dtype=dtype)
     else:
         model_cfg = runtime.model_config(config)
     model_cfg = dataclasses.replace(model_cfg, attention_impl="xla_flash")

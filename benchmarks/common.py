@@ -28,6 +28,15 @@ def bench_small_config(**overrides):
     return from_hf_config(str(require_shared() / "peers" / "bench-small" / "config.json"), **overrides)
 
 
+def one_b_config(**overrides):
+    """A Llama-shaped model of 1.1B parameters (TinyLlama's shape), random weights, full rematerialisation."""
+    from alignment.models import ModelConfig
+
+    fields = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                  num_kv_heads=4, remat_policy="full")
+    return ModelConfig(**{**fields, **overrides})
+
+
 def llama2_tokenizer():
     from alignment.data.tokenizer import load_tokenizer
 
