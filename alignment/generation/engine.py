@@ -207,6 +207,7 @@ class Engine:
         if not self._keep_weights:
             return params
         if self._prepared is None or self._prepared[0] is not params:
+            self._prepared = None  # the previous copy goes before the next is made: one at a time
             self._prepared = (params, self._prepare(params))
         return self._prepared[1]
 

@@ -290,16 +290,32 @@ def dequantize_tree(params: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, Quantized))
 
 
+def _merged(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale * A B for one stacked kernel w [layers, *in, *out] (in float32, then w's dtype)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
+                       b.reshape(b.shape[0], b.shape[1], -1)).reshape(w.shape)
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
 def merge(frozen: Any, trainable: dict, spec: LoraSpec) -> Any:
     """Plain params with every adapter folded in: W + scale * A B (in float32, then the kernel's dtype);
     quantised kernels come back dequantised."""
     params = dequantize_tree(frozen)
     for keys, ab in adapter_items(trainable):
-        w = _get(params, keys)
-        a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
-        delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
-                           b.reshape(b.shape[0], b.shape[1], -1)).reshape(w.shape)
-        params = _set(params, keys, (w.astype(jnp.float32) + spec.scale * delta).astype(w.dtype))
+        params = _set(params, keys, _merged(_get(params, keys), ab["a"], ab["b"], spec.scale))
     for path, value in jax.tree_util.tree_flatten_with_path(trainable.get("full", {}))[0]:
         params = _set(params, tuple(str(getattr(k, "key", k)) for k in path), value)
     return params
+
+
+def fold(params: Any) -> Any:
+    """`bind`'s output (or any params) with every LoraKernel replaced by its merged kernel, as `merge` gives
+    (dropout, a training-time thing, does not apply); plain params come back unchanged."""
+    def one(w):
+        if not isinstance(w, LoraKernel):
+            return w
+        base = w.base.dequantize() if isinstance(w.base, Quantized) else w.base
+        return _merged(base, w.a, w.b, w.scale)
+
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, LoraKernel))

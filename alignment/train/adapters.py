@@ -122,10 +122,11 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module, model_cfg, o
         init_key, state_key = jax.random.split(key)
         trainable = initial_trainable(init_key, abstract, frozen)
         return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=optimizer.init(trainable),
-                          rng=jax.random.key_data(state_key), frozen=frozen, lora=spec)
+                          rng=jax.random.key_data(state_key), frozen=None, lora=spec)
 
-    state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(config.seed), frozen)
-    return abstract.replace(frozen=frozen), shardings, state
+    # The base is attached outside the jit: returned from it, it would come back as a second copy.
+    state = jax.jit(fresh, out_shardings=shardings.replace(frozen=None))(jax.random.key(config.seed), frozen)
+    return abstract.replace(frozen=frozen), shardings, state.replace(frozen=frozen)
 
 
 def resume_or_init(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, model_cfg,

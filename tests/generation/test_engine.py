@@ -16,7 +16,7 @@ from alignment.data.tokenizer import load_tokenizer
 from alignment.generation.engine import Cancelled, Engine
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
-from alignment.models import ModelConfig, Transformer
+from alignment.models import ModelConfig, Transformer, lora
 from alignment.models.transformer import dummy_inputs
 
 NEW = 12
@@ -250,6 +250,24 @@ def test_params_passed_per_call_replace_the_engines(setup):
     updated = jax.tree.map(lambda p: p * 1.5, params)  # e.g. a trainer's weights after an update
     out = engine.generate(prompts, NEW, params=updated)
     assert rows(out) == _greedy_by_recomputation(model, updated, prompts, NEW)
+
+
+def test_lora_bound_params_sample_as_their_merge(setup):
+    """Base + adapters handed over unmerged (what the RL stages pass) sample exactly as the merged weights: the
+    engine folds them in once per set of weights. Checked on the engine's own path and on recomputation."""
+    model, params, engine, prompts, _ = setup
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs())["params"], jax.random.key(0))
+    adapters = lora.init_adapters(jax.random.key(1), nn.meta.unbox(lora.adapter_shapes(boxed, spec)), spec)
+    adapters = jax.tree_util.tree_map_with_path(  # B = 0 at init: give the adapters an effect
+        lambda p, x: 0.2 * jax.random.normal(jax.random.key(2), x.shape, x.dtype) if p[-1].key == "b" else x,
+        adapters)
+    merged = lora.merge(params, adapters, spec)
+    bound = engine.generate(prompts, NEW, params=lora.bind(params, adapters, spec))
+    plain = engine.generate(prompts, NEW, params=merged)
+    assert rows(bound) == rows(plain) == _greedy_by_recomputation(model, merged, prompts, NEW)
+    assert rows(bound) != rows(engine.generate(prompts, NEW))  # the adapters change what is sampled
+    np.testing.assert_array_equal(np.asarray(bound.logprobs), np.asarray(plain.logprobs))
 
 
 def test_cancelled_generation_frees_its_slots_and_pages(setup):
