@@ -82,9 +82,10 @@ def measure(model_name: str, mode: str, batch: int, seq: int, steps: int, dtype:
 
 
 def measure_rollouts(model_name: str, prompts: int, samples: int, new_tokens: int, repeats: int) -> dict:
-    """A GRPO step's sampling with adapters, two ways: the engine reading base + adapters unmerged (what the
-    stages do), or the adapters merged into a full set of weights first (written into the previous merge's
-    donated buffers), then sampled plainly. Fresh adapters each step, as after an update."""
+    """A GRPO step's sampling with adapters, two ways: the engine given base + adapters unmerged (what the
+    stages do; on CPU the engine folds them into its copy of the weights), or the adapters merged into a full set
+    of weights first (written into the previous merge's donated buffers), then sampled plainly. Fresh adapters
+    each step, as after an update."""
     import jax
     import numpy as np
     import flax.linen as nn

@@ -1,7 +1,8 @@
 """GRPO with LoRA on the embedded default: the main job (configs/grpo.py: a short SFT warm start, then GRPO
 with a math-answer reward) training rank-16 adapters on every projection of the frozen warm-start model. The
 KL reference is that base with the adapters off (no second copy of the weights); rollouts sample base + adapters
-without merging them. Prints held-out accuracy before and after RL.
+(on CPU the engine folds them into the copy of the weights it makes anyway). Prints held-out accuracy before and
+after RL.
 
     python -m alignment.launch --config=configs/grpo_lora.py --workdir=/tmp/grpo_lora
 """

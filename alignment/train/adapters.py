@@ -161,8 +161,8 @@ def init_policy(config: ml_collections.ConfigDict, model: nn.Module, model_cfg, 
 
 
 def sampling_params(state: TrainState) -> Any:
-    """The policy as the rollout engine takes it: the base bound to the adapters, never merged (a quantised base
-    dequantised first: the engine casts its matrices to the compute dtype once per set of weights)."""
+    """The policy as the rollout engine takes it: the base bound to the adapters, which the engine folds into its
+    own copy of the weights where it makes one (CPU). A quantised base is dequantised first."""
     if state.lora is None or state.lora.quantize == "none":
         return state.model_params()
     return lora.bind(lora.dequantize_tree(state.frozen), state.params, state.lora)
