@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import statistics
-import threading
 import time
 import urllib.request
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from alignment import sharding
 from alignment.generation.engine import Engine
-from alignment.generation.http_server import make_server
+from alignment.generation.http_server import serving
 from alignment.models import Transformer
 from alignment.models.transformer import dummy_inputs
 from alignment.serve import Service
@@ -40,18 +39,6 @@ from benchmarks import common, static_engine
 from benchmarks.bench_rollout import cpu_name
 
 
-@contextlib.contextmanager
-def serving(service):
-    server = make_server(service, "127.0.0.1", 0, max_connections=256)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
-    finally:
-        server.shutdown()
-        server.server_close()
-        if hasattr(service, "close"):
-            service.close()
 
 
 def request(url: str, question: str, tokens: int, seed: int) -> float:
@@ -99,7 +86,8 @@ def main() -> None:
               "tokens": args.tokens, **cpu_name(), "load_avg_start": os.getloadavg()[0]}
     timings = {name: {"alone": [], "burst": [], "latencies": []} for name in services}
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(serving(service)) for name, service in services.items()}
+        urls = {name: stack.enter_context(serving(service, max_connections=256)) + "/v1/chat/completions"
+                for name, service in services.items()}
         for name, url in urls.items():  # warm-up: every program shape the rounds use
             request(url, questions[0], args.tokens, 0)
             burst(url, questions, args.tokens)

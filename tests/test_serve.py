@@ -25,7 +25,7 @@ from alignment.data.chat import encode_chat, render_chat_text
 from alignment.data.tokenizer import load_tokenizer
 from alignment.generation import client
 from alignment.generation.engine import Engine
-from alignment.generation.http_server import make_server
+from alignment.generation.http_server import make_server, serving
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import stop_token_ids
 from alignment.models import ModelConfig, Transformer
@@ -49,21 +49,6 @@ def make_engine(model, **options):
     config, params, tokenizer, mesh = model
     return Engine(config, params, mesh, sharding.DEFAULT_RULES, pad_id=tokenizer.pad_id,
                   detokenize=lambda ids: tokenizer.decode(ids, skip_special=True), slots=16, **options)
-
-
-@contextlib.contextmanager
-def serving(service, **options):
-    """The base URL of `service` served in a background thread; options go to `make_server`."""
-    server = make_server(service, "127.0.0.1", 0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-        service.close()
 
 
 @pytest.fixture(scope="module")

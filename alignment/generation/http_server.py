@@ -13,6 +13,7 @@ the client has gone away.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import http.server
 import json
@@ -290,3 +291,20 @@ def make_server(service, host: str = "127.0.0.1", port: int = 0, max_connections
                 read_timeout: float = 30.0, access_log=None) -> Server:
     """A server bound to (host, port); port 0 picks a free one (see `server.server_address`). See `Server`."""
     return Server((host, port), service, max_connections, read_timeout, access_log)
+
+
+@contextlib.contextmanager
+def serving(service, host: str = "127.0.0.1", port: int = 0, **options) -> Iterator[str]:
+    """The base URL (http://host:port) of `service` served from a background thread for the block; then the server
+    stops and the service is closed (if it has `close`). `options` go to `make_server`."""
+    server = make_server(service, host, port, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        if hasattr(service, "close"):
+            service.close()
