@@ -32,6 +32,7 @@ import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -40,6 +41,7 @@ from alignment.generation import paged
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.scheduler import Request, Scheduler
 from alignment.models import ModelConfig, Transformer
+from alignment_kernels.cpu_matmul import api as cpu_matmul
 from alignment_kernels.paged_attention import api as paged_api
 
 
@@ -81,7 +83,8 @@ class Engine:
                  stop_ids: Sequence[int] = (), max_len: int | None = None,
                  detokenize: Callable[[list[int]], str] | None = None, slots: int = 128, page_size: int = 16,
                  pages: int | None = None, steps_per_call: int = 16, prefill_chunk: int = 256,
-                 prefill_tokens: int = 4096, attention_impl: str | None = None, interpret: bool = False):
+                 prefill_tokens: int = 4096, attention_impl: str | None = None, interpret: bool = False,
+                 pack_weights: bool | None = None):
         """stop_ids: tokens that end every sequence (EOS, end-of-turn); max_len: context limit, default the
         model's; detokenize: token ids -> text, for stop strings (`Tokenizer.decode` without special tokens).
 
@@ -91,7 +94,9 @@ class Engine:
         decode steps per device call (the host admits, streams and checks stop strings in between);
         prefill_chunk: prompt tokens a sequence prefills per call, prefill_tokens: tokens per prefill call;
         attention_impl: `kernels/paged_attention` implementation (default: the backend's), interpret: run a
-        Pallas one in interpret mode (tests).
+        Pallas one in interpret mode (tests); pack_weights: decode with the CPU bfloat16 matmul
+        (`alignment_kernels.cpu_matmul`) over weights packed for it; default: where it runs (CPU with
+        AVX512-BF16, bfloat16 compute, one device).
         """
         self.config, self.params, self.mesh, self.rules = config, params, mesh, dict(rules)
         self.model = Transformer(config)
@@ -124,7 +129,14 @@ class Engine:
         # every `steps_per_call` steps would pay again and again: there the split weights are kept between calls
         # (a second copy of the weights). On TPU and GPU the slices fuse into the matmuls.
         self._keep_weights = jax.default_backend() == "cpu"
-        self._prepare = jax.jit(functools.partial(paged.prepare_weights, config=config))
+        if pack_weights is None:
+            pack_weights = (self._keep_weights and mesh.devices.size == 1 and jnp.dtype(config.dtype) == jnp.bfloat16
+                            and cpu_matmul.available())
+        elif pack_weights and not (self._keep_weights and mesh.devices.size == 1):
+            raise ValueError("pack_weights needs the CPU backend and a one-device mesh (the packed matmul is a "
+                             "CPU custom call XLA cannot partition)")
+        self.pack_weights = bool(pack_weights)
+        self._prepare = jax.jit(functools.partial(paged.prepare_weights, config=config, pack=self.pack_weights))
         self._prepared: tuple[Any, paged.Weights] | None = None  # (the params they came from, the weights)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives the engine
         self._call_lock = threading.Lock()  # one `generate` at a time: each may step with its own weights

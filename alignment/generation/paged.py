@@ -32,7 +32,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from alignment import sharding
 from alignment.generation import sampling as sampling_lib
-from alignment.models import ModelConfig, Transformer, lora
+from alignment.models import ModelConfig, Transformer, lora, packed
 from alignment.models.transformer import (attention_inputs, attention_output_and_mlp, rms_norm,
                                           rope_inverse_frequencies, split_layers)
 from alignment_kernels.paged_attention import api as paged_api
@@ -97,17 +97,19 @@ def init_pool(config: ModelConfig, pages: int, page_size: int, layout: Layout, d
     return {"k": tuple(zeros() for _ in range(config.num_layers)), "v": tuple(zeros() for _ in range(config.num_layers))}
 
 
-def _in_place(update: Callable) -> Callable:
-    """update(array, new, *args) run on raw 16-bit words when the array holds a 16-bit float: XLA:CPU computes a
-    bf16 dynamic_update_slice in float32, converting and rewriting the whole array each time; on words it writes
-    only the new values, in place (inside a loop, where the conversions to and from words fuse away)."""
-    def run(array, new, *args, **kwargs):
-        if array.dtype.itemsize != 2 or not jnp.issubdtype(array.dtype, jnp.floating):
-            return update(array, new.astype(array.dtype), *args, **kwargs)
-        words = lambda x: jax.lax.bitcast_convert_type(x.astype(array.dtype), jnp.uint16)
-        return jax.lax.bitcast_convert_type(update(words(array), words(new), *args, **kwargs), array.dtype)
+def _words(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its raw uint16 words (anything else as it is): XLA:CPU computes bfloat16 gathers,
+    scatters and dynamic_update_slices in float32, converting the whole array to do so; on words it moves only
+    the values concerned."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_half(x.dtype) else x
 
-    return run
+
+def _from_words(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 and _is_half(jnp.dtype(dtype)) else x
+
+
+def _is_half(dtype) -> bool:
+    return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def write_tokens(pages: jax.Array, new: jax.Array, page_table: jax.Array, positions: jax.Array) -> jax.Array:
@@ -129,15 +131,19 @@ class Weights(NamedTuple):
     layers: tuple  # one dict of weights per layer
 
 
-def prepare_weights(params: Any, config: ModelConfig) -> Weights:
+def prepare_weights(params: Any, config: ModelConfig, pack: bool = False) -> Weights:
     """Casting once instead of at every matmul gives the same numbers (the model casts to that dtype anyway).
     LoRA adapters bound to their base (`lora.bind`) are folded into it here: the copy is made anyway, and a
-    merged kernel decodes with one matmul per projection instead of three."""
+    merged kernel decodes with one matmul per projection instead of three. pack: lay the projections and the
+    head out for the CPU decode matmul (`packed.Packed`; bfloat16 compute, where `cpu_matmul.available()`)."""
     params = lora.fold(params)
     matrices = lambda tree: jax.tree.map(lambda a: a.astype(config.dtype) if a.ndim >= 2 else a, tree)
     layers = matrices(split_layers(params["layers"], config.num_layers))
     # Without the stacked layers: the programs read the split ones, and a stacked copy would double the weights.
-    return Weights(matrices({k: v for k, v in params.items() if k != "layers"}), layers)
+    params = matrices({k: v for k, v in params.items() if k != "layers"})
+    if pack:
+        params, layers = packed.pack_for_decode(params, layers, lora.PROJECTIONS)
+    return Weights(params, layers)
 
 
 def _weights(weights: Weights | Any, config: ModelConfig) -> Weights:
@@ -145,11 +151,16 @@ def _weights(weights: Weights | Any, config: ModelConfig) -> Weights:
     return weights if isinstance(weights, Weights) else prepare_weights(weights, config)
 
 
+def _embed_rows(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """table [vocab, hidden] rows at tokens [...] in dtype, gathered as `_words` (no gradient here)."""
+    return _from_words(jnp.take(_words(table), tokens, axis=0), table.dtype).astype(dtype)
+
+
 def _forward(model: Transformer, params, layers, tokens, positions, attend) -> jax.Array:
     """Final-normed hidden [rows, T, hidden] of tokens [rows, T] at positions [rows, T]; attend(layer, q, k, v)
     gives each layer's attention output (and records the layer's keys and values)."""
     c = model.config
-    x = sharding.constrain(jnp.take(params["embed"], tokens, axis=0).astype(c.dtype), "batch", "seq", "act_embed")
+    x = sharding.constrain(_embed_rows(params["embed"], tokens, c.dtype), "batch", "seq", "act_embed")
     inv_freq = rope_inverse_frequencies(c)
     for i, p in enumerate(layers):
         q, k, v = attention_inputs(p, x, jnp.maximum(positions, 0), c, inv_freq)
@@ -163,7 +174,10 @@ def _keys(seeds: jax.Array, samples: jax.Array) -> jax.Array:
 
 def _draw(model, params, hidden, keys, index, settings) -> dict[str, jax.Array]:
     """One token per row from hidden [rows, hidden]: the index-th draw of each row's key."""
-    logits = model.apply({"params": params}, hidden[:, None], method=Transformer.logits)[:, 0]
+    if isinstance(params.get("lm_head"), packed.Packed):  # `prepare_weights(pack=True)`
+        logits = params["lm_head"].apply(hidden)
+    else:
+        logits = model.apply({"params": params}, hidden[:, None], method=Transformer.logits)[:, 0]
     return sampling_lib.sample(jax.vmap(jax.random.fold_in)(keys, index), logits, settings)
 
 
@@ -192,13 +206,13 @@ def prefill_program(model: Transformer, weights, pool: Pool, tokens, positions, 
 
 
 def _gather_views(k_pages, v_pages, page_table, *, dtype):
-    """Dense per-row copies of the rows' pages in `dtype`: K [rows, kv_heads, L, head_dim], V [rows, kv_heads,
-    head_dim, L] (L = P * page_size), the layouts XLA:CPU's two attention matmuls read without transposing."""
-    return (gather_rows(k_pages, page_table).transpose(0, 2, 1, 3).astype(dtype),
-            gather_rows(v_pages, page_table).transpose(0, 2, 3, 1).astype(dtype))
+    """Dense per-row copies of the rows' pages in `dtype`, as `_words`: K [rows, kv_heads, L, head_dim], V [rows,
+    kv_heads, head_dim, L] (L = P * page_size), each row's keys and values contiguous per head. The decode loop
+    keeps them as words, so appending a token writes only it and attention converts as it reads."""
+    return (_words(gather_rows(k_pages, page_table).transpose(0, 2, 1, 3).astype(dtype)),
+            _words(gather_rows(v_pages, page_table).transpose(0, 2, 3, 1).astype(dtype)))
 
 
-@_in_place
 def _put_column(views: jax.Array, new: jax.Array, at: jax.Array, axis: int) -> jax.Array:
     """views [rows, ...] with each row's new [rows, ...] (size 1 on `axis`, an axis of one row) at index at[row]."""
     put = lambda view, value, index: jax.lax.dynamic_update_slice_in_dim(view, value, index, axis)
@@ -223,6 +237,7 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
     stop token).
     """
     params, layers = _weights(weights, model.config)
+    dtype = jnp.dtype(model.config.dtype)
     keys = _keys(seeds, samples)
     rows = tokens.shape[0]
     state = dict(
@@ -231,7 +246,7 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
         tokens=jnp.full((rows, steps), pad_id, jnp.int32), logprobs=jnp.zeros((rows, steps), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, steps), jnp.float32))
     if views:
-        gather = layout.per_shard(functools.partial(_gather_views, dtype=model.config.dtype),
+        gather = layout.per_shard(functools.partial(_gather_views, dtype=dtype),
                                   ("pages", "pages", "rows"), ("views", "views"))
         state["cache"] = tuple(zip(*[gather(k, v, page_table) for k, v in zip(pool["k"], pool["v"])]))
     else:
@@ -249,11 +264,12 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
 
         def attend(layer, q, k, v):
             if views:
-                k_cache[layer] = _put_column(k_cache[layer], k.transpose(0, 2, 1, 3), positions, axis=1)
-                v_cache[layer] = _put_column(v_cache[layer], v.transpose(0, 2, 3, 1), positions, axis=2)
-                return paged_xla.dense_attention(q, k_cache[layer].transpose(0, 2, 1, 3),
-                                                 v_cache[layer].transpose(0, 3, 1, 2), positions + 1,
-                                                 positions[:, None])
+                new = lambda x: _words(x.astype(dtype))
+                k_cache[layer] = _put_column(k_cache[layer], new(k.transpose(0, 2, 1, 3)), positions, axis=1)
+                v_cache[layer] = _put_column(v_cache[layer], new(v.transpose(0, 2, 3, 1)), positions, axis=2)
+                return paged_xla.dense_attention(q, _from_words(k_cache[layer], dtype).transpose(0, 2, 1, 3),
+                                                 _from_words(v_cache[layer], dtype).transpose(0, 3, 1, 2),
+                                                 positions + 1, positions[:, None])
             where = jnp.where(live, positions, -1)[:, None]  # finished rows write to the scratch page
             k_cache[layer] = write(k_cache[layer], k, page_table, where)
             v_cache[layer] = write(v_cache[layer], v, page_table, where)
@@ -278,8 +294,9 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
         written = kv_lens[:, None] + jnp.arange(steps, dtype=jnp.int32)
         written = jnp.where(jnp.arange(steps) < state["counts"][:, None], written, -1)
         write = layout.per_shard(_write_views_back, ("pages", "views", "rows", "rows"), "pages")
-        k_cache = tuple(write(p, view, page_table, written) for p, view in zip(pool["k"], k_cache))
-        v_cache = tuple(write(p, view.swapaxes(2, 3), page_table, written) for p, view in zip(pool["v"], v_cache))
+        k_cache = tuple(write(p, _from_words(view, dtype), page_table, written) for p, view in zip(pool["k"], k_cache))
+        v_cache = tuple(write(p, _from_words(view, dtype).swapaxes(2, 3), page_table, written)
+                        for p, view in zip(pool["v"], v_cache))
     outputs = {k: state[k] for k in ("tokens", "logprobs", "sampling_logprobs", "counts", "stopped")}
     return {"k": k_cache, "v": v_cache}, outputs
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignment.models import precision
+from alignment.models.packed import Packed
 
 # The adaptable kernels of a layer: name -> number of input (contracted) axes after the 'layers' axis. The einsum
 # specs are transformer.py's: q/k/v "bsd,dhk->bshk", o "bshk,hkd->bsd", gate/up "bsd,df->bsf", down "bsf,fd->bsd".
@@ -150,7 +151,10 @@ class LoraKernel(flax.struct.PyTreeNode):
 
 
 def project(spec: str, x: jax.Array, w: Any) -> jax.Array:
-    """`precision.project(spec, x, w)` for a plain, Quantized or LoraKernel weight (one layer's, no layers axis)."""
+    """`precision.project(spec, x, w)` for a plain, Quantized, LoraKernel or Packed weight (one layer's, no layers
+    axis)."""
+    if isinstance(w, Packed):
+        return w.apply(x).astype(x.dtype)
     if isinstance(w, Quantized):
         return precision.project(spec, x, w.dequantize(x.dtype))
     if not isinstance(w, LoraKernel):

@@ -18,6 +18,7 @@ from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
 from alignment.models import ModelConfig, Transformer, lora
 from alignment.models.transformer import dummy_inputs
+from alignment_kernels.cpu_matmul import api as cpu_matmul
 
 NEW = 12
 PROMPT_LENGTHS = (5, 11, 3, 20, 7)
@@ -127,12 +128,17 @@ def test_logprobs_equal_a_teacher_forced_pass_when_rows_join_at_different_steps(
         np.testing.assert_allclose(alone.logprobs[0], out.logprobs[i], atol=1e-6)
 
 
-def test_bfloat16_compute_with_cache_equals_recomputation(setup):
-    """bf16 compute over float32 parameters (how the RL stages run in bf16); the cache holds bf16 values."""
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not cpu_matmul.available(), reason=f"cpu_matmul cannot run here: {cpu_matmul.unavailable_reason()}"))])
+def test_bfloat16_compute_with_cache_equals_recomputation(setup, pack):
+    """bf16 compute over float32 parameters (how the RL stages run in bf16); the cache holds bf16 values. pack:
+    decoding through the CPU bf16 matmul over packed weights (the default where it runs)."""
     model, params, _, prompts, _ = setup
     config = dataclasses.replace(model.config, dtype="bfloat16")
     model = Transformer(config)
-    out = make_engine(config, params).generate(prompts, NEW)
+    engine = make_engine(config, params, pack_weights=pack)
+    assert make_engine(config, params).pack_weights == cpu_matmul.available()  # the default
+    out = engine.generate(prompts, NEW)
     completions = rows(out)
     # Rounding differs between the cached and the full forward, so near-ties may break either way: every greedy
     # token must be the argmax of the uncached forward up to bf16 error, and its log-prob must match.
@@ -277,6 +283,14 @@ def test_cancelled_generation_frees_its_slots_and_pages(setup):
         engine.generate(prompts, NEW, cancelled=lambda: next(answers))
     assert not engine.has_work() and all(pool.in_use == 0 for pool in engine.scheduler.pools)
     assert rows(engine.generate(prompts, NEW, cancelled=lambda: False)) == rows(engine.generate(prompts, NEW))
+
+
+def test_packed_weights_need_one_cpu_device(setup):
+    model, params, *_ = setup
+    config = dataclasses.replace(model.config, dtype="bfloat16")
+    with pytest.raises(ValueError, match="one-device mesh"):
+        make_engine(config, params, mesh=sharding.make_mesh({"data": -1}), pack_weights=True)
+    assert not make_engine(config, params, mesh=sharding.make_mesh({"data": -1})).pack_weights
 
 
 def test_sharded_mesh_gives_the_same_tokens(setup):
