@@ -54,7 +54,8 @@ def make_engine(model, **options):
 @pytest.fixture(scope="module")
 def served(model):
     tokenizer = model[2]
-    engine = make_engine(model, stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN)
+    # Rows in buckets from 8 (as on TPU / GPU): requests of 1 to 8 sequences share one compiled program.
+    engine = make_engine(model, stop_ids=stop_token_ids(tokenizer, "chatml"), max_len=MAX_LEN, min_rows=8)
     with serving(Service(engine, tokenizer, "chatml", "tiny")) as base:
         yield base, engine, tokenizer
 

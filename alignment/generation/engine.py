@@ -84,7 +84,7 @@ class Engine:
                  detokenize: Callable[[list[int]], str] | None = None, slots: int = 128, page_size: int = 16,
                  pages: int | None = None, steps_per_call: int = 16, prefill_chunk: int = 256,
                  prefill_tokens: int = 4096, attention_impl: str | None = None, interpret: bool = False,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, min_rows: int | None = None):
         """stop_ids: tokens that end every sequence (EOS, end-of-turn); max_len: context limit, default the
         model's; detokenize: token ids -> text, for stop strings (`Tokenizer.decode` without special tokens).
 
@@ -96,7 +96,10 @@ class Engine:
         attention_impl: `kernels/paged_attention` implementation (default: the backend's), interpret: run a
         Pallas one in interpret mode (tests); pack_weights: decode with the CPU bfloat16 matmul
         (`alignment_kernels.cpu_matmul`) over weights packed for it; default: where it runs (CPU with
-        AVX512-BF16, bfloat16 compute, one device).
+        AVX512-BF16, bfloat16 compute, one device); min_rows: the smallest bucket of rows a program is compiled
+        for (rows are rounded up to a power of two at least this): default 1 on CPU, where a step's cost grows
+        with its rows (one row decodes ~2x faster than eight), 8 on TPU / GPU, where fewer rows cost the same
+        and each bucket is one more compile.
         """
         self.config, self.params, self.mesh, self.rules = config, params, mesh, dict(rules)
         self.model = Transformer(config)
@@ -113,8 +116,10 @@ class Engine:
         self.page_size, self.steps_per_call = page_size, steps_per_call
         impl, attention = paged_api.get_impl(attention_impl, interpret=interpret)
         self.attention_impl = impl
+        if min_rows is None:
+            min_rows = 1 if jax.default_backend() == "cpu" else 8
         self.scheduler = Scheduler(shards, per_shard, pages, page_size, steps=steps_per_call,
-                                   prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens,
+                                   prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, min_rows=min_rows,
                                    detokenize=detokenize)
         self.pool = paged.init_pool(config, shards * pages, page_size, layout,
                                     paged.pool_dtype(config, paged.gathers_views(impl)))

@@ -121,11 +121,12 @@ def test_logprobs_equal_a_teacher_forced_pass_when_rows_join_at_different_steps(
         np.testing.assert_allclose(out.logprobs[i, :budget], reference[i], atol=1e-5)
         np.testing.assert_allclose(out.sampling_logprobs[i, :budget], reference[i], atol=1e-5)
         assert (out.logprobs[i, budget:] == 0).all() and (out.tokens[i, budget:] == 0).all()
-    # A row depends only on its prompt, seed and sample index: alone, with a different batch, it is the same.
+    # A row depends only on its prompt, seed and sample index: alone, with a different batch, it draws the same
+    # tokens (its log-probs agree to float32 rounding: alone it runs at another batch size, through another kernel).
     for i in (1, 4):
         alone = engine.generate([prompts[i]], budgets[i], SamplingParams(temperature=0.7), seeds=[3 + i])
         assert alone.row(0) == completions[i]
-        np.testing.assert_allclose(alone.logprobs[0], out.logprobs[i], atol=1e-6)
+        np.testing.assert_allclose(alone.logprobs[0], out.logprobs[i], atol=1e-5)
 
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.skipif(
