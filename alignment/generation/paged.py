@@ -125,7 +125,8 @@ def write_tokens(pages: jax.Array, new: jax.Array, page_table: jax.Array, positi
 class Weights(NamedTuple):
     """The model's weights as the programs use them: matrices in the compute dtype and the stacked layers split
     into one dict per layer (slicing a layer out of the stack inside a loop makes XLA:CPU copy its weights at
-    every step)."""
+    every step). An untied 16-bit embedding is kept as its `_words` (only gathered from; converting it inside
+    a program copies the whole table at each call)."""
 
     params: Any  # every weight outside the layers (embedding, final norm, head)
     layers: tuple  # one dict of weights per layer
@@ -141,6 +142,8 @@ def prepare_weights(params: Any, config: ModelConfig, pack: bool = False) -> Wei
     layers = matrices(split_layers(params["layers"], config.num_layers))
     # Without the stacked layers: the programs read the split ones, and a stacked copy would double the weights.
     params = matrices({k: v for k, v in params.items() if k != "layers"})
+    if not config.tie_embeddings:
+        params["embed"] = _words(params["embed"])
     if pack:
         params, layers = packed.pack_for_decode(params, layers, lora.PROJECTIONS)
     return Weights(params, layers)
@@ -152,8 +155,8 @@ def _weights(weights: Weights | Any, config: ModelConfig) -> Weights:
 
 
 def _embed_rows(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-    """table [vocab, hidden] rows at tokens [...] in dtype, gathered as `_words` (no gradient here)."""
-    return _from_words(jnp.take(_words(table), tokens, axis=0), table.dtype).astype(dtype)
+    """table [vocab, hidden] rows (in dtype, or its `_words`) at tokens [...], in dtype."""
+    return _from_words(jnp.take(table, tokens, axis=0), dtype).astype(dtype)
 
 
 def _forward(model: Transformer, params, layers, tokens, positions, attend) -> jax.Array:
