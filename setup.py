@@ -19,7 +19,7 @@ setuptools.setup(
     # The synth recipes' taxonomies, seed system prompts, code requests and the embedded teacher's programs.
     package_data={"alignment": ["assets/*"], "alignment.eval": ["data/ifeval/*", "data/function_calling/*"],
                   "alignment.synth": ["data/*"],
-                  "alignment_kernels.cpu_matmul": ["*.cc"]},  # compiled on first use (cpu_matmul/api.py)
+                  "alignment_kernels.cpu_decode": ["*.cc"]},  # compiled on first use (cpu_decode/api.py)
     python_requires=">=3.10",
     # The merge methods' host loops, in C: loaded through ctypes by alignment/merge/kernels.py. No -ffast-math
     # (the NaN/Inf screen needs IEEE arithmetic); contraction off so every build rounds the same; no trapping

@@ -41,7 +41,7 @@ from alignment.generation import paged
 from alignment.generation.sampling import SamplingParams
 from alignment.generation.scheduler import Request, Scheduler
 from alignment.models import ModelConfig, Transformer
-from alignment_kernels.cpu_matmul import api as cpu_matmul
+from alignment_kernels.cpu_decode import api as cpu_decode
 from alignment_kernels.paged_attention import api as paged_api
 
 
@@ -94,9 +94,9 @@ class Engine:
         decode steps per device call (the host admits, streams and checks stop strings in between);
         prefill_chunk: prompt tokens a sequence prefills per call, prefill_tokens: tokens per prefill call;
         attention_impl: `kernels/paged_attention` implementation (default: the backend's), interpret: run a
-        Pallas one in interpret mode (tests); pack_weights: decode with the CPU bfloat16 matmul
-        (`alignment_kernels.cpu_matmul`) over weights packed for it; default: where it runs (CPU with
-        AVX512-BF16, bfloat16 compute, one device); min_rows: the smallest bucket of rows a program is compiled
+        Pallas one in interpret mode (tests); pack_weights: decode with the CPU bfloat16 kernels
+        (`alignment_kernels.cpu_decode`: a matmul over weights packed for it, attention over the dense copies);
+        default: where they run (CPU with AVX512-BF16, bfloat16 compute, one device); min_rows: the smallest bucket of rows a program is compiled
         for (rows are rounded up to a power of two at least this): default 1 on CPU, where a step's cost grows
         with its rows (one row decodes ~2x faster than eight), 8 on TPU / GPU, where fewer rows cost the same
         and each bucket is one more compile.
@@ -125,22 +125,23 @@ class Engine:
                                     paged.pool_dtype(config, paged.gathers_views(impl)))
         self._rows = NamedSharding(mesh, PartitionSpec(layout.rows))
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._prefill = jax.jit(functools.partial(paged.prefill_program, self.model, attention=attention,
-                                                  layout=layout), donate_argnames=("pool",))
-        self._decode = jax.jit(functools.partial(paged.decode_program, self.model, attention=attention,
-                                                 views=paged.gathers_views(impl), layout=layout),
-                               static_argnames=("steps", "pad_id"), donate_argnames=("pool",))
         # XLA:CPU copies every layer's weights out of the stacked parameters at each program call, which a call
         # every `steps_per_call` steps would pay again and again: there the split weights are kept between calls
         # (a second copy of the weights). On TPU and GPU the slices fuse into the matmuls.
         self._keep_weights = jax.default_backend() == "cpu"
         if pack_weights is None:
             pack_weights = (self._keep_weights and mesh.devices.size == 1 and jnp.dtype(config.dtype) == jnp.bfloat16
-                            and cpu_matmul.available())
+                            and cpu_decode.available())
         elif pack_weights and not (self._keep_weights and mesh.devices.size == 1):
-            raise ValueError("pack_weights needs the CPU backend and a one-device mesh (the packed matmul is a "
-                             "CPU custom call XLA cannot partition)")
+            raise ValueError("pack_weights needs the CPU backend and a one-device mesh (the decode kernels are "
+                             "CPU custom calls XLA cannot partition)")
         self.pack_weights = bool(pack_weights)
+        self._prefill = jax.jit(functools.partial(paged.prefill_program, self.model, attention=attention,
+                                                  layout=layout), donate_argnames=("pool",))
+        self._decode = jax.jit(functools.partial(paged.decode_program, self.model, attention=attention,
+                                                 views=paged.gathers_views(impl), layout=layout,
+                                                 cpu_kernels=self.pack_weights),
+                               static_argnames=("steps", "pad_id"), donate_argnames=("pool",))
         self._prepare = jax.jit(functools.partial(paged.prepare_weights, config=config, pack=self.pack_weights))
         self._prepared: tuple[Any, paged.Weights] | None = None  # (the params they came from, the weights)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives the engine

@@ -35,6 +35,7 @@ from alignment.generation import sampling as sampling_lib
 from alignment.models import ModelConfig, Transformer, lora, packed
 from alignment.models.transformer import (attention_inputs, attention_output_and_mlp, rms_norm,
                                           rope_inverse_frequencies, split_layers)
+from alignment_kernels.cpu_decode import api as cpu_decode
 from alignment_kernels.paged_attention import api as paged_api
 from alignment_kernels.paged_attention import xla as paged_xla
 from alignment_kernels.paged_attention.reference import gather_rows
@@ -136,7 +137,7 @@ def prepare_weights(params: Any, config: ModelConfig, pack: bool = False) -> Wei
     """Casting once instead of at every matmul gives the same numbers (the model casts to that dtype anyway).
     LoRA adapters bound to their base (`lora.bind`) are folded into it here: the copy is made anyway, and a
     merged kernel decodes with one matmul per projection instead of three. pack: lay the projections and the
-    head out for the CPU decode matmul (`packed.Packed`; bfloat16 compute, where `cpu_matmul.available()`)."""
+    head out for the CPU decode matmul (`packed.Packed`; bfloat16 compute, where `cpu_decode.available()`)."""
     params = lora.fold(params)
     matrices = lambda tree: jax.tree.map(lambda a: a.astype(config.dtype) if a.ndim >= 2 else a, tree)
     layers = matrices(split_layers(params["layers"], config.num_layers))
@@ -208,23 +209,24 @@ def prefill_program(model: Transformer, weights, pool: Pool, tokens, positions, 
     return {"k": tuple(k_pages), "v": tuple(v_pages)}, drawn
 
 
-def _gather_views(k_pages, v_pages, page_table, *, dtype):
-    """Dense per-row copies of the rows' pages in `dtype`, as `_words`: K [rows, kv_heads, L, head_dim], V [rows,
-    kv_heads, head_dim, L] (L = P * page_size), each row's keys and values contiguous per head. The decode loop
-    keeps them as words, so appending a token writes only it and attention converts as it reads."""
-    return (_words(gather_rows(k_pages, page_table).transpose(0, 2, 1, 3).astype(dtype)),
-            _words(gather_rows(v_pages, page_table).transpose(0, 2, 3, 1).astype(dtype)))
+def _gather_view(pages, page_table, *, dtype, minor: bool):
+    """A dense per-row copy of the rows' pages in `dtype`, as `_words`: [rows, kv_heads, L, head_dim], or with
+    `minor` [rows, kv_heads, head_dim, L] (L = P * page_size). The decode loop keeps the copies as words, so
+    appending a token writes only it and attention converts as it reads."""
+    view = gather_rows(pages, page_table).transpose(0, 2, 1, 3)
+    return _words((view.swapaxes(2, 3) if minor else view).astype(dtype))
 
 
-def _put_column(views: jax.Array, new: jax.Array, at: jax.Array, axis: int) -> jax.Array:
-    """views [rows, ...] with each row's new [rows, ...] (size 1 on `axis`, an axis of one row) at index at[row]."""
-    put = lambda view, value, index: jax.lax.dynamic_update_slice_in_dim(view, value, index, axis)
-    return jax.vmap(put)(views, new, at)
+def _put_token(view: jax.Array, new: jax.Array, at: jax.Array, *, dtype, minor: bool) -> jax.Array:
+    """A `_gather_view` view with each row's new [rows, 1, kv_heads, head_dim] at position at[row]."""
+    new = _words((new.transpose(0, 2, 3, 1) if minor else new.transpose(0, 2, 1, 3)).astype(dtype))
+    put = lambda row, value, index: jax.lax.dynamic_update_slice_in_dim(row, value, index, 2 if minor else 1)
+    return jax.vmap(put)(view, new, at)
 
 
 def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, page_table, active, seeds, samples,
                    drawn, max_new, stop_ids, settings, until, exit_after, *, steps: int, pad_id: int,
-                   attention: Callable, views: bool, layout: Layout) -> tuple[Pool, dict]:
+                   attention: Callable, views: bool, layout: Layout, cpu_kernels: bool = False) -> tuple[Pool, dict]:
     """Up to `until` (<= steps) decode steps of rows [rows] (see the module docstring).
 
     tokens: each row's last drawn token, not yet in the cache, at position kv_lens; page_table [rows, P] covers
@@ -233,7 +235,9 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
     included); max_new: each row's limit on them; stop_ids [rows, S] (-1 = unused). Stops early once
     `exit_after` rows have finished in this call (the host has sequences waiting for their slots), and once every
     row is done. attention: a
-    `kernels/paged_attention` implementation, used at every step unless `views` (see the module docstring).
+    `kernels/paged_attention` implementation, used at every step unless `views` (see the module docstring);
+    cpu_kernels: with `views`, bf16 compute and weights from `prepare_weights(pack=True)`, attend with
+    `cpu_decode.attention` (the projections take `cpu_decode.matmul` through the packed weights).
 
     Returns the pool and {"tokens", "logprobs", "sampling_logprobs"} [rows, steps] (step i's token in column i,
     pad_id / 0 where a row was done), "counts" [rows] (tokens each row drew) and "stopped" [rows] (ended with a
@@ -248,10 +252,13 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
         counts=jnp.zeros((rows,), jnp.int32), stopped=jnp.zeros((rows,), bool),
         tokens=jnp.full((rows, steps), pad_id, jnp.int32), logprobs=jnp.zeros((rows, steps), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, steps), jnp.float32))
+    # Which view has positions as its minor axis: XLA's matmuls read V that way, the CPU kernel reads K that way.
+    k_minor, v_minor = (True, False) if cpu_kernels else (False, True)
     if views:
-        gather = layout.per_shard(functools.partial(_gather_views, dtype=dtype),
-                                  ("pages", "pages", "rows"), ("views", "views"))
-        state["cache"] = tuple(zip(*[gather(k, v, page_table) for k, v in zip(pool["k"], pool["v"])]))
+        gather = lambda minor: layout.per_shard(functools.partial(_gather_view, dtype=dtype, minor=minor),
+                                                ("pages", "rows"), "views")
+        state["cache"] = (tuple(gather(k_minor)(k, page_table) for k in pool["k"]),
+                          tuple(gather(v_minor)(v, page_table) for v in pool["v"]))
     else:
         state["cache"] = (pool["k"], pool["v"])
         attention = layout.per_shard(attention, ("queries", "pages", "pages", "rows", "rows", "rows"), "queries")
@@ -267,9 +274,10 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
 
         def attend(layer, q, k, v):
             if views:
-                new = lambda x: _words(x.astype(dtype))
-                k_cache[layer] = _put_column(k_cache[layer], new(k.transpose(0, 2, 1, 3)), positions, axis=1)
-                v_cache[layer] = _put_column(v_cache[layer], new(v.transpose(0, 2, 3, 1)), positions, axis=2)
+                k_cache[layer] = _put_token(k_cache[layer], k, positions, dtype=dtype, minor=k_minor)
+                v_cache[layer] = _put_token(v_cache[layer], v, positions, dtype=dtype, minor=v_minor)
+                if cpu_kernels:
+                    return cpu_decode.attention(q[:, 0], k_cache[layer], v_cache[layer], positions + 1)[:, None]
                 return paged_xla.dense_attention(q, _from_words(k_cache[layer], dtype).transpose(0, 2, 1, 3),
                                                  _from_words(v_cache[layer], dtype).transpose(0, 3, 1, 2),
                                                  positions + 1, positions[:, None])
@@ -297,9 +305,10 @@ def decode_program(model: Transformer, weights, pool: Pool, tokens, kv_lens, pag
         written = kv_lens[:, None] + jnp.arange(steps, dtype=jnp.int32)
         written = jnp.where(jnp.arange(steps) < state["counts"][:, None], written, -1)
         write = layout.per_shard(_write_views_back, ("pages", "views", "rows", "rows"), "pages")
-        k_cache = tuple(write(p, _from_words(view, dtype), page_table, written) for p, view in zip(pool["k"], k_cache))
-        v_cache = tuple(write(p, _from_words(view, dtype).swapaxes(2, 3), page_table, written)
-                        for p, view in zip(pool["v"], v_cache))
+        back = lambda pages, view, minor: write(pages, _from_words(view.swapaxes(2, 3) if minor else view, dtype),
+                                                page_table, written)
+        k_cache = tuple(back(p, view, k_minor) for p, view in zip(pool["k"], k_cache))
+        v_cache = tuple(back(p, view, v_minor) for p, view in zip(pool["v"], v_cache))
     outputs = {k: state[k] for k in ("tokens", "logprobs", "sampling_logprobs", "counts", "stopped")}
     return {"k": k_cache, "v": v_cache}, outputs
 

@@ -1,4 +1,4 @@
-"""Kernels packed for the CPU decode matmul (`alignment_kernels.cpu_matmul`), as a pytree node the model's
+"""Kernels packed for the CPU decode matmul (`alignment_kernels.cpu_decode`), as a pytree node the model's
 projections understand.
 
 Only the rollout engine makes them, in its own copy of the weights (`pack_for_decode`), and only where the kernel
@@ -15,11 +15,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from alignment_kernels.cpu_matmul import api as cpu_matmul
+from alignment_kernels.cpu_decode import api as cpu_decode
 
 
 class Packed(flax.struct.PyTreeNode):
-    """A kernel [*in, *out] as `cpu_matmul.pack` lays it out: data bf16 [N/64, K/2, 64, 2], K = prod(in),
+    """A kernel [*in, *out] as `cpu_decode.pack` lays it out: data bf16 [N/64, K/2, 64, 2], K = prod(in),
     N = prod(out)."""
 
     data: jax.Array
@@ -29,7 +29,7 @@ class Packed(flax.struct.PyTreeNode):
     @classmethod
     def of(cls, kernel: jax.Array, input_axes: int) -> Packed:
         in_shape, out_shape = tuple(kernel.shape[:input_axes]), tuple(kernel.shape[input_axes:])
-        return cls(cpu_matmul.pack(kernel.reshape(math.prod(in_shape), math.prod(out_shape))), in_shape, out_shape)
+        return cls(cpu_decode.pack(kernel.reshape(math.prod(in_shape), math.prod(out_shape))), in_shape, out_shape)
 
     def apply(self, x: jax.Array) -> jax.Array:
         """x [..., *in] bfloat16 -> x @ kernel [..., *out] float32 (float32 sums)."""
@@ -39,10 +39,10 @@ class Packed(flax.struct.PyTreeNode):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         m, k, n = math.prod(lead), math.prod(self.in_shape), math.prod(self.out_shape)
         x = x.reshape(m, k)
-        if m <= cpu_matmul.MAX_ROWS:
-            y = cpu_matmul.matmul(x, self.data, n)
+        if m <= cpu_decode.MAX_ROWS:
+            y = cpu_decode.matmul(x, self.data, n)
         else:
-            y = jnp.dot(x, cpu_matmul.unpack(self.data, n)[:k], preferred_element_type=jnp.float32)
+            y = jnp.dot(x, cpu_decode.unpack(self.data, n)[:k], preferred_element_type=jnp.float32)
         return y.reshape(*lead, *self.out_shape)
 
 

@@ -18,7 +18,7 @@ from alignment.generation.sampling import SamplingParams
 from alignment.generation.text import finish
 from alignment.models import ModelConfig, Transformer, lora
 from alignment.models.transformer import dummy_inputs
-from alignment_kernels.cpu_matmul import api as cpu_matmul
+from alignment_kernels.cpu_decode import api as cpu_decode
 
 NEW = 12
 PROMPT_LENGTHS = (5, 11, 3, 20, 7)
@@ -130,7 +130,7 @@ def test_logprobs_equal_a_teacher_forced_pass_when_rows_join_at_different_steps(
 
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not cpu_matmul.available(), reason=f"cpu_matmul cannot run here: {cpu_matmul.unavailable_reason()}"))])
+    not cpu_decode.available(), reason=f"cpu_decode cannot run here: {cpu_decode.unavailable_reason()}"))])
 def test_bfloat16_compute_with_cache_equals_recomputation(setup, pack):
     """bf16 compute over float32 parameters (how the RL stages run in bf16); the cache holds bf16 values. pack:
     decoding through the CPU bf16 matmul over packed weights (the default where it runs)."""
@@ -138,7 +138,7 @@ def test_bfloat16_compute_with_cache_equals_recomputation(setup, pack):
     config = dataclasses.replace(model.config, dtype="bfloat16")
     model = Transformer(config)
     engine = make_engine(config, params, pack_weights=pack)
-    assert make_engine(config, params).pack_weights == cpu_matmul.available()  # the default
+    assert make_engine(config, params).pack_weights == cpu_decode.available()  # the default
     out = engine.generate(prompts, NEW)
     completions = rows(out)
     # Rounding differs between the cached and the full forward, so near-ties may break either way: every greedy

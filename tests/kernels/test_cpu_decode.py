@@ -1,13 +1,15 @@
-"""The CPU bfloat16 decode matmul (kernels/cpu_matmul) against float64 numpy, and the packed kernels built on it."""
+"""The CPU bfloat16 decode kernels (kernels/cpu_decode): the matmul against float64 numpy, the attention against
+the XLA implementation it stands in for and float64 numpy, and the packed kernels built on the matmul."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alignment.models.packed import Packed
-from alignment_kernels.cpu_matmul import api, reference
+from alignment_kernels.cpu_decode import api, reference
+from alignment_kernels.paged_attention import xla as paged_xla
 
-needs_kernel = pytest.mark.skipif(not api.available(), reason=f"cpu_matmul cannot run here: {api.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(not api.available(), reason=f"cpu_decode cannot run here: {api.unavailable_reason()}")
 
 
 def _bf16(rng, shape):
@@ -89,3 +91,40 @@ def test_unavailable_names_the_reason(monkeypatch):
             api.matmul(jnp.zeros((1, 2), jnp.bfloat16), api.pack(jnp.zeros((2, 64))), 64)
     finally:
         api._load.cache_clear()
+
+
+def _words(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(5, 8, 4, 64, 48), (3, 4, 1, 32, 40), (2, 6, 6, 16, 7)])
+def test_attention_matches_dense_attention_and_float64(rows, heads, kv_heads, head_dim, length):
+    """One query per row at position kv_lens - 1 over per-row views (K positions-minor, V positions-major)."""
+    rng = np.random.default_rng()
+    q = _bf16(rng, (rows, heads, head_dim))
+    k, v = _bf16(rng, (rows, length, kv_heads, head_dim)), _bf16(rng, (rows, length, kv_heads, head_dim))
+    kv_lens = jnp.asarray(rng.integers(1, length + 1, rows), jnp.int32).at[0].set(length)
+    out = jax.jit(api.attention)(q, _words(k.transpose(0, 2, 3, 1)), _words(v.transpose(0, 2, 1, 3)), kv_lens)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    xla = paged_xla.dense_attention(q[:, None], k, v, kv_lens, (kv_lens - 1)[:, None])[:, 0]
+    # Same float32 scores, softmax and sums in another order: at most one bf16 rounding step apart.
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(xla, np.float32), rtol=2 ** -7, atol=1e-3)
+    # float64 reference over the bf16 inputs
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = heads // kv_heads
+    for r in range(rows):
+        n = int(kv_lens[r])
+        for h in range(heads):
+            scores = k64[r, :n, h // group] @ q64[r, h] / np.sqrt(head_dim)
+            p = np.exp(scores - scores.max())
+            expected = (p / p.sum()) @ v64[r, :n, h // group]
+            np.testing.assert_allclose(np.asarray(out[r, h], np.float64), expected, rtol=2 ** -6, atol=2e-2)
+
+
+@needs_kernel
+def test_attention_refuses_mismatched_layouts():
+    q = jnp.zeros((2, 4, 16), jnp.bfloat16)
+    k = jnp.zeros((2, 2, 16, 8), jnp.uint16)
+    with pytest.raises(Exception, match="decode_attention: want"):
+        jax.block_until_ready(api.attention(q, k, jnp.zeros((2, 2, 16, 8), jnp.uint16), jnp.ones((2,), jnp.int32)))

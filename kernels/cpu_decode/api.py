@@ -1,10 +1,11 @@
-"""A bfloat16 matmul for decode steps on x86 CPUs (`bf16_matmul.cc`, an XLA FFI custom call).
+"""The rollout engine's bfloat16 decode step on x86 CPUs: two XLA FFI custom calls (`decode.cc`).
 
-XLA:CPU's bfloat16 matmuls of a few rows read the weights at ~20 GB/s on a 2-core AVX512-BF16 machine
+`matmul`: XLA:CPU's bfloat16 matmuls of a few rows read the weights at ~20 GB/s on a 2-core AVX512-BF16 machine
 (benchmarks/RESULTS.md, "Decode"), where a float32 matrix-vector product streams ~50: a decode step, which
 reads every weight for a handful of rows, is bound by that. This kernel reads weights packed for it (`pack`)
-once per call at close to the memory's rate. Forward only, CPU only, for the rollout engine's own copy of
-the weights; everything else keeps the [K, N] layout.
+once per call at close to the memory's rate; the engine's own copy of the weights is packed, everything else
+keeps the [K, N] layout. `attention`: one query per row over the engine's dense per-row copies of the cache,
+where XLA:CPU's batched matmuls spend a step's time on thousands of tiny matrices. Forward only, CPU only.
 
 The C++ source is compiled on first use with the C++ compiler and the XLA FFI headers jax ships (no build step
 at install, where jax may not be importable), into ~/.cache/alignment/kernels (ALIGNMENT_KERNEL_CACHE); a machine
@@ -25,11 +26,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-BLOCK = 64  # columns per packed block (bf16_matmul.cc's kBlock)
+BLOCK = 64  # columns per packed block (decode.cc's kBlock)
 MAX_ROWS = 64  # past this many rows the matmul is compute-bound, where XLA's tiled matmul is the better one
-_TARGET = "alignment_bf16_matmul"
-_SOURCE = pathlib.Path(__file__).with_name("bf16_matmul.cc")
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bf16", "-w")
+_MATMUL, _ATTENTION = "alignment_bf16_matmul", "alignment_decode_attention"
+_SOURCE = pathlib.Path(__file__).with_name("decode.cc")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bf16", "-fopenmp-simd", "-w")
 
 
 def _cpu_flags() -> set[str]:
@@ -47,7 +48,7 @@ def _build() -> pathlib.Path:
     include = jax.ffi.include_dir()
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((compiler, include, jax.__version__, *_FLAGS)).encode())
     cache = pathlib.Path(os.environ.get("ALIGNMENT_KERNEL_CACHE", pathlib.Path.home() / ".cache/alignment/kernels"))
-    path = cache / f"bf16_matmul-{key.hexdigest()[:16]}.so"
+    path = cache / f"cpu_decode-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
@@ -73,12 +74,18 @@ def _load() -> str:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         return f"building {_SOURCE.name} failed: {e}"
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.AlignmentBf16Matmul), platform="cpu")
+    jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(library.AlignmentBf16Matmul), platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(library.AlignmentDecodeAttention), platform="cpu")
     return ""
 
 
+def _require(name: str) -> None:
+    if reason := _load():
+        raise RuntimeError(f"cpu_decode.{name} cannot run: {reason}")
+
+
 def unavailable_reason() -> str:
-    """'' when `matmul` runs here, else why not (backend, CPU features, compiler)."""
+    """'' when `matmul` and `attention` run here, else why not (backend, CPU features, compiler)."""
     return _load()
 
 
@@ -102,9 +109,18 @@ def unpack(packed: jax.Array, n: int) -> jax.Array:
 def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """x [M, K] @ the packed [K, N] matrix -> float32 [M, N] (bfloat16 inputs, float32 sums). Needs
     `available()`; no gradient."""
-    if reason := _load():
-        raise RuntimeError(f"cpu_matmul.matmul cannot run: {reason}")
+    _require("matmul")
     m, k = x.shape
     x = jnp.pad(x.astype(jnp.bfloat16), ((0, 0), (0, k % 2)))
-    out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, packed.shape[0] * BLOCK), jnp.float32))(x, packed)
+    out = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, packed.shape[0] * BLOCK), jnp.float32))(x, packed)
     return out if out.shape[1] == n else out[:, :n]
+
+
+def attention(q: jax.Array, k_words: jax.Array, v_words: jax.Array, kv_lens: jax.Array) -> jax.Array:
+    """q [rows, heads, head_dim] bf16, one query per row, over the first kv_lens [rows] positions of dense views
+    K [rows, kv_heads, head_dim, L] and V [rows, kv_heads, L, head_dim] of bf16 values held as raw uint16 words
+    -> [rows, heads, head_dim] bf16: `paged_attention.xla.dense_attention`'s numbers (float32 scores and softmax,
+    bf16 probabilities, float32 sums). Needs `available()`; no gradient."""
+    _require("attention")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
+    return jax.ffi.ffi_call(_ATTENTION, out)(q.astype(jnp.bfloat16), k_words, v_words, kv_lens.astype(jnp.int32))
