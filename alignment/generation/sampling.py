@@ -145,12 +145,20 @@ def sample(keys: jax.Array, logits: jax.Array, params: dict[str, jax.Array]) -> 
     temperature = params["temperature"]
     is_greedy = temperature <= 0
     scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
-    keep = keep_mask(scaled, params["top_k"], params["top_p"], params["min_p"]) | is_greedy[:, None]
-    weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
-    uniform = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
-    tokens = jnp.where(is_greedy, greedy(scaled), inverse_cdf(uniform, weights))
+    picked = greedy(scaled)
+
+    def draw():
+        """(tokens, log-probabilities under the sampled truncated distribution) of the sampling rows."""
+        keep = keep_mask(scaled, params["top_k"], params["top_p"], params["min_p"]) | is_greedy[:, None]
+        weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
+        uniform = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+        tokens = jnp.where(is_greedy, picked, inverse_cdf(uniform, weights))
+        chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+        sampling_logprobs = chosen - jax.nn.logsumexp(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+        return tokens, jnp.where(is_greedy, 0.0, sampling_logprobs)  # greedy picks with certainty
+
+    # A batch of greedy rows only (evaluation, greedy serving) skips the filters and the draw.
+    tokens, sampling_logprobs = jax.lax.cond(jnp.all(is_greedy), lambda: (picked, jnp.zeros_like(temperature)), draw)
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     logprobs = chosen - jax.nn.logsumexp(scaled, axis=-1)
-    sampling_logprobs = chosen - jax.nn.logsumexp(jnp.where(keep, scaled, -jnp.inf), axis=-1)
-    sampling_logprobs = jnp.where(is_greedy, 0.0, sampling_logprobs)  # greedy picks with certainty
     return {"tokens": tokens, "logprobs": logprobs, "sampling_logprobs": sampling_logprobs}
