@@ -96,10 +96,10 @@ class Engine:
         attention_impl: `kernels/paged_attention` implementation (default: the backend's), interpret: run a
         Pallas one in interpret mode (tests); pack_weights: decode with the CPU bfloat16 kernels
         (`alignment_kernels.cpu_decode`: a matmul over weights packed for it, attention over the dense copies);
-        default: where they run (CPU with AVX512-BF16, bfloat16 compute, one device); min_rows: the smallest bucket of rows a program is compiled
-        for (rows are rounded up to a power of two at least this): default 1 on CPU, where a step's cost grows
-        with its rows (one row decodes ~2x faster than eight), 8 on TPU / GPU, where fewer rows cost the same
-        and each bucket is one more compile.
+        default: where they run (CPU with AVX512-BF16, bfloat16 compute, one device); min_rows: the smallest
+        bucket of rows a program is compiled for (rows are rounded up to a power of two at least this): default
+        1 on CPU, where a step's cost grows with its rows (one row decodes ~2x faster than eight), 8 on TPU /
+        GPU, where fewer rows cost the same and each bucket is one more compile.
         """
         self.config, self.params, self.mesh, self.rules = config, params, mesh, dict(rules)
         self.model = Transformer(config)

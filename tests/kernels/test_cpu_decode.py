@@ -98,7 +98,8 @@ def _words(x):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(5, 8, 4, 64, 48), (3, 4, 1, 32, 40), (2, 6, 6, 16, 7)])
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length",
+                         [(5, 8, 4, 64, 48), (3, 4, 1, 32, 40), (2, 6, 6, 16, 7)])
 def test_attention_matches_dense_attention_and_float64(rows, heads, kv_heads, head_dim, length):
     """One query per row at position kv_lens - 1 over per-row views (K positions-minor, V positions-major)."""
     rng = np.random.default_rng()
