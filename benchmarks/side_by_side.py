@@ -1,11 +1,12 @@
 """Ours and the peer (TRL / transformers) on the same work, one after the other in one invocation, per precision.
 
-    python -m benchmarks.side_by_side [--items sft,grpo,rm,dpo,generate] [--precisions fp32,bf16] [--repeats 1]
+    python -m benchmarks.side_by_side [--items sft,grpo,rm,rm_packed,dpo,generate] [--precisions fp32,bf16] [--repeats 1]
                                       [--peers ../shared/peers] [--venv ~/.cache/alignment-peers/trl] [--out F.json]
 
 Items (bench-small, random weights, the data of `../shared/peers/`): `sft` packed real tokens/s (bench_sft vs
 bench_sft_trl.py, 8 steps each), `grpo` step time for 2 prompts x 8 samples x 128 tokens (bench_grpo vs
-bench_grpo_trl.py), `rm` reward-model pairs/s (bench_preference rm vs bench_rm_trl.py), `dpo` pairs/s with the
+bench_grpo_trl.py), `rm` reward-model pairs/s (bench_preference rm vs bench_rm_trl.py; `rm_packed` the same with
+ours packing two pairs per row), `dpo` pairs/s with the
 reference online (bench_preference dpo_online vs bench_dpo_trl.py), `generate` tokens/s at batch 16 and 1, greedy and
 top-p 0.9 (bench_generate vs bench_generate_hf.py), each set against the decode step's hardware bound
 (bench_decode_bound: bytes read vs measured DRAM bandwidth, FLOPs vs measured matmul peak). Precision classes: `fp32` (ours float32; TRL bf16=False,
@@ -49,6 +50,10 @@ def ours_command(item: str, precision: str) -> list[str]:
         "grpo": [py, "-m", "benchmarks.bench_grpo", "--steps", "5", *dtype],
         # 8 steps of 4 pairs time the first 32 pairs either way; --pairs 32 spares compiling the other 32's shapes.
         "rm": [py, "-m", "benchmarks.bench_preference", "--which", "rm", "--steps", "8", "--pairs", "32", *dtype],
+        # The same pairs, steps and loss with the rm stage's `data.pairs_per_row=2` (two pairs back to back in a
+        # row; one process only, so not configs/rm.py's default); TRL's reward trainer has no such layout.
+        "rm_packed": [py, "-m", "benchmarks.bench_preference", "--which", "rm", "--steps", "8", "--pairs", "32",
+                      "--pairs_per_row", "2", *dtype],
         "dpo": [py, "-m", "benchmarks.bench_preference", "--which", "dpo_online", "--steps", "8", "--pairs", "32",
                 *dtype],
         "generate": [py, "-m", "benchmarks.bench_generate", "--batches", "16,1", "--repeats", "3", *dtype],
@@ -56,13 +61,14 @@ def ours_command(item: str, precision: str) -> list[str]:
 
 
 PEER_SCRIPT = {"sft": ["bench_sft_trl.py", "packed", "8"], "grpo": ["bench_grpo_trl.py"], "rm": ["bench_rm_trl.py"],
-               "dpo": ["bench_dpo_trl.py"], "generate": ["bench_generate_hf.py"]}
+               "rm_packed": ["bench_rm_trl.py"], "dpo": ["bench_dpo_trl.py"], "generate": ["bench_generate_hf.py"]}
 # item -> (metric, ours' result line, its key, the peer's key, higher is better)
 METRICS = {
     "sft": [("real_tokens_per_s", "sft_packed", "real_tokens_per_s", "real_tokens_per_s", True)],
     "grpo": [("step_s", "grpo", "median_step_s", "median_step_s", False),
              ("completion_length", "grpo", "mean_completion_length", "mean_completion_len", None)],
     "rm": [("pairs_per_s", "preference_rm", "pairs_per_s", "pairs_per_s", True)],
+    "rm_packed": [("pairs_per_s", "preference_rm", "pairs_per_s", "pairs_per_s", True)],
     "dpo": [("pairs_per_s", "preference_dpo_online", "pairs_per_s", "pairs_per_s", True)],
     "generate": [(key, "generate", key, key, True) for key in GENERATE],
 }
